@@ -1,0 +1,1 @@
+"""Consumers: ingest into ClickHouse, streaming detectors, alerts."""

@@ -1,0 +1,137 @@
+"""The ingest loop: poll → decode and validate → detect → insert into ClickHouse → publish alerts → commit.
+
+Offsets are committed only after the batch is inserted (at-least-once); event ids and ReplacingMergeTree
+turn redeliveries into one stored row. A record that cannot become a valid event goes to `dead_letters`
+with its reason and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from trainwire.infra.config import Settings
+from trainwire.infra.log import LogConsumer, LogProducer, Record
+from trainwire.infra.log.base import next_positions
+from trainwire.infra.log.topics import ALERTS, topic_for
+from trainwire.schemas import EVENT_TYPES, Alert, SchemaError, decode_record, encode
+
+from .detectors import DetectorEngine
+from .rows import to_row
+from .writer import ClickHouseWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    rows: dict[str, list[list]] = field(default_factory=lambda: defaultdict(list))
+    dead_letters: list[list] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class IngestStats:
+    consumed: int = 0
+    stored: int = 0
+    dead_lettered: int = 0
+    alerts: int = 0
+    batches: int = 0
+
+
+def print_alert(alert: Alert) -> None:
+    print(f"ALERT {alert.state:<8} {alert.severity:<8} {alert.rule:<16} run={alert.run_id} step={alert.step} "
+          f"{alert.message}", file=sys.stderr, flush=True)
+
+
+class IngestPipeline:
+    def __init__(self, consumer: LogConsumer, writer: ClickHouseWriter, alert_producer: LogProducer | None,
+                 settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert):
+        self._consumer = consumer
+        self._writer = writer
+        self._alert_producer = alert_producer
+        self._settings = settings
+        self._detectors = detectors or DetectorEngine()
+        self._on_alert = on_alert
+        self._batch = _Batch()
+        self.stats = IngestStats()
+
+    def run_once(self, poll_timeout: float = 0.2) -> int:
+        """Poll once, process what came, flush if the batch is full or old. Returns records polled."""
+        room = max(1, self._settings.batch_max_rows - len(self._batch.records))
+        records = self._consumer.poll(room, poll_timeout)
+        for record in records:
+            self._process(record)
+        batch = self._batch
+        if batch.records and (len(batch.records) >= self._settings.batch_max_rows
+                              or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
+            self.flush()
+        return len(records)
+
+    def _process(self, record: Record) -> None:
+        batch = self._batch
+        if not batch.records:
+            batch.started = time.monotonic()
+        batch.records.append(record)
+        self.stats.consumed += 1
+        try:
+            kind, fields = decode_record(record.value)
+            EVENT_TYPES[kind].model_validate(fields)
+        except (SchemaError, ValidationError) as err:
+            reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
+            log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+            batch.dead_letters.append([record.topic, record.partition, record.offset, reason, record.value])
+            return
+        batch.rows[kind].append(to_row(kind, fields))
+        batch.alerts.extend(self._detectors.observe(kind, fields))
+
+    def flush(self) -> None:
+        batch, self._batch = self._batch, _Batch()
+        if not batch.records:
+            return
+        if batch.alerts:
+            batch.rows["alert"] = [to_row("alert", a.model_dump()) for a in batch.alerts]
+        self._writer.write(batch.rows, batch.dead_letters)
+        if batch.alerts and self._alert_producer is not None:
+            topic = self._settings.topic(ALERTS)
+            for alert in batch.alerts:
+                self._alert_producer.append(topic, alert.run_id.encode(), encode(alert))
+            self._alert_producer.flush(self._settings.flush_timeout_seconds)
+        self._consumer.commit(next_positions(batch.records))
+        for alert in batch.alerts:
+            self._on_alert(alert)
+        self.stats.stored += sum(len(rows) for kind, rows in batch.rows.items() if kind != "alert")
+        self.stats.dead_lettered += len(batch.dead_letters)
+        self.stats.alerts += len(batch.alerts)
+        self.stats.batches += 1
+
+    def lag(self) -> int | None:
+        """Records in the transport not yet stored (polled-but-unflushed ones included)."""
+        lag = self._consumer.lag()
+        return None if lag is None else lag + len(self._batch.records)
+
+    def close(self) -> None:
+        self._consumer.close()
+        if self._alert_producer is not None:
+            self._alert_producer.close()
+
+    def drain(self, idle_seconds: float = 1.0, deadline: float | None = None) -> None:
+        """Consume until nothing new arrives for `idle_seconds` (or until the deadline), then flush."""
+        idle_since = time.monotonic()
+        while deadline is None or time.monotonic() < deadline:
+            if self.run_once(poll_timeout=0.1):
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= idle_seconds:
+                break
+        self.flush()
+
+
+def event_topics(settings: Settings) -> list[str]:
+    return sorted({settings.topic(topic_for(kind)) for kind in EVENT_TYPES if kind != "alert"})

@@ -1,0 +1,37 @@
+"""Builds the ingest pipeline from settings and runs it until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from trainwire.infra.config import Settings
+from trainwire.infra.log import ensure_topics, open_consumer, open_producer
+from trainwire.infra.log.topics import ALERTS
+from trainwire.infra.store import connect_store, migrate
+
+from .ingest import IngestPipeline, event_topics, print_alert
+from .writer import ClickHouseWriter
+
+log = logging.getLogger(__name__)
+INGEST_GROUP = "trainwire-ingest"
+
+
+def build_ingest(settings: Settings, on_alert=print_alert) -> IngestPipeline:
+    client = connect_store(settings.store_dsn)
+    migrate(client)
+    topics = event_topics(settings)
+    ensure_topics(settings, [*topics, settings.topic(ALERTS)])
+    return IngestPipeline(
+        open_consumer(settings, INGEST_GROUP, topics), ClickHouseWriter(client), open_producer(settings),
+        settings, on_alert=on_alert,
+    )
+
+
+def run_ingest(pipeline: IngestPipeline, stop: threading.Event) -> None:
+    try:
+        while not stop.is_set():
+            pipeline.run_once()
+        pipeline.flush()
+    finally:
+        pipeline.close()

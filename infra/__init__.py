@@ -1,0 +1,1 @@
+"""Shared plumbing below producers, consumers and dashboard: settings, the transport log, the store."""

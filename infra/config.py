@@ -1,0 +1,86 @@
+"""One settings object, read from `TRAINWIRE_*` environment variables, built at each entry point and passed down."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TRAINWIRE_"
+_BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    home: Path = Field(default=Path("~/.trainwire"), description="holds the local log and the embedded store")
+    kafka: str | None = Field(default=None, description="Kafka bootstrap servers; unset means the local log")
+    store: str | None = Field(default=None, description="clickhouse-connect DSN; unset means chdb under home")
+    topic_prefix: str = Field(default="trainwire.", pattern=r"^[A-Za-z0-9._-]*$")
+    team: str = ""
+    batch_max_rows: int = Field(default=20_000, gt=0)
+    batch_max_seconds: float = Field(default=0.5, gt=0)
+    queue_size: int = Field(default=100_000, gt=0, description="events a producer buffers in memory")
+    gpu_sample_seconds: float = Field(default=5.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    flush_timeout_seconds: float = Field(default=10.0, ge=0)
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("kafka")
+    @classmethod
+    def _bootstrap(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        value = value.strip()
+        if not _BOOTSTRAP.match(value):
+            raise ValueError(f"expected host:port[,host:port…], got {value!r}")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in ("chdb", "http", "https"):
+            raise ValueError(f"expected a chdb:///ABSOLUTE/PATH, http:// or https:// DSN, got {value!r}")
+        if scheme == "chdb" and not value.startswith("chdb:///"):
+            raise ValueError(f"a chdb DSN needs an absolute path (chdb:///abs/path), got {value!r}")
+        return value
+
+    @property
+    def store_dsn(self) -> str:
+        return self.store or f"chdb://{self.home / 'chdb'}"
+
+    @property
+    def embedded_store(self) -> bool:
+        return self.store_dsn.startswith("chdb://")
+
+    @property
+    def local_log_path(self) -> Path:
+        return self.home / "log.db"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus explicit overrides (CLI flags), naming the offending variable."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{str(e['loc'][0]).upper() if e['loc'] else '?'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid trainwire configuration: {problems}") from None

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+TopicPartition = tuple[str, int]
+
+
+class TransportError(RuntimeError):
+    """The transport failed in a way worth retrying (broker unreachable, database locked too long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    ts_ms: int
+
+
+class LogProducer(ABC):
+    @abstractmethod
+    def append(self, topic: str, key: bytes, value: bytes) -> None:
+        """Queue one message; messages with the same key keep their order."""
+
+    @abstractmethod
+    def flush(self, timeout: float) -> int:
+        """Deliver what is queued; return how many messages are still undelivered."""
+
+    def close(self) -> None:
+        self.flush(10.0)
+
+
+class LogConsumer(ABC):
+    @abstractmethod
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        """Next records after the consumer's position, in order per partition."""
+
+    @abstractmethod
+    def commit(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Durably record, per partition, the offset of the next record to read."""
+
+    @abstractmethod
+    def lag(self) -> int | None:
+        """Records not yet polled on the assigned partitions (None if unknown)."""
+
+    def close(self) -> None:
+        pass
+
+
+def next_positions(records: list[Record]) -> dict[TopicPartition, int]:
+    positions: dict[TopicPartition, int] = {}
+    for record in records:
+        positions[(record.topic, record.partition)] = record.offset + 1
+    return positions

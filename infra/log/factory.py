@@ -1,0 +1,33 @@
+"""Pick the transport from settings: Kafka when `TRAINWIRE_KAFKA` is set, else the embedded SQLite log."""
+
+from __future__ import annotations
+
+from ..config import Settings
+from .base import LogConsumer, LogProducer
+from .sqlite import SqliteLogConsumer, SqliteLogProducer
+
+DEFAULT_PARTITIONS = 8
+
+
+def open_producer(settings: Settings) -> LogProducer:
+    if settings.kafka:
+        from .kafka import KafkaLogProducer
+
+        return KafkaLogProducer(settings.kafka)
+    return SqliteLogProducer(settings.local_log_path)
+
+
+def open_consumer(settings: Settings, group: str, topics: list[str]) -> LogConsumer:
+    if settings.kafka:
+        from .kafka import KafkaLogConsumer
+
+        return KafkaLogConsumer(settings.kafka, group, topics)
+    return SqliteLogConsumer(settings.local_log_path, group, topics)
+
+
+def ensure_topics(settings: Settings, topics: list[str], partitions: int = DEFAULT_PARTITIONS) -> None:
+    """Create the topics up front on Kafka (the local log needs nothing)."""
+    if settings.kafka:
+        from .kafka import create_topics
+
+        create_topics(settings.kafka, topics, partitions)

@@ -1,0 +1,115 @@
+"""The scalable transport: Apache Kafka through confluent-kafka (librdkafka)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .base import LogConsumer, LogProducer, Record, TransportError
+from .base import TopicPartition as TP
+
+log = logging.getLogger(__name__)
+
+
+def producer_config(bootstrap: str) -> dict:
+    return {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": "lz4",
+        "linger.ms": 5,
+        "batch.size": 1_000_000,
+        "queue.buffering.max.messages": 1_000_000,
+        # Same key → same partition as the Java client, so a run's events keep their order everywhere.
+        "partitioner": "murmur2_random",
+    }
+
+
+def consumer_config(bootstrap: str, group: str) -> dict:
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "fetch.wait.max.ms": 100,
+    }
+
+
+class KafkaLogProducer(LogProducer):
+    def __init__(self, bootstrap: str):
+        self._producer = Producer(producer_config(bootstrap))
+        self.failed = 0
+
+    def _on_delivery(self, err: KafkaError | None, _msg) -> None:
+        if err is not None:
+            self.failed += 1
+            log.error("kafka delivery failed: %s", err)
+
+    def append(self, topic: str, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: serve delivery reports until there is room
+        self._producer.poll(0)
+
+    def flush(self, timeout: float) -> int:
+        return self._producer.flush(timeout)
+
+
+class KafkaLogConsumer(LogConsumer):
+    def __init__(self, bootstrap: str, group: str, topics: list[str]):
+        self._consumer = Consumer(consumer_config(bootstrap, group))
+        self._consumer.subscribe(topics)
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        out: list[Record] = []
+        for msg in self._consumer.consume(max_records, timeout):
+            err = msg.error()
+            if err is not None:
+                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                    continue
+                if err.retriable() or not err.fatal():
+                    log.warning("kafka consumer: %s", err)
+                    continue
+                raise TransportError(f"kafka consumer failed: {err}")
+            _, ts = msg.timestamp()
+            out.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), ts))
+        return out
+
+    def commit(self, positions: Mapping[TP, int]) -> None:
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as err:
+            raise TransportError(f"kafka commit failed: {err}") from err
+
+    def lag(self) -> int | None:
+        total = 0
+        for tp in self._consumer.assignment():
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+            (pos,) = self._consumer.position([tp])
+            total += high - (pos.offset if pos.offset >= 0 else low)
+        return total
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics])
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=30)
+        except KafkaException as err:
+            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TransportError(f"cannot create topic {topic}: {err}") from err

@@ -1,0 +1,131 @@
+"""The embedded transport: an append-only log in one SQLite file, shared by every process on the machine.
+
+One partition per topic; the offset is the row id, which SQLite assigns in commit order because it runs
+one write transaction at a time, so a reader never sees offset N+1 before offset N.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from .base import LogConsumer, LogProducer, Record, TopicPartition, TransportError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    offset INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    key BLOB,
+    value BLOB NOT NULL,
+    ts_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_topic ON records (topic, offset);
+CREATE TABLE IF NOT EXISTS commits (
+    grp TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (grp, topic)
+);
+"""
+_POLL_INTERVAL = 0.02
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class SqliteLogProducer(LogProducer):
+    def __init__(self, path: Path):
+        self._conn = connect(path)
+        self._pending: list[tuple[str, bytes, bytes, int]] = []
+        self._lock = threading.Lock()
+
+    def append(self, topic: str, key: bytes, value: bytes) -> None:
+        with self._lock:
+            self._pending.append((topic, key, value, time.time_ns() // 1_000_000))
+
+    def flush(self, timeout: float) -> int:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return 0
+            try:
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.executemany(
+                        "INSERT INTO records (topic, key, value, ts_ms) VALUES (?, ?, ?, ?)", pending
+                    )
+            except sqlite3.Error as err:
+                self._pending = pending + self._pending
+                raise TransportError(f"local log write failed: {err}") from err
+            return 0
+
+    def close(self) -> None:
+        self.flush(0)
+        self._conn.close()
+
+
+class SqliteLogConsumer(LogConsumer):
+    def __init__(self, path: Path, group: str, topics: list[str]):
+        self._conn = connect(path)
+        self._group = group
+        self._topics = list(topics)
+        committed = dict(
+            self._conn.execute(
+                f"SELECT topic, next_offset FROM commits WHERE grp = ? AND topic IN ({','.join('?' * len(topics))})",
+                [group, *topics],
+            ).fetchall()
+        )
+        self._position = {topic: committed.get(topic, 0) for topic in self._topics}
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self._read(max_records)
+            if records or time.monotonic() >= deadline:
+                return records
+            time.sleep(_POLL_INTERVAL)
+
+    def _read(self, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        for topic in self._topics:
+            budget = max_records - len(out)
+            if budget <= 0:
+                break
+            rows = self._conn.execute(
+                "SELECT offset, key, value, ts_ms FROM records WHERE topic = ? AND offset >= ? ORDER BY offset LIMIT ?",
+                (topic, self._position[topic], budget),
+            ).fetchall()
+            if rows:
+                self._position[topic] = rows[-1][0] + 1
+                out.extend(Record(topic, 0, offset, key, value, ts) for offset, key, value, ts in rows)
+        return out
+
+    def commit(self, positions: Mapping[TopicPartition, int]) -> None:
+        rows = [(self._group, topic, offset) for (topic, _partition), offset in positions.items()]
+        with self._conn:
+            self._conn.executemany(
+                "INSERT INTO commits (grp, topic, next_offset) VALUES (?, ?, ?) "
+                "ON CONFLICT (grp, topic) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                rows,
+            )
+
+    def lag(self) -> int:
+        total = 0
+        for topic in self._topics:
+            (count,) = self._conn.execute(
+                "SELECT count(*) FROM records WHERE topic = ? AND offset >= ?", (topic, self._position[topic])
+            ).fetchone()
+            total += count
+        return total
+
+    def close(self) -> None:
+        self._conn.close()

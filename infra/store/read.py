@@ -1,0 +1,86 @@
+"""The read API: the one place the dashboard and the CLI get data from. Every query is parameterised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
+Row = dict[str, Any]
+
+_RUNS = """
+WITH started AS (SELECT * FROM run_started FINAL),
+     ended AS (SELECT run_id, status, ts AS ended_at, final_loss FROM run_ended FINAL),
+     progress AS (SELECT run_id, max(step) AS last_step, count() AS steps_logged, max(ts) AS last_step_at
+                  FROM steps FINAL GROUP BY run_id),
+     firing AS (SELECT run_id, countIf(state = 'firing') AS firing_alerts
+                FROM (SELECT run_id, argMax(state, ts) AS state FROM alerts FINAL GROUP BY run_id, dedup_key)
+                GROUP BY run_id)
+SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team, s.host AS host,
+       s.ts AS started_at, if(e.run_id = '', 'running', e.status) AS status, e.ended_at AS ended_at,
+       s.total_steps AS total_steps, p.last_step AS last_step, p.steps_logged AS steps_logged,
+       p.last_step_at AS last_step_at, e.final_loss AS final_loss, f.firing_alerts AS firing_alerts
+FROM started AS s
+LEFT JOIN ended AS e ON e.run_id = s.run_id
+LEFT JOIN progress AS p ON p.run_id = s.run_id
+LEFT JOIN firing AS f ON f.run_id = s.run_id
+ORDER BY started_at DESC
+"""
+
+
+class StoreReader:
+    def __init__(self, client: Client):
+        self._client = client
+
+    def _rows(self, sql: str, **parameters: Any) -> list[Row]:
+        return list(self._client.query(sql, parameters=parameters).named_results())
+
+    def runs(self) -> list[Row]:
+        return self._rows(_RUNS)
+
+    def steps(self, run_id: str) -> list[Row]:
+        return self._rows(
+            "SELECT step, ts, epoch, loss, learning_rate, grad_norm, tokens_per_s FROM steps FINAL "
+            "WHERE run_id = {run_id:String} ORDER BY step",
+            run_id=run_id,
+        )
+
+    def evals(self, run_id: str) -> list[Row]:
+        return self._rows(
+            "SELECT step, ts, eval_loss, eval_accuracy, perplexity FROM evals FINAL "
+            "WHERE run_id = {run_id:String} ORDER BY step",
+            run_id=run_id,
+        )
+
+    def alerts(self, run_id: str | None = None) -> list[Row]:
+        return self._rows(
+            "SELECT run_id, experiment, ts, rule, severity, state, step, value, threshold, message, dedup_key "
+            "FROM alerts FINAL WHERE {run_id:String} = '' OR run_id = {run_id:String} ORDER BY ts",
+            run_id=run_id or "",
+        )
+
+    def incidents(self, run_ids: list[str] | None = None) -> list[Row]:
+        """One row per alert incident (dedup key) with its latest state, oldest first."""
+        return self._rows(
+            "SELECT run_id, rule, any(severity) AS severity, argMin(step, ts) AS step, argMax(state, ts) AS state, "
+            "min(ts) AS fired_at, max(ts) AS updated_at, argMin(message, ts) AS message "
+            "FROM alerts FINAL WHERE empty({run_ids:Array(String)}) OR has({run_ids:Array(String)}, run_id) "
+            "GROUP BY run_id, rule, dedup_key ORDER BY fired_at",
+            run_ids=run_ids or [],
+        )
+
+    def event_counts(self, run_ids: list[str] | None = None) -> dict[str, int]:
+        """Distinct stored telemetry events per table (alerts excluded: consumers make those)."""
+        where = "WHERE empty({run_ids:Array(String)}) OR has({run_ids:Array(String)}, run_id)"
+        return {
+            table: self._client.query(f"SELECT count() FROM {table} FINAL {where}",
+                                      parameters={"run_ids": run_ids or []}).result_rows[0][0]
+            for table in EVENT_TABLES
+        }
+
+    def events_stored(self, run_ids: list[str] | None = None) -> int:
+        return sum(self.event_counts(run_ids).values())
+
+    def dead_letters(self) -> list[Row]:
+        return self._rows("SELECT ts, topic, partition, offset, reason FROM dead_letters FINAL ORDER BY ts")

@@ -1,0 +1,16 @@
+"""Trainer-side producers: the SDK (`Run`, `init`), the Hugging Face callback and the GPU sampler."""
+
+from .gpu import GpuSampler, NvmlSource
+from .run import Run
+from .session import init
+
+__all__ = ["GpuSampler", "NvmlSource", "Run", "TrainwireCallback", "init"]
+
+
+def __getattr__(name: str):
+    # transformers is heavy: import the callback only for those who use it
+    if name == "TrainwireCallback":
+        from .hf_callback import TrainwireCallback
+
+        return TrainwireCallback
+    raise AttributeError(name)

@@ -1,0 +1,172 @@
+"""The SDK: one `Run` per training run. Every `log_*` call is non-blocking and never raises on telemetry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from trainwire.schemas import Checkpoint, Eval, GpuSample, Heartbeat, RunEnded, RunStarted, Step
+
+from .emitter import Emitter
+from .environment import hostname, sha256_file
+from .gpu import GpuSampler, GpuSource
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    def __init__(
+        self,
+        emitter: Emitter,
+        *,
+        experiment: str,
+        run_name: str = "",
+        team: str = "",
+        run_id: str | None = None,
+        host: str | None = None,
+        heartbeat_seconds: float = 5.0,
+        flush_timeout: float = 10.0,
+        sample_gpus: bool = True,
+        gpu_source: GpuSource | None = None,
+        gpu_interval: float = 5.0,
+        rank: int = 0,
+    ):
+        self.run_id = run_id or str(uuid.uuid4())
+        self.experiment = experiment
+        self.run_name = run_name
+        self._emitter = emitter
+        self._envelope = {"run_id": self.run_id, "experiment": experiment, "team": team, "host": host or hostname()}
+        self._seq = count()
+        self._flush_timeout = flush_timeout
+        self._started = time.monotonic()
+        self._finished = False
+        self._last_step: int | None = None
+        self._initial_loss: float | None = None
+        self._final_loss: float | None = None
+        self._best_eval: tuple[float, int] | None = None
+        self._best_checkpoint: str | None = None
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._beat, args=(heartbeat_seconds,), name=f"trainwire-heartbeat-{self.run_id[:8]}", daemon=True
+        )
+        self._gpu = GpuSampler(self.log_gpu, gpu_interval, rank, gpu_source) if sample_gpus else None
+        self.events_emitted = 0
+
+    def _emit(self, event_type: type, fields: dict[str, Any]) -> None:
+        fields.update(self._envelope)
+        fields["seq"] = next(self._seq)
+        fields["ts_ms"] = time.time_ns() // 1_000_000
+        if self._emitter.submit(event_type, fields):
+            self.events_emitted += 1
+
+    def start(self, config: dict | str | Path | None = None, **fields: Any) -> Run:
+        """Emit run started: hyperparameters (a dict) or a config file (hashed), plus any RunStarted field."""
+        if isinstance(config, (str, Path)):
+            path = Path(config)
+            fields.setdefault("config_file", path.name)
+            fields.setdefault("config_sha256", sha256_file(path))
+        elif config:
+            fields["hyperparameters_json"] = json.dumps(config, default=str, sort_keys=True)
+        fields.setdefault("run_name", self.run_name)
+        self._emit(RunStarted, fields)
+        self._heartbeat.start()
+        if self._gpu is not None:
+            self._gpu.start()
+        return self
+
+    def log_step(
+        self,
+        step: int,
+        loss: float | None = None,
+        learning_rate: float | None = None,
+        grad_norm: float | None = None,
+        tokens_per_s: float | None = None,
+        *,
+        epoch: float | None = None,
+        samples_per_s: float | None = None,
+        batch_time_s: float | None = None,
+        tokens: int | None = None,
+        **extra: float,
+    ) -> None:
+        self._last_step = step
+        if loss is not None:
+            if self._initial_loss is None:
+                self._initial_loss = loss
+            self._final_loss = loss
+        self._emit(Step, {
+            "step": step, "loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s, "epoch": epoch, "samples_per_s": samples_per_s,
+            "batch_time_s": batch_time_s, "tokens": tokens, "extra": extra,
+        })
+
+    def log_eval(
+        self,
+        step: int,
+        eval_loss: float | None = None,
+        eval_accuracy: float | None = None,
+        *,
+        epoch: float | None = None,
+        runtime_s: float | None = None,
+        **metrics: float,
+    ) -> None:
+        if eval_loss is not None and math.isfinite(eval_loss) and (self._best_eval is None or eval_loss < self._best_eval[0]):
+            self._best_eval = (eval_loss, step)
+        self._emit(Eval, {
+            "step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
+            "perplexity": Eval.perplexity_of(eval_loss), "epoch": epoch, "runtime_s": runtime_s, "metrics": metrics,
+        })
+
+    def log_checkpoint(self, step: int, path: str | Path, files: list[dict] | None = None,
+                       eval_loss: float | None = None) -> None:
+        is_best = None
+        if eval_loss is not None and self._best_eval is not None:
+            is_best = eval_loss <= self._best_eval[0]
+            if is_best:
+                self._best_checkpoint = str(path)
+        self._emit(Checkpoint, {"step": step, "path": str(path), "files": files or [], "eval_loss": eval_loss,
+                                "is_best": is_best})
+
+    def log_gpu(self, **sample: Any) -> None:
+        self._emit(GpuSample, sample)
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop_heartbeat.wait(interval):
+            self._emit(Heartbeat, {"step": self._last_step})
+
+    def finish(self, status: str = "completed", error: str | None = None, artifacts: list[dict] | None = None) -> bool:
+        """Emit run ended and wait (bounded) until the run's events are delivered. Idempotent."""
+        if self._finished:
+            return True
+        self._finished = True
+        self._stop_heartbeat.set()
+        if self._gpu is not None:
+            self._gpu.stop()
+        self._emit(RunEnded, {
+            "status": status, "error": error, "duration_s": time.monotonic() - self._started,
+            "completed_steps": self._last_step, "initial_loss": self._initial_loss, "final_loss": self._final_loss,
+            "best_eval_loss": self._best_eval[0] if self._best_eval else None,
+            "best_checkpoint": self._best_checkpoint, "artifacts": artifacts or [],
+        })
+        delivered = self._emitter.flush(self._flush_timeout)
+        if not delivered:
+            log.warning("trainwire: run %s ended with events still undelivered after %.0fs",
+                        self.run_id, self._flush_timeout)
+        return delivered
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, _tb) -> None:
+        if exc is None:
+            self.finish("completed")
+        elif isinstance(exc, KeyboardInterrupt):
+            self.finish("stopped", error="KeyboardInterrupt")
+        else:
+            self.finish("failed", error=f"{exc_type.__name__}: {exc}")

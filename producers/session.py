@@ -1,0 +1,66 @@
+"""One sender per process and settings, shared by every run the process starts; closed (bounded) at exit."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from pathlib import Path
+from typing import Any
+
+from trainwire.infra.config import Settings, load_settings
+from trainwire.infra.log import open_producer
+
+from .emitter import Emitter
+from .gpu import GpuSource
+from .run import Run
+
+_lock = threading.Lock()
+_emitters: dict[Settings, Emitter] = {}
+
+
+def emitter_for(settings: Settings) -> Emitter:
+    with _lock:
+        if settings not in _emitters:
+            _emitters[settings] = Emitter(open_producer(settings), settings.topic, settings.queue_size)
+            if len(_emitters) == 1:
+                atexit.register(close_all)
+        return _emitters[settings]
+
+
+def close_all() -> None:
+    with _lock:
+        emitters = list(_emitters.items())
+        _emitters.clear()
+    for settings, emitter in emitters:
+        emitter.close(settings.flush_timeout_seconds)
+
+
+def init(
+    experiment: str,
+    run_name: str = "",
+    config: dict | str | Path | None = None,
+    *,
+    settings: Settings | None = None,
+    run_id: str | None = None,
+    team: str | None = None,
+    sample_gpus: bool = True,
+    gpu_source: GpuSource | None = None,
+    rank: int = 0,
+    **run_started: Any,
+) -> Run:
+    """Start a run: emits run started and returns the `Run` to log with (also a context manager)."""
+    settings = settings or load_settings()
+    run = Run(
+        emitter_for(settings),
+        experiment=experiment,
+        run_name=run_name,
+        team=settings.team if team is None else team,
+        run_id=run_id,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        flush_timeout=settings.flush_timeout_seconds,
+        sample_gpus=sample_gpus,
+        gpu_source=gpu_source,
+        gpu_interval=settings.gpu_sample_seconds,
+        rank=rank,
+    )
+    return run.start(config, **run_started)

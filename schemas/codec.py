@@ -1,0 +1,109 @@
+"""Avro single-object encoding of trainwire events (the Avro specification's format).
+
+A message is `C3 01` + the 8-byte CRC-64-AVRO fingerprint of the writer schema + the Avro binary body. The
+fingerprint names the exact writer schema, so a consumer built on other schema versions resolves the
+body against its own (reader) version; see docs/schema-evolution.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from pydantic import BaseModel, ValidationError
+
+from .events import EVENT_TYPES
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+_FILE_NAME = re.compile(r"^(?P<kind>[a-z_]+)\.v(?P<version>\d+)\.avsc$")
+
+
+class SchemaError(ValueError):
+    """A payload that cannot become a valid event. The consumer dead-letters it and goes on."""
+
+
+class UnknownSchemaError(SchemaError):
+    pass
+
+
+class CorruptPayloadError(SchemaError):
+    pass
+
+
+class InvalidEventError(SchemaError):
+    pass
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    kind: str
+    version: int
+    parsed: dict
+    fingerprint: bytes
+
+
+@cache
+def registry() -> dict[bytes, SchemaVersion]:
+    """Every schema version shipped in `schemas/avro`, by fingerprint."""
+    found: dict[bytes, SchemaVersion] = {}
+    for entry in resources.files(__package__).joinpath("avro").iterdir():
+        match = _FILE_NAME.match(entry.name)
+        if not match:
+            continue
+        parsed = fastavro.parse_schema(json.loads(entry.read_text()))
+        fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+        found[fp] = SchemaVersion(match["kind"], int(match["version"]), parsed, fp)
+    return found
+
+
+@cache
+def latest(kind: str) -> SchemaVersion:
+    versions = [v for v in registry().values() if v.kind == kind]
+    if not versions:
+        raise UnknownSchemaError(f"no schema for event kind {kind!r}")
+    return max(versions, key=lambda v: v.version)
+
+
+def encode(event: BaseModel) -> bytes:
+    schema = latest(type(event).kind)
+    out = io.BytesIO()
+    out.write(MAGIC)
+    out.write(schema.fingerprint)
+    fastavro.schemaless_writer(out, schema.parsed, event.model_dump())
+    return out.getvalue()
+
+
+def decode_record(data: bytes) -> tuple[str, dict]:
+    """Decode to (kind, plain dict) resolved against the newest reader schema, without validation."""
+    if len(data) < HEADER_LEN or data[:2] != MAGIC:
+        raise CorruptPayloadError(f"not an Avro single-object message (first bytes {data[:HEADER_LEN].hex() or 'none'})")
+    writer = registry().get(data[2:HEADER_LEN])
+    if writer is None:
+        raise UnknownSchemaError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+    reader = latest(writer.kind)
+    body = io.BytesIO(data)
+    body.seek(HEADER_LEN)
+    try:
+        record = fastavro.schemaless_reader(body, writer.parsed, reader.parsed)
+    except Exception as err:  # fastavro raises EOFError, UnicodeDecodeError, IndexError, … on corrupt bodies
+        raise CorruptPayloadError(f"corrupt {writer.kind} v{writer.version} body: {err!r}") from err
+    if body.tell() != len(data):
+        raise CorruptPayloadError(f"{len(data) - body.tell()} trailing bytes after a {writer.kind} body")
+    return writer.kind, record
+
+
+def decode(data: bytes) -> BaseModel:
+    """Decode and validate one message into its pydantic event model."""
+    kind, record = decode_record(data)
+    try:
+        return EVENT_TYPES[kind].model_validate(record)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise InvalidEventError(f"invalid {kind} event: {problems}") from err

@@ -1,0 +1,185 @@
+"""Pydantic models of every trainwire event: the validated, typed side of the Avro contract.
+
+Field names and optionality mirror `avro/<kind>.v<N>.avsc` exactly (a contract test keeps them in step).
+NaN and ±Inf are legal metric values: they are carried, stored and detected, never rejected.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+RunStatus = Literal["completed", "failed", "stopped"]
+Severity = Literal["info", "warning", "critical", "block"]
+AlertState = Literal["firing", "resolved"]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Event(BaseModel):
+    """Fields every telemetry event carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str]
+
+    event_id: str = Field(default_factory=new_id)
+    run_id: str
+    experiment: str
+    team: str = ""
+    host: str = ""
+    seq: int = Field(ge=0)
+    ts_ms: int = Field(default_factory=now_ms, ge=0)
+
+    @field_validator("run_id", "experiment")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class FileDigest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+
+
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    run_name: str = ""
+    user: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    hyperparameters_json: str = "{}"
+    config_file: str | None = None
+    config_sha256: str | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    base_model: str | None = None
+    base_model_source: str | None = None
+    base_model_revision: str | None = None
+    base_model_sha256: str | None = None
+    dataset_path: str | None = None
+    dataset_version: str | None = None
+    dataset_sha256: str | None = None
+    dataset_samples: int | None = Field(default=None, ge=0)
+    seed: int | None = None
+    data_seed: int | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    gpu_type: str | None = None
+    gpu_count: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    total_epochs: float | None = None
+
+
+class Step(Event):
+    kind: ClassVar[str] = "step"
+    step: int = Field(ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    samples_per_s: float | None = None
+    batch_time_s: float | None = None
+    tokens: int | None = Field(default=None, ge=0)
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class Eval(Event):
+    kind: ClassVar[str] = "eval"
+    step: int = Field(ge=0)
+    epoch: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    perplexity: float | None = None
+    runtime_s: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def perplexity_of(cls, eval_loss: float | None) -> float | None:
+        if eval_loss is None:
+            return None
+        try:
+            return math.exp(eval_loss)
+        except OverflowError:
+            return math.inf
+
+
+class GpuSample(Event):
+    kind: ClassVar[str] = "gpu_sample"
+    rank: int = Field(default=0, ge=0)
+    gpu_index: int = Field(ge=0)
+    gpu_uuid: str
+    gpu_name: str = ""
+    utilization_pct: float | None = None
+    memory_used_mb: float | None = None
+    memory_total_mb: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+
+
+class Heartbeat(Event):
+    kind: ClassVar[str] = "heartbeat"
+    step: int | None = Field(default=None, ge=0)
+
+
+class Checkpoint(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int = Field(ge=0)
+    path: str
+    files: list[FileDigest] = Field(default_factory=list)
+    eval_loss: float | None = None
+    is_best: bool | None = None
+
+
+class RunEnded(Event):
+    kind: ClassVar[str] = "run_ended"
+    status: RunStatus
+    error: str | None = None
+    duration_s: float | None = Field(default=None, ge=0)
+    completed_steps: int | None = Field(default=None, ge=0)
+    epochs: float | None = None
+    initial_loss: float | None = None
+    final_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+    artifacts: list[FileDigest] = Field(default_factory=list)
+
+
+class Alert(BaseModel):
+    """Raised or resolved by a detector in the consumers; not a telemetry event, so no host or seq."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str] = "alert"
+
+    event_id: str = Field(default_factory=new_id)
+    run_id: str
+    experiment: str
+    team: str = ""
+    ts_ms: int = Field(default_factory=now_ms, ge=0)
+    rule: str
+    severity: Severity
+    state: AlertState
+    step: int | None = None
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+    dedup_key: str
+
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    cls.kind: cls for cls in (RunStarted, Step, Eval, GpuSample, Heartbeat, Checkpoint, RunEnded, Alert)
+}

@@ -1,0 +1,5 @@
+import sys
+
+from trainwire.cli import main
+
+sys.exit(main())

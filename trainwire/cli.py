@@ -1,0 +1,127 @@
+"""The `trainwire` command. Human-readable output by default, one JSON object with `--json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from trainwire.infra.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None))
+
+
+def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
+    print(json.dumps(payload, default=str, indent=None if args.json else 2) if args.json else human)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainwire.demo import parse_faults, run_demo
+
+    faults = parse_faults(args.inject)
+    if args.jobs < 1 or args.steps < 1:
+        raise ValueError("--jobs and --steps must be at least 1")
+    step_seconds = args.step_seconds if args.step_seconds is not None else (0.005 if args.headless else 0.25)
+    report = run_demo(_settings(args), jobs=args.jobs, steps=args.steps, faults=faults, headless=args.headless,
+                      step_seconds=step_seconds, port=args.port)
+    lines = [
+        f"events produced {report.events_produced}, stored {report.events_stored} "
+        f"({'all stored' if report.complete else 'INCOMPLETE'}) in {report.seconds}s",
+        f"transport {report.transport}", f"store {report.store}", f"runs: {len(report.runs)}",
+    ]
+    lines += [f"  alert {a['severity']:<8} {a['rule']:<16} run {a['run_id']} step {a['step']} ({a['state']})"
+              for a in report.alerts] or ["  no alerts"]
+    _emit(args, {**report.__dict__}, "\n".join(lines))
+    return 0 if report.complete else 1
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from trainwire.consumers.service import build_ingest, run_ingest
+
+    pipeline = build_ingest(_settings(args))
+    if args.drain:
+        pipeline.drain(idle_seconds=args.idle_seconds)
+        pipeline.close()
+    else:
+        print("consuming; Ctrl-C to stop", file=sys.stderr)
+        stop = threading.Event()
+        try:
+            run_ingest(pipeline, stop)
+        except KeyboardInterrupt:
+            pass
+    stats = pipeline.stats.__dict__
+    _emit(args, stats, ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from trainwire.infra.store import connect_store
+    from trainwire.infra.store.read import StoreReader
+
+    runs = StoreReader(connect_store(_settings(args).store_dsn)).runs()
+    human = "\n".join(
+        f"{r['run_id']}  {r['experiment']:<16} {r['run_name']:<20} {r['status']:<10} "
+        f"step {r['last_step'] or 0:>6}  alerts {r['firing_alerts'] or 0}" for r in runs
+    ) or "no runs stored"
+    _emit(args, runs, human)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from trainwire.dashboard.serve import serve_dashboard
+
+    serve_dashboard(_settings(args), args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainwire", description="Telemetry pipeline for LLM fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers (default: the local log)")
+        p.add_argument("--store", metavar="DSN", help="clickhouse-connect DSN (default: chdb under TRAINWIRE_HOME)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        return p
+
+    demo = command("demo", "simulated concurrent training jobs through the whole pipeline")
+    demo.add_argument("--jobs", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=500)
+    demo.add_argument("--inject", metavar="KIND[,KIND]", help="faults, one job each: nan, spike, gradnorm")
+    demo.add_argument("--headless", action="store_true", help="no dashboard; exit once every event is stored")
+    demo.add_argument("--step-seconds", type=float, help="pause between steps (default 0.25, headless 0.005)")
+    demo.add_argument("--port", type=int, default=8501)
+    demo.set_defaults(func=cmd_demo)
+
+    consume = command("consume", "ingest events into ClickHouse and run the detectors")
+    consume.add_argument("--drain", action="store_true", help="exit once caught up with the transport")
+    consume.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
+    consume.set_defaults(func=cmd_consume)
+
+    command("runs", "list stored runs").set_defaults(func=cmd_runs)
+
+    dashboard = command("dashboard", "serve the Streamlit dashboard")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as err:
+        print(f"trainwire: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
