@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 INGEST_GROUP = "trainwire-ingest"
 
 
-def build_ingest(settings: Settings, on_alert=print_alert) -> IngestPipeline:
+def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP) -> IngestPipeline:
     client = connect_store(settings.store_dsn)
     migrate(client)
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS)])
     return IngestPipeline(
-        open_consumer(settings, INGEST_GROUP, topics), ClickHouseWriter(client), open_producer(settings),
+        open_consumer(settings, group, topics), ClickHouseWriter(client), open_producer(settings),
         settings, on_alert=on_alert,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -11,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TRAINWIRE_"
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$")
+
+
+# Read by scripts and tests, not by Settings; any other TRAINWIRE_* name is a typo worth stopping for.
+OTHER_VARIABLES = frozenset({"TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT", "TRAINWIRE_TEST_KAFKA", "TRAINWIRE_CHROMIUM"})
 
 
 class ConfigError(ValueError):
@@ -77,6 +82,10 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment plus explicit overrides (CLI flags), naming the offending variable."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(unknown)} (known: {', '.join(sorted(known - OTHER_VARIABLES))})")
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:

@@ -39,6 +39,17 @@ class StoreReader:
     def runs(self) -> list[Row]:
         return self._rows(_RUNS)
 
+    def run_started(self, run_id: str) -> Row | None:
+        rows = self._rows("SELECT * FROM run_started FINAL WHERE run_id = {run_id:String} LIMIT 1", run_id=run_id)
+        return rows[0] if rows else None
+
+    def checkpoints(self, run_id: str) -> list[Row]:
+        return self._rows(
+            "SELECT step, ts, path, files, eval_loss, is_best FROM checkpoints FINAL "
+            "WHERE run_id = {run_id:String} ORDER BY step",
+            run_id=run_id,
+        )
+
     def steps(self, run_id: str) -> list[Row]:
         return self._rows(
             "SELECT step, ts, epoch, loss, learning_rate, grad_norm, tokens_per_s FROM steps FINAL "

@@ -1,0 +1,56 @@
+"""Shared fixtures. Kafka tests use the real broker that infra/kafka/up starts (a failure in CI, never a skip)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from trainwire.infra.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Bootstrap address of a real broker: TRAINWIRE_TEST_KAFKA, or the one infra/kafka/up starts (idempotent)."""
+    if os.environ.get("TRAINWIRE_TEST_KAFKA"):
+        return os.environ["TRAINWIRE_TEST_KAFKA"]
+    try:
+        result = subprocess.run([str(ROOT / "infra/kafka/up")], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _unavailable(f"cannot start Kafka with infra/kafka/up: {err}")
+    if result.returncode != 0:
+        _unavailable(f"infra/kafka/up failed: {result.stderr[-2000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def local_settings(tmp_path: Path) -> Settings:
+    """Embedded defaults in a private home: the SQLite local log and chdb."""
+    return Settings(home=tmp_path / "home", batch_max_seconds=0.2)
+
+
+@pytest.fixture
+def kafka_settings(tmp_path: Path, kafka_bootstrap: str) -> Settings:
+    """The real broker, with topics no other test uses, and chdb in a private home."""
+    return Settings(home=tmp_path / "home", kafka=kafka_bootstrap, batch_max_seconds=0.2,
+                    topic_prefix=f"test-{uuid.uuid4().hex[:10]}.")
+
+
+@pytest.fixture(params=["local", "kafka"])
+def any_settings(request: pytest.FixtureRequest) -> Settings:
+    """Each transport in turn: the test runs once on the local log and once on the real broker."""
+    if request.param == "kafka":
+        request.applymarker(pytest.mark.kafka)
+    return request.getfixturevalue(f"{request.param}_settings")

@@ -1,0 +1,87 @@
+"""One contract, run against both transports: the embedded SQLite log and the real Kafka broker."""
+
+import multiprocessing
+import time
+
+import pytest
+
+from trainwire.infra.config import Settings
+from trainwire.infra.log import ensure_topics, open_consumer, open_producer
+from trainwire.infra.log.base import next_positions
+
+
+def poll_all(consumer, expected: int, timeout: float = 30.0):
+    records, deadline = [], time.monotonic() + timeout
+    while len(records) < expected and time.monotonic() < deadline:
+        records += consumer.poll(1000, 0.5)
+    return records
+
+
+def produce(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = open_producer(settings)
+    for key, value in messages:
+        producer.append(topic, key, value)
+    assert producer.flush(30) == 0
+    producer.close()
+
+
+def test_per_key_order_commit_and_resume(any_settings):
+    topic = any_settings.topic("contract")
+    ensure_topics(any_settings, [topic], partitions=4)
+    messages = [(f"run-{i % 5}".encode(), f"{i % 5}:{i}".encode()) for i in range(500)]
+    produce(any_settings, topic, messages)
+
+    consumer = open_consumer(any_settings, "g1", [topic])
+    records = poll_all(consumer, 500)
+    assert len(records) == 500
+    by_key: dict[bytes, list[int]] = {}
+    for record in records:
+        by_key.setdefault(record.key, []).append(int(record.value.split(b":")[1]))
+    assert all(seq == sorted(seq) for seq in by_key.values())
+    assert len({r.partition for r in records if r.key == b"run-1"}) == 1
+
+    first_half = records[:200]
+    consumer.commit(next_positions(first_half))
+    consumer.close()
+
+    # committed positions are per partition; a new member of the group resumes after them
+    resumed = open_consumer(any_settings, "g1", [topic])
+    rest = poll_all(resumed, 300)
+    resumed.close()
+    seen = {(r.partition, r.offset) for r in first_half}
+    assert {(r.partition, r.offset) for r in rest}.isdisjoint(seen)
+    assert len(rest) == 300
+
+    other_group = open_consumer(any_settings, "g2", [topic])
+    assert len(poll_all(other_group, 500)) == 500
+    other_group.close()
+
+
+def _write(settings: Settings, topic: str, writer: int, count: int) -> None:
+    produce(settings, topic, [(f"w{writer}".encode(), f"{writer}:{i}".encode()) for i in range(count)])
+
+
+def test_local_log_takes_several_writing_processes(local_settings):
+    topic = local_settings.topic("multi")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write, args=(local_settings, topic, w, 300)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    records = poll_all(open_consumer(local_settings, "g", [topic]), 1200)
+    assert len(records) == 1200
+    for w in range(4):
+        mine = [int(r.value.split(b":")[1]) for r in records if r.key == f"w{w}".encode()]
+        assert mine == list(range(300))
+    assert [r.offset for r in records] == sorted(r.offset for r in records)
+
+
+def test_lag_counts_unread_records(local_settings):
+    topic = local_settings.topic("lag")
+    produce(local_settings, topic, [(b"k", b"v")] * 10)
+    consumer = open_consumer(local_settings, "g", [topic])
+    assert consumer.lag() == 10
+    consumer.poll(4, 1.0)
+    assert consumer.lag() == 6

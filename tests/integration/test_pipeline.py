@@ -1,0 +1,80 @@
+"""Producers → transport → ingest → embedded ClickHouse, on the local log and on the real broker."""
+
+import math
+import threading
+
+import pytest
+
+from trainwire.consumers.service import build_ingest
+from trainwire.infra.log import open_producer
+from trainwire.infra.log.topics import EVENTS
+from trainwire.infra.store import connect_store
+from trainwire.infra.store.read import StoreReader
+from trainwire.producers import init
+from trainwire.producers.simulate import JobPlan, SimulatedGpus, run_job
+from trainwire.schemas import Step, encode
+
+
+def run_jobs(settings, faults):
+    runs = [init("it", f"job-{i}", {"lr": 1e-4, "job": i}, settings=settings, gpu_source=SimulatedGpus(seed=i),
+                 total_steps=120) for i in range(len(faults))]
+    threads = [threading.Thread(target=lambda r=r, f=f: (run_job(r, JobPlan(steps=120, fault=f, seed=1)), r.finish()))
+               for r, f in zip(runs, faults)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return runs
+
+
+def drain(settings, group="trainwire-ingest"):
+    pipeline = build_ingest(settings, on_alert=lambda alert: None, group=group)
+    pipeline.drain(idle_seconds=2.0, deadline=None)
+    pipeline.close()
+    return pipeline
+
+
+def test_every_event_stored_once_and_nan_alerts_only_its_run(any_settings):
+    runs = run_jobs(any_settings, [None, "nan", None, None])
+    pipeline = drain(any_settings)
+    reader = StoreReader(connect_store(any_settings.store_dsn))
+    ids = [r.run_id for r in runs]
+
+    assert reader.events_stored(ids) == sum(r.events_emitted for r in runs) == pipeline.stats.stored
+    for run in runs:
+        counts = reader.event_counts([run.run_id])
+        assert counts["steps"] == 120 and counts["evals"] == 2 and counts["checkpoints"] == 1
+        assert counts["run_started"] == counts["run_ended"] == 1 and counts["gpu_samples"] >= 2
+    not_finite = [a for a in reader.incidents(ids) if a["rule"] == "loss_not_finite"]
+    assert [a["run_id"] for a in not_finite] == [runs[1].run_id]
+    nan_steps = [s for s in reader.steps(runs[1].run_id) if s["loss"] is not None and math.isnan(s["loss"])]
+    assert nan_steps and nan_steps[0]["step"] == not_finite[0]["step"] == 72  # NaN stored, not dropped
+
+
+def test_redelivered_events_still_count_once(local_settings):
+    runs = run_jobs(local_settings, [None, "nan"])
+    drain(local_settings)
+    again = drain(local_settings, group="lost-its-offsets")  # re-reads and re-inserts everything
+    reader = StoreReader(connect_store(local_settings.store_dsn))
+    assert again.stats.stored == sum(r.events_emitted for r in runs)  # everything was delivered twice
+    assert reader.events_stored([r.run_id for r in runs]) == sum(r.events_emitted for r in runs)
+    assert len([a for a in reader.incidents() if a["rule"] == "loss_not_finite"]) == 1
+
+
+def test_poison_messages_go_to_dead_letters_and_the_rest_is_stored(any_settings):
+    producer = open_producer(any_settings)
+    topic = any_settings.topic(EVENTS)
+    good = [Step(run_id="r-poison", experiment="it", seq=i, step=i, loss=1.0) for i in range(3)]
+    producer.append(topic, b"r-poison", encode(good[0]))
+    producer.append(topic, b"r-poison", b"\x00\x01 random bytes")
+    producer.append(topic, b"r-poison", encode(good[1]))
+    producer.append(topic, b"r-poison", encode(Step.model_construct(**{**good[2].model_dump(), "step": -5})))
+    producer.append(topic, b"r-poison", encode(good[2]))
+    assert producer.flush(30) == 0
+    pipeline = drain(any_settings)
+    reader = StoreReader(connect_store(any_settings.store_dsn))
+    assert [s["step"] for s in reader.steps("r-poison")] == [0, 1, 2]
+    reasons = [d["reason"] for d in reader.dead_letters()]
+    assert len(reasons) == 2 and pipeline.stats.dead_lettered == 2
+    assert any("CorruptPayloadError" in r for r in reasons)
+    assert any("step" in r and "greater than or equal to 0" in r for r in reasons)
