@@ -95,7 +95,8 @@ class Run:
         tokens: int | None = None,
         **extra: float,
     ) -> None:
-        self._last_step = step
+        if isinstance(step, int) and step >= 0:  # an invalid step is refused later; keep it out of the summary
+            self._last_step = step
         if loss is not None:
             if self._initial_loss is None:
                 self._initial_loss = loss
