@@ -18,6 +18,7 @@ def serve_dashboard(settings: Settings, port: int = 8501) -> None:
     flags = {
         "server.port": port, "server.headless": True, "server.fileWatcherType": "none",
         "browser.gatherUsageStats": False, "server.runOnSave": False, "global.developmentMode": False,
+        "client.toolbarMode": "viewer",
     }
     bootstrap.load_config_options(flag_options=flags)
     bootstrap.run(str(APP), False, [], flags)

@@ -36,6 +36,10 @@ class StoreReader:
     def _rows(self, sql: str, **parameters: Any) -> list[Row]:
         return list(self._client.query(sql, parameters=parameters).named_results())
 
+    def migrated(self) -> bool:
+        """Whether the tables exist: a store no ingest has started on yet has none, and reads nothing."""
+        return bool(self._rows("EXISTS TABLE {table:Identifier}", table="run_started")[0]["result"])
+
     def runs(self) -> list[Row]:
         return self._rows(_RUNS)
 
