@@ -19,7 +19,7 @@ from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record
 from trainwire.infra.log.base import next_positions
 from trainwire.infra.log.topics import ALERTS, topic_for
-from trainwire.schemas import EVENT_TYPES, Alert, SchemaError, decode_record, encode
+from trainwire.schemas import EVENT_TYPES, Alert, Codec, SchemaError, SingleObjectCodec
 
 from .detectors import DetectorEngine
 from .rows import to_row
@@ -53,8 +53,10 @@ def print_alert(alert: Alert) -> None:
 
 class IngestPipeline:
     def __init__(self, consumer: LogConsumer, writer: ClickHouseWriter, alert_producer: LogProducer | None,
-                 settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert):
+                 settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert,
+                 codec: Codec | None = None):
         self._consumer = consumer
+        self._codec = codec or SingleObjectCodec()
         self._writer = writer
         self._alert_producer = alert_producer
         self._settings = settings
@@ -82,7 +84,7 @@ class IngestPipeline:
         batch.records.append(record)
         self.stats.consumed += 1
         try:
-            kind, fields = decode_record(record.value)
+            kind, fields = self._codec.decode_record(record.value)
             EVENT_TYPES[kind].model_validate(fields)
         except (SchemaError, ValidationError) as err:
             reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
@@ -102,7 +104,7 @@ class IngestPipeline:
         if batch.alerts and self._alert_producer is not None:
             topic = self._settings.topic(ALERTS)
             for alert in batch.alerts:
-                self._alert_producer.append(topic, alert.run_id.encode(), encode(alert))
+                self._alert_producer.append(topic, alert.run_id.encode(), self._codec.encode(alert))
             self._alert_producer.flush(self._settings.flush_timeout_seconds)
         self._consumer.commit(next_positions(batch.records))
         for alert in batch.alerts:

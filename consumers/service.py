@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
 from trainwire.infra.log import ensure_topics, open_consumer, open_producer
 from trainwire.infra.log.topics import ALERTS
@@ -24,7 +25,7 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     ensure_topics(settings, [*topics, settings.topic(ALERTS)])
     return IngestPipeline(
         open_consumer(settings, group, topics), ClickHouseWriter(client), open_producer(settings),
-        settings, on_alert=on_alert,
+        settings, on_alert=on_alert, codec=codec_for(settings),
     )
 
 

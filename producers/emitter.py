@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from trainwire.infra.log import LogProducer
 from trainwire.infra.log.topics import topic_for
-from trainwire.schemas import encode
+from trainwire.schemas import Codec, SingleObjectCodec
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,10 @@ _BATCH = 5_000
 
 
 class Emitter:
-    def __init__(self, producer: LogProducer, topic: Callable[[str], str], queue_size: int):
+    def __init__(self, producer: LogProducer, topic: Callable[[str], str], queue_size: int,
+                 codec: Codec | None = None):
         self._producer = producer
+        self._codec = codec or SingleObjectCodec()
         self._topic = topic
         self._queue: queue.Queue[Pending] = queue.Queue(maxsize=queue_size)
         self._idle = threading.Condition()
@@ -83,7 +85,7 @@ class Emitter:
                 self.invalid += 1
                 log.error("trainwire dropped an invalid %s event: %s", event_type.kind, err)
                 continue
-            self._producer.append(self._topic(topic_for(event.kind)), event.run_id.encode(), encode(event))
+            self._producer.append(self._topic(topic_for(event.kind)), event.run_id.encode(), self._codec.encode(event))
             self.sent += 1
         try:
             self._producer.flush(0)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings, load_settings
 from trainwire.infra.log import open_producer
 
@@ -21,7 +22,8 @@ _emitters: dict[Settings, Emitter] = {}
 def emitter_for(settings: Settings) -> Emitter:
     with _lock:
         if settings not in _emitters:
-            _emitters[settings] = Emitter(open_producer(settings), settings.topic, settings.queue_size)
+            _emitters[settings] = Emitter(open_producer(settings), settings.topic, settings.queue_size,
+                                          codec_for(settings))
             if len(_emitters) == 1:
                 atexit.register(close_all)
         return _emitters[settings]

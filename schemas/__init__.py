@@ -1,13 +1,16 @@
 """The contract between every stage: Avro schemas, pydantic event models and the codec."""
 
 from .codec import (
+    Codec,
     CorruptPayloadError,
     InvalidEventError,
     SchemaError,
+    SingleObjectCodec,
     UnknownSchemaError,
     decode,
     decode_record,
     encode,
+    validate,
 )
 from .events import (
     EVENT_TYPES,
@@ -24,7 +27,7 @@ from .events import (
 )
 
 __all__ = [
-    "EVENT_TYPES", "Alert", "Checkpoint", "CorruptPayloadError", "Eval", "Event", "FileDigest", "GpuSample",
-    "Heartbeat", "InvalidEventError", "RunEnded", "RunStarted", "SchemaError", "Step", "UnknownSchemaError",
-    "decode", "decode_record", "encode",
+    "EVENT_TYPES", "Alert", "Checkpoint", "Codec", "CorruptPayloadError", "Eval", "Event", "FileDigest", "GpuSample",
+    "Heartbeat", "InvalidEventError", "RunEnded", "RunStarted", "SchemaError", "SingleObjectCodec", "Step",
+    "UnknownSchemaError", "decode", "decode_record", "encode", "validate",
 ]

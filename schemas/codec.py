@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cache
+from typing import Protocol
 from importlib import resources
 
 import fastavro
@@ -71,6 +72,24 @@ def latest(kind: str) -> SchemaVersion:
     return max(versions, key=lambda v: v.version)
 
 
+class Codec(Protocol):
+    """How events become message bytes and back; chosen per deployment (see trainwire.infra.codecs)."""
+
+    def encode(self, event: BaseModel) -> bytes: ...
+
+    def decode_record(self, data: bytes) -> tuple[str, dict]: ...
+
+
+class SingleObjectCodec:
+    """The default: Avro single-object encoding, writer schemas resolved from the files in `schemas/avro`."""
+
+    def encode(self, event: BaseModel) -> bytes:
+        return encode(event)
+
+    def decode_record(self, data: bytes) -> tuple[str, dict]:
+        return decode_record(data)
+
+
 def encode(event: BaseModel) -> bytes:
     schema = latest(type(event).kind)
     out = io.BytesIO()
@@ -99,11 +118,15 @@ def decode_record(data: bytes) -> tuple[str, dict]:
     return writer.kind, record
 
 
-def decode(data: bytes) -> BaseModel:
-    """Decode and validate one message into its pydantic event model."""
-    kind, record = decode_record(data)
+def validate(kind: str, record: dict) -> BaseModel:
+    """The pydantic event for a decoded record, or InvalidEventError naming each bad field."""
     try:
         return EVENT_TYPES[kind].model_validate(record)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise InvalidEventError(f"invalid {kind} event: {problems}") from err
+
+
+def decode(data: bytes, codec: Codec | None = None) -> BaseModel:
+    """Decode and validate one message into its pydantic event model."""
+    return validate(*(codec or SingleObjectCodec()).decode_record(data))
