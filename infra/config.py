@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.trainwire"), description="holds the local log and the embedded store")
     kafka: str | None = Field(default=None, description="Kafka bootstrap servers; unset means the local log")
     store: str | None = Field(default=None, description="clickhouse-connect DSN; unset means chdb under home")
+    schema_registry: str | None = Field(default=None, description="Confluent Schema Registry URL; unset means "
+                                        "Avro single-object encoding")
     topic_prefix: str = Field(default="trainwire.", pattern=r"^[A-Za-z0-9._-]*$")
     team: str = ""
     batch_max_rows: int = Field(default=20_000, gt=0)
@@ -64,6 +66,17 @@ class Settings(BaseSettings):
             raise ValueError(f"a chdb DSN needs an absolute path (chdb:///abs/path), got {value!r}")
         return value
 
+    @field_validator("schema_registry")
+    @classmethod
+    def _registry_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https", "mock") or not parts.netloc:
+            raise ValueError(f"expected an http(s)://host[:port] or mock://name URL, got {value!r}")
+        return value
+
     @property
     def store_dsn(self) -> str:
         return self.store or f"chdb://{self.home / 'chdb'}"
@@ -71,6 +84,10 @@ class Settings(BaseSettings):
     @property
     def embedded_store(self) -> bool:
         return self.store_dsn.startswith("chdb://")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
 
     @property
     def local_log_path(self) -> Path:

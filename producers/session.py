@@ -22,8 +22,8 @@ _emitters: dict[Settings, Emitter] = {}
 def emitter_for(settings: Settings) -> Emitter:
     with _lock:
         if settings not in _emitters:
-            _emitters[settings] = Emitter(open_producer(settings), settings.topic, settings.queue_size,
-                                          codec_for(settings))
+            producer = open_producer(settings, spooled=True)
+            _emitters[settings] = Emitter(producer, settings.topic, settings.queue_size, codec_for(settings))
             if len(_emitters) == 1:
                 atexit.register(close_all)
         return _emitters[settings]

@@ -73,6 +73,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spool_replay(args: argparse.Namespace) -> int:
+    from trainwire.infra.log.spool import SpoolingProducer
+
+    settings = _settings(args)
+    if not settings.kafka:
+        raise ValueError("spool replay sends spooled events to Kafka: set TRAINWIRE_KAFKA or --kafka")
+    producer = SpoolingProducer(settings.kafka, settings.spool_dir)
+    total = producer.undelivered()
+    print(f"replaying {total} spooled events from {producer.adopted} spool(s) in {settings.spool_dir}",
+          file=sys.stderr)
+    remaining = producer.flush(args.timeout)
+    producer.close()
+    result = {"spools": producer.adopted, "events": total, "sent": producer.sent, "rejected": producer.rejected,
+              "remaining": remaining}
+    _emit(args, result, f"sent {producer.sent} of {total} spooled events"
+                        + (f"; {remaining} still spooled (broker unreachable?)" if remaining else ""))
+    return 0 if remaining == 0 else 1
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from trainwire.dashboard.serve import serve_dashboard
 
@@ -106,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     consume.set_defaults(func=cmd_consume)
 
     command("runs", "list stored runs").set_defaults(func=cmd_runs)
+
+    spool = sub.add_parser("spool", help="events spooled on this machine while Kafka was unreachable")
+    spool_sub = spool.add_subparsers(dest="spool_command", required=True)
+    replay = spool_sub.add_parser("replay", help="send the spools that no running process owns to Kafka")
+    replay.add_argument("--kafka", metavar="BOOTSTRAP")
+    replay.add_argument("--json", action="store_true")
+    replay.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the broker")
+    replay.set_defaults(func=cmd_spool_replay)
 
     dashboard = command("dashboard", "serve the Streamlit dashboard")
     dashboard.add_argument("--port", type=int, default=8501)

@@ -9,7 +9,12 @@ from .sqlite import SqliteLogConsumer, SqliteLogProducer
 DEFAULT_PARTITIONS = 8
 
 
-def open_producer(settings: Settings) -> LogProducer:
+def open_producer(settings: Settings, spooled: bool = False) -> LogProducer:
+    """`spooled`: the trainer side's producer, which writes to a local disk spool before Kafka (see spool.py)."""
+    if settings.kafka and spooled:
+        from .spool import SpoolingProducer
+
+        return SpoolingProducer(settings.kafka, settings.spool_dir)
     if settings.kafka:
         from .kafka import KafkaLogProducer
 

@@ -12,6 +12,8 @@ from .base import LogConsumer, LogProducer, Record, TransportError
 from .base import TopicPartition as TP
 
 log = logging.getLogger(__name__)
+# librdkafka logs (e.g. one line per failed reconnect while a broker is down) go to Python logging, not stderr
+librdkafka_log = logging.getLogger("trainwire.librdkafka")
 
 
 def producer_config(bootstrap: str) -> dict:
@@ -42,7 +44,7 @@ def consumer_config(bootstrap: str, group: str) -> dict:
 
 class KafkaLogProducer(LogProducer):
     def __init__(self, bootstrap: str):
-        self._producer = Producer(producer_config(bootstrap))
+        self._producer = Producer(producer_config(bootstrap), logger=librdkafka_log)
         self.failed = 0
 
     def _on_delivery(self, err: KafkaError | None, _msg) -> None:
@@ -65,7 +67,7 @@ class KafkaLogProducer(LogProducer):
 
 class KafkaLogConsumer(LogConsumer):
     def __init__(self, bootstrap: str, group: str, topics: list[str]):
-        self._consumer = Consumer(consumer_config(bootstrap, group))
+        self._consumer = Consumer(consumer_config(bootstrap, group), logger=librdkafka_log)
         self._consumer.subscribe(topics)
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:

@@ -85,3 +85,21 @@ def test_lag_counts_unread_records(local_settings):
     assert consumer.lag() == 10
     consumer.poll(4, 1.0)
     assert consumer.lag() == 6
+
+
+@pytest.mark.kafka
+def test_spooled_producer_delivers_everything_in_order_and_cleans_up(kafka_settings):
+    topic = kafka_settings.topic("spooled")
+    ensure_topics(kafka_settings, [topic], partitions=4)
+    producer = open_producer(kafka_settings, spooled=True)
+    for i in range(2000):
+        producer.append(topic, f"run-{i % 3}".encode(), f"{i % 3}:{i}".encode())
+    assert producer.flush(60) == 0
+    producer.close()
+    assert not list(kafka_settings.spool_dir.glob("*.db")), "a drained spool is removed at close"
+
+    records = poll_all(open_consumer(kafka_settings, "g", [topic]), 2000)
+    assert len(records) == 2000
+    for key in (b"run-0", b"run-1", b"run-2"):
+        seq = [int(r.value.split(b":")[1]) for r in records if r.key == key]
+        assert seq == sorted(seq)

@@ -1,0 +1,236 @@
+"""The trainer side's way to Kafka: every message goes to a local SQLite spool first, then a forwarder thread
+sends it to the broker and deletes it once the broker has acknowledged it.
+
+So training never waits for the broker, an outage only makes the spool grow on disk, messages keep their order
+(the forwarder sends in spool order through an idempotent producer), and a crash loses at most what had not
+reached the spool. What is still spooled at exit stays on disk: the next producer on this machine (or
+`trainwire spool replay`) adopts spools whose owner is gone and sends them. A message delivered but not yet
+deleted when the process died is sent again; event ids make that one stored row.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from confluent_kafka import KafkaError, Producer
+
+from .base import LogProducer
+from .kafka import librdkafka_log, producer_config
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 100_000
+READ_BATCH = 5_000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB,
+                                    value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rejected (id INTEGER PRIMARY KEY, topic TEXT, key BLOB, value BLOB, reason TEXT);
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class Spool:
+    """One spool file, owned by one process for as long as it holds the file lock beside it."""
+
+    def __init__(self, path: Path, lock_fd: int):
+        self.path = path
+        self._lock_fd = lock_fd
+        self._writer = _connect(path)
+        self._reader = _connect(path)
+        (self.written,) = self._reader.execute("SELECT count(*) FROM pending").fetchone()
+        self.settled = 0  # rows delivered (or rejected) since this process took the spool
+        self.next_id = 0  # next row to send
+        self.acked = 0  # every row with id <= acked is settled
+        self.deleted_through = 0
+        self.outstanding: deque[int] = deque()
+        self.delivered: set[int] = set()
+
+    @classmethod
+    def create(cls, directory: Path) -> Spool:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() // 1_000_000}.db"
+        spool = cls.try_own(path)
+        assert spool is not None, f"a fresh spool {path} is locked by someone else"
+        return spool
+
+    @classmethod
+    def try_own(cls, path: Path) -> Spool | None:
+        """Take the spool at `path` if no live process holds it."""
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    @classmethod
+    def orphans(cls, directory: Path) -> list[Spool]:
+        found = []
+        for path in sorted(directory.glob("*.db")) if directory.is_dir() else []:
+            spool = cls.try_own(path)
+            if spool is not None:
+                found.append(spool)
+        return found
+
+    def write(self, rows: list[tuple[str, bytes, bytes]]) -> None:
+        with self._writer:
+            self._writer.execute("BEGIN IMMEDIATE")
+            self._writer.executemany("INSERT INTO pending (topic, key, value) VALUES (?, ?, ?)", rows)
+        self.written += len(rows)
+
+    def read(self, limit: int) -> list[tuple[int, str, bytes, bytes]]:
+        rows = self._reader.execute(
+            "SELECT id, topic, key, value FROM pending WHERE id >= ? ORDER BY id LIMIT ?", (self.next_id, limit)
+        ).fetchall()
+        if rows:
+            self.next_id = rows[-1][0] + 1
+        return rows
+
+    def mark_delivered(self, row_id: int) -> None:
+        self.settled += 1
+        self.delivered.add(row_id)
+        while self.outstanding and self.outstanding[0] in self.delivered:
+            self.delivered.discard(self.outstanding[0])
+            self.acked = self.outstanding.popleft()
+
+    def reject(self, row: tuple[int, str, bytes, bytes], reason: str) -> None:
+        self._reader.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?, ?, ?, ?)", (*row, reason))
+
+    def delete_acked(self) -> None:
+        if self.acked > self.deleted_through:
+            self._reader.execute("DELETE FROM pending WHERE id <= ?", (self.acked,))
+            self.deleted_through = self.acked
+
+    def undelivered(self) -> int:
+        return self.written - self.settled
+
+    def close(self, remove_if_empty: bool) -> None:
+        self.delete_acked()
+        empty = self.undelivered() == 0
+        (rejected,) = self._reader.execute("SELECT count(*) FROM rejected").fetchone()
+        self._writer.close()
+        self._reader.close()
+        if remove_if_empty and empty and not rejected:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            Path(f"{self.path}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+
+class SpoolingProducer(LogProducer):
+    def __init__(self, bootstrap: str, spool_dir: Path, adopt_orphans: bool = True):
+        config = {**producer_config(bootstrap), "message.timeout.ms": 0}  # never give up: the spool holds it
+        self._kafka = Producer(config, logger=librdkafka_log)
+        self._own = Spool.create(spool_dir)
+        orphans = Spool.orphans(spool_dir) if adopt_orphans else []
+        self.adopted = len(orphans)
+        self._sources = [*orphans, self._own]
+        self._buffer: list[tuple[str, bytes, bytes]] = []
+        self._buffer_lock = threading.Lock()
+        self._sources_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.sent = 0
+        self.rejected = 0
+        self._forwarder = threading.Thread(target=self._forward_loop, name="trainwire-forwarder", daemon=True)
+        self._forwarder.start()
+
+    def append(self, topic: str, key: bytes, value: bytes) -> None:
+        with self._buffer_lock:
+            self._buffer.append((topic, key, value))
+
+    def _spool_buffer(self) -> None:
+        with self._buffer_lock:
+            rows, self._buffer = self._buffer, []
+            if rows:
+                self._own.write(rows)
+
+    def undelivered(self) -> int:
+        with self._sources_lock:
+            return len(self._buffer) + sum(s.undelivered() for s in self._sources)
+
+    def flush(self, timeout: float) -> int:
+        """Spool what is buffered (durable); then wait up to `timeout` for the broker. Returns undelivered."""
+        self._spool_buffer()
+        deadline = time.monotonic() + timeout
+        remaining = self.undelivered()
+        while remaining and time.monotonic() < deadline:
+            time.sleep(0.02)
+            remaining = self.undelivered()
+        return remaining
+
+    def _forward_loop(self) -> None:
+        last_cleanup = time.monotonic()
+        while not self._stop.is_set():
+            sent = 0
+            with self._sources_lock:
+                for spool in self._sources:
+                    sent += self._forward(spool)
+            self._kafka.poll(0 if sent else 0.02)
+            if time.monotonic() - last_cleanup > 0.5:
+                last_cleanup = time.monotonic()
+                self._cleanup()
+
+    def _forward(self, spool: Spool) -> int:
+        room = MAX_IN_FLIGHT - len(spool.outstanding)
+        rows = spool.read(min(READ_BATCH, room)) if room > 0 else []
+        for row in rows:
+            row_id, topic, key, value = row
+            spool.outstanding.append(row_id)
+            while True:
+                try:
+                    self._kafka.produce(topic, value=value, key=key,
+                                        on_delivery=lambda err, _msg, s=spool, r=row: self._delivered(s, r, err))
+                    break
+                except BufferError:
+                    self._kafka.poll(0.05)
+        return len(rows)
+
+    def _delivered(self, spool: Spool, row: tuple, err: KafkaError | None) -> None:
+        if err is not None:
+            # with no message timeout only permanent errors come back (e.g. a message too large): keep it aside
+            self.rejected += 1
+            log.error("kafka refused a spooled message for good (%s); kept in %s table rejected", err, spool.path)
+            spool.reject(row, str(err))
+        else:
+            self.sent += 1
+        spool.mark_delivered(row[0])
+
+    def _cleanup(self) -> None:
+        with self._sources_lock:
+            for spool in self._sources:
+                spool.delete_acked()
+            done = [s for s in self._sources if s is not self._own and s.undelivered() == 0]
+            for spool in done:
+                spool.close(remove_if_empty=True)
+                self._sources.remove(spool)
+
+    def close(self) -> None:
+        """Stop at once; whatever the broker has not acknowledged stays in the spool file."""
+        undelivered = self.flush(0)
+        self._stop.set()
+        self._forwarder.join(timeout=5)
+        self._kafka.purge()  # what is left is still in the spool file, for the next start
+        self._kafka.poll(0)
+        with self._sources_lock:
+            for spool in self._sources:
+                spool.close(remove_if_empty=True)
+            self._sources.clear()
+        if undelivered:
+            log.warning("trainwire: %d events not yet delivered to Kafka stay spooled in %s", undelivered,
+                        self._own.path.parent)
