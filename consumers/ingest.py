@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from trainwire.infra.config import Settings
-from trainwire.infra.log import LogConsumer, LogProducer, Record
+from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
 from trainwire.infra.log.base import next_positions
 from trainwire.infra.log.topics import ALERTS, topic_for
-from trainwire.schemas import EVENT_TYPES, Alert, Codec, SchemaError, SingleObjectCodec
+from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
 
 from .detectors import DetectorEngine
 from .rows import to_row
-from .writer import ClickHouseWriter
+from .writer import ClickHouseWriter, StoreWriteError
 
 log = logging.getLogger(__name__)
+RETRYABLE = (TransportError, StoreWriteError, CodecUnavailableError)
+MAX_BACKOFF_SECONDS = 10.0
 
 
 @dataclass
@@ -44,6 +46,7 @@ class IngestStats:
     dead_lettered: int = 0
     alerts: int = 0
     batches: int = 0
+    retries: int = 0
 
 
 def print_alert(alert: Alert) -> None:
@@ -63,19 +66,37 @@ class IngestPipeline:
         self._detectors = detectors or DetectorEngine()
         self._on_alert = on_alert
         self._batch = _Batch()
+        self._backoff = 0.0
         self.stats = IngestStats()
 
-    def run_once(self, poll_timeout: float = 0.2) -> int:
-        """Poll once, process what came, flush if the batch is full or old. Returns records polled."""
-        room = max(1, self._settings.batch_max_rows - len(self._batch.records))
-        records = self._consumer.poll(room, poll_timeout)
-        for record in records:
-            self._process(record)
-        batch = self._batch
-        if batch.records and (len(batch.records) >= self._settings.batch_max_rows
-                              or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
-            self.flush()
+    def run_once(self, poll_timeout: float = 0.2, force_flush: bool = False) -> int:
+        """Poll once, process what came, flush if the batch is full or old. Returns records polled.
+
+        When a dependency is briefly unavailable (store, transport, schema registry) the uncommitted batch is
+        dropped and the consumer rewinds to its last commit after a back-off: nothing lost, nothing skipped.
+        """
+        try:
+            room = max(1, self._settings.batch_max_rows - len(self._batch.records))
+            records = self._consumer.poll(room, poll_timeout)
+            for record in records:
+                self._process(record)
+            batch = self._batch
+            if batch.records and (force_flush or len(batch.records) >= self._settings.batch_max_rows
+                                  or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
+                self.flush()
+        except RETRYABLE as err:
+            self._retry_after(err)
+            return 0
+        self._backoff = 0.0
         return len(records)
+
+    def _retry_after(self, err: Exception) -> None:
+        self._backoff = min(MAX_BACKOFF_SECONDS, max(0.1, self._backoff * 2))
+        self.stats.retries += 1
+        log.warning("ingest: %s; rewinding to the last commit and retrying in %.1fs", err, self._backoff)
+        self._batch = _Batch()
+        time.sleep(self._backoff)
+        self._consumer.rewind()
 
     def _process(self, record: Record) -> None:
         batch = self._batch
@@ -105,7 +126,9 @@ class IngestPipeline:
             topic = self._settings.topic(ALERTS)
             for alert in batch.alerts:
                 self._alert_producer.append(topic, alert.run_id.encode(), self._codec.encode(alert))
-            self._alert_producer.flush(self._settings.flush_timeout_seconds)
+            undelivered = self._alert_producer.flush(self._settings.flush_timeout_seconds)
+            if undelivered:
+                raise TransportError(f"{undelivered} alerts not delivered to the alerts topic")
         self._consumer.commit(next_positions(batch.records))
         for alert in batch.alerts:
             self._on_alert(alert)
@@ -125,14 +148,15 @@ class IngestPipeline:
             self._alert_producer.close()
 
     def drain(self, idle_seconds: float = 1.0, deadline: float | None = None) -> None:
-        """Consume until nothing new arrives for `idle_seconds` (or until the deadline), then flush."""
+        """Consume until nothing new arrives for `idle_seconds` (or until the deadline), storing everything."""
         idle_since = time.monotonic()
         while deadline is None or time.monotonic() < deadline:
             if self.run_once(poll_timeout=0.1):
                 idle_since = time.monotonic()
+            elif self._batch.records:
+                self.run_once(poll_timeout=0, force_flush=True)
             elif time.monotonic() - idle_since >= idle_seconds:
                 break
-        self.flush()
 
 
 def event_topics(settings: Settings) -> list[str]:

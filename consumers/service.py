@@ -15,7 +15,7 @@ from .ingest import IngestPipeline, event_topics, print_alert
 from .writer import ClickHouseWriter
 
 log = logging.getLogger(__name__)
-INGEST_GROUP = "trainwire-ingest"
+INGEST_GROUP = "ingest"  # a consumer group name, scoped by the topic prefix like the topics
 
 
 def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP) -> IngestPipeline:
@@ -24,7 +24,7 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS)])
     return IngestPipeline(
-        open_consumer(settings, group, topics), ClickHouseWriter(client), open_producer(settings),
+        open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
         settings, on_alert=on_alert, codec=codec_for(settings),
     )
 
@@ -33,6 +33,6 @@ def run_ingest(pipeline: IngestPipeline, stop: threading.Event) -> None:
     try:
         while not stop.is_set():
             pipeline.run_once()
-        pipeline.flush()
+        pipeline.run_once(poll_timeout=0, force_flush=True)
     finally:
         pipeline.close()

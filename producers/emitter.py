@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from trainwire.infra.log import LogProducer
 from trainwire.infra.log.topics import topic_for
-from trainwire.schemas import Codec, SingleObjectCodec
+from trainwire.schemas import Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,34 @@ class Emitter:
 
     def _send(self, batch: list[Pending]) -> None:
         for event_type, fields in batch:
-            try:
-                event = event_type(**fields)
-            except ValidationError as err:
-                self.invalid += 1
-                log.error("trainwire dropped an invalid %s event: %s", event_type.kind, err)
-                continue
-            self._producer.append(self._topic(topic_for(event.kind)), event.run_id.encode(), self._codec.encode(event))
-            self.sent += 1
+            encoded = self._encode(event_type, fields)
+            if encoded is not None:
+                topic, key, value = encoded
+                self._producer.append(topic, key, value)
+                self.sent += 1
         try:
             self._producer.flush(0)
         except Exception:  # the transport will retry on the next flush; never kill the sender
             self.send_errors += 1
             log.exception("trainwire transport flush failed")
+
+    def _encode(self, event_type: type[BaseModel], fields: dict) -> tuple[str, bytes, bytes] | None:
+        backoff = 0.1
+        while True:
+            try:
+                event = event_type(**fields)
+                return self._topic(topic_for(event.kind)), event.run_id.encode(), self._codec.encode(event)
+            except (ValidationError, SchemaError) as err:
+                self.invalid += 1
+                log.error("trainwire dropped an invalid %s event: %s", event_type.kind, err)
+                return None
+            except CodecUnavailableError as err:  # e.g. the schema registry is down: wait, the event is fine
+                if self._closed:
+                    self.send_errors += 1
+                    return None
+                log.warning("trainwire cannot encode yet (%s); retrying in %.1fs", err, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far is handed to the transport and delivered; False on timeout."""

@@ -2,6 +2,7 @@
 
 from .codec import (
     Codec,
+    CodecUnavailableError,
     CorruptPayloadError,
     InvalidEventError,
     SchemaError,
@@ -27,7 +28,7 @@ from .events import (
 )
 
 __all__ = [
-    "EVENT_TYPES", "Alert", "Checkpoint", "Codec", "CorruptPayloadError", "Eval", "Event", "FileDigest", "GpuSample",
-    "Heartbeat", "InvalidEventError", "RunEnded", "RunStarted", "SchemaError", "SingleObjectCodec", "Step",
+    "EVENT_TYPES", "Alert", "Checkpoint", "Codec", "CodecUnavailableError", "CorruptPayloadError", "Eval", "Event",
+    "FileDigest", "GpuSample", "Heartbeat", "InvalidEventError", "RunEnded", "RunStarted", "SchemaError", "SingleObjectCodec", "Step",
     "UnknownSchemaError", "decode", "decode_record", "encode", "validate",
 ]

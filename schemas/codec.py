@@ -30,6 +30,10 @@ class SchemaError(ValueError):
     """A payload that cannot become a valid event. The consumer dead-letters it and goes on."""
 
 
+class CodecUnavailableError(RuntimeError):
+    """The codec needs a service that is unreachable (a schema registry): retry later, the payload may be fine."""
+
+
 class UnknownSchemaError(SchemaError):
     pass
 

@@ -44,6 +44,10 @@ class LogConsumer(ABC):
         """Durably record, per partition, the offset of the next record to read."""
 
     @abstractmethod
+    def rewind(self) -> None:
+        """Go back to the committed positions: what was polled but not committed will be polled again."""
+
+    @abstractmethod
     def lag(self) -> int | None:
         """Records not yet polled on the assigned partitions (None if unknown)."""
 

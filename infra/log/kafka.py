@@ -94,6 +94,15 @@ class KafkaLogConsumer(LogConsumer):
         except KafkaException as err:
             raise TransportError(f"kafka commit failed: {err}") from err
 
+    def rewind(self) -> None:
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return
+        for tp in self._consumer.committed(assignment, timeout=10):
+            if tp.offset < 0:  # nothing committed yet: back to where auto.offset.reset starts
+                tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[0]
+            self._consumer.seek(tp)
+
     def lag(self) -> int | None:
         total = 0
         for tp in self._consumer.assignment():

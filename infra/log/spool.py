@@ -202,13 +202,18 @@ class SpoolingProducer(LogProducer):
         return len(rows)
 
     def _delivered(self, spool: Spool, row: tuple, err: KafkaError | None) -> None:
-        if err is not None:
-            # with no message timeout only permanent errors come back (e.g. a message too large): keep it aside
-            self.rejected += 1
-            log.error("kafka refused a spooled message for good (%s); kept in %s table rejected", err, spool.path)
-            spool.reject(row, str(err))
-        else:
+        if err is None:
             self.sent += 1
+        elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT) or err.fatal():
+            if err.fatal() and not self._stop.is_set():
+                log.error("kafka producer failed for good (%s); events stay spooled in %s", err, spool.path)
+                self._stop.set()
+            return  # not sent: the row stays in the spool for the next start or `trainwire spool replay`
+        else:
+            # with no message timeout only errors about this message come back (e.g. too large): keep it aside
+            self.rejected += 1
+            log.error("kafka refused a spooled message (%s); kept in table rejected of %s", err, spool.path)
+            spool.reject(row, str(err))
         spool.mark_delivered(row[0])
 
     def _cleanup(self) -> None:

@@ -78,10 +78,13 @@ class SqliteLogConsumer(LogConsumer):
         self._conn = connect(path)
         self._group = group
         self._topics = list(topics)
+        self.rewind()
+
+    def rewind(self) -> None:
         committed = dict(
             self._conn.execute(
-                f"SELECT topic, next_offset FROM commits WHERE grp = ? AND topic IN ({','.join('?' * len(topics))})",
-                [group, *topics],
+                f"SELECT topic, next_offset FROM commits WHERE grp = ? AND topic IN ({','.join('?' * len(self._topics))})",
+                [self._group, *self._topics],
             ).fetchall()
         )
         self._position = {topic: committed.get(topic, 0) for topic in self._topics}

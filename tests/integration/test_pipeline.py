@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from trainwire.consumers.service import build_ingest
+from trainwire.consumers.writer import StoreWriteError
 from trainwire.infra.log import open_producer
 from trainwire.infra.log.topics import EVENTS
 from trainwire.infra.store import connect_store
@@ -27,7 +28,7 @@ def run_jobs(settings, faults):
     return runs
 
 
-def drain(settings, group="trainwire-ingest"):
+def drain(settings, group="ingest"):
     pipeline = build_ingest(settings, on_alert=lambda alert: None, group=group)
     pipeline.drain(idle_seconds=2.0, deadline=None)
     pipeline.close()
@@ -78,3 +79,22 @@ def test_poison_messages_go_to_dead_letters_and_the_rest_is_stored(any_settings)
     assert len(reasons) == 2 and pipeline.stats.dead_lettered == 2
     assert any("CorruptPayloadError" in r for r in reasons)
     assert any("step" in r and "greater than or equal to 0" in r for r in reasons)
+
+
+def test_a_store_outage_is_retried_from_the_last_commit(local_settings):
+    runs = run_jobs(local_settings, [None, "nan"])
+    pipeline = build_ingest(local_settings, on_alert=lambda alert: None)
+    write, failures = pipeline._writer.write, iter([True, True])
+
+    def flaky_write(rows, dead_letters):
+        if next(failures, False):
+            raise StoreWriteError("insert into ClickHouse failed: connection refused")
+        write(rows, dead_letters)
+
+    pipeline._writer.write = flaky_write
+    pipeline.drain(idle_seconds=2.0)
+    pipeline.close()
+    reader = StoreReader(connect_store(local_settings.store_dsn))
+    assert pipeline.stats.retries == 2
+    assert reader.events_stored([r.run_id for r in runs]) == sum(r.events_emitted for r in runs)
+    assert len([a for a in reader.incidents() if a["rule"] == "loss_not_finite"]) == 1
