@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from pydantic import ValidationError
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
 from trainwire.infra.log.base import next_positions
-from trainwire.infra.log.topics import ALERTS, topic_for
+from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS, dead_letter_message, topic_for
 from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
 
 from .detectors import DetectorEngine
+from .metrics import IngestMetrics
 from .rows import to_row
 from .writer import ClickHouseWriter, StoreWriteError
 
@@ -36,6 +38,7 @@ class _Batch:
     dead_letters: list[list] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
+    dead_letter_keys: list[bytes | None] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -57,8 +60,11 @@ def print_alert(alert: Alert) -> None:
 class IngestPipeline:
     def __init__(self, consumer: LogConsumer, writer: ClickHouseWriter, alert_producer: LogProducer | None,
                  settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert,
-                 codec: Codec | None = None):
+                 codec: Codec | None = None, metrics: IngestMetrics | None = None):
         self._consumer = consumer
+        self._consumer.on_revoke = self._on_revoke
+        self.metrics = metrics or IngestMetrics()
+        self._lag_checked = 0.0
         self._codec = codec or SingleObjectCodec()
         self._writer = writer
         self._alert_producer = alert_producer
@@ -88,11 +94,23 @@ class IngestPipeline:
             self._retry_after(err)
             return 0
         self._backoff = 0.0
+        if time.monotonic() - self._lag_checked > 1.0:
+            self._lag_checked = time.monotonic()
+            self.metrics.lag.set(self.lag() or 0)
         return len(records)
+
+    def _on_revoke(self, _partitions: list) -> None:
+        """Before partitions move to another member, store and commit what this member holds."""
+        try:
+            self.flush()
+        except RETRYABLE as err:  # the new owner reads them again from the last commit
+            log.warning("ingest: could not flush before a rebalance (%s); dropping the uncommitted batch", err)
+            self._batch = _Batch()
 
     def _retry_after(self, err: Exception) -> None:
         self._backoff = min(MAX_BACKOFF_SECONDS, max(0.1, self._backoff * 2))
         self.stats.retries += 1
+        self.metrics.retries.inc()
         log.warning("ingest: %s; rewinding to the last commit and retrying in %.1fs", err, self._backoff)
         self._batch = _Batch()
         time.sleep(self._backoff)
@@ -104,6 +122,7 @@ class IngestPipeline:
             batch.started = time.monotonic()
         batch.records.append(record)
         self.stats.consumed += 1
+        self.metrics.consumed.inc()
         try:
             kind, fields = self._codec.decode_record(record.value)
             EVENT_TYPES[kind].model_validate(fields)
@@ -111,6 +130,7 @@ class IngestPipeline:
             reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
             log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
             batch.dead_letters.append([record.topic, record.partition, record.offset, reason, record.value])
+            batch.dead_letter_keys.append(record.key)
             return
         batch.rows[kind].append(to_row(kind, fields))
         batch.alerts.extend(self._detectors.observe(kind, fields))
@@ -122,20 +142,34 @@ class IngestPipeline:
         if batch.alerts:
             batch.rows["alert"] = [to_row("alert", a.model_dump()) for a in batch.alerts]
         self._writer.write(batch.rows, batch.dead_letters)
-        if batch.alerts and self._alert_producer is not None:
-            topic = self._settings.topic(ALERTS)
-            for alert in batch.alerts:
-                self._alert_producer.append(topic, alert.run_id.encode(), self._codec.encode(alert))
-            undelivered = self._alert_producer.flush(self._settings.flush_timeout_seconds)
-            if undelivered:
-                raise TransportError(f"{undelivered} alerts not delivered to the alerts topic")
+        self.metrics.insert_seconds.observe(self._writer.last_insert_seconds)
+        self._publish(batch)
         self._consumer.commit(next_positions(batch.records))
         for alert in batch.alerts:
             self._on_alert(alert)
-        self.stats.stored += sum(len(rows) for kind, rows in batch.rows.items() if kind != "alert")
+        stored = sum(len(rows) for kind, rows in batch.rows.items() if kind != "alert")
+        self.stats.stored += stored
         self.stats.dead_lettered += len(batch.dead_letters)
         self.stats.alerts += len(batch.alerts)
         self.stats.batches += 1
+        self.metrics.stored.inc(stored)
+        self.metrics.dead_lettered.inc(len(batch.dead_letters))
+        self.metrics.alerts.inc(len(batch.alerts))
+        self.metrics.batch_rows.observe(len(batch.records))
+
+    def _publish(self, batch: _Batch) -> None:
+        """Alerts to the alerts topic, dead letters to the dead-letter topic; delivered before the commit."""
+        if self._alert_producer is None or not (batch.alerts or batch.dead_letters):
+            return
+        for alert in batch.alerts:
+            self._alert_producer.append(self._settings.topic(ALERTS), alert.run_id.encode(),
+                                        self._codec.encode(alert))
+        for key, (topic, partition, offset, reason, payload) in zip(batch.dead_letter_keys, batch.dead_letters):
+            self._alert_producer.append(self._settings.topic(DEAD_LETTERS), key or b"",
+                                        dead_letter_message(topic, partition, offset, reason, payload))
+        undelivered = self._alert_producer.flush(self._settings.flush_timeout_seconds)
+        if undelivered:
+            raise TransportError(f"{undelivered} alerts or dead letters not delivered")
 
     def lag(self) -> int | None:
         """Records in the transport not yet stored (polled-but-unflushed ones included)."""
@@ -143,14 +177,17 @@ class IngestPipeline:
         return None if lag is None else lag + len(self._batch.records)
 
     def close(self) -> None:
+        self._consumer.on_revoke = None
         self._consumer.close()
         if self._alert_producer is not None:
             self._alert_producer.close()
+        self._writer.close()  # chdb serves one data directory per process: let go of it
 
-    def drain(self, idle_seconds: float = 1.0, deadline: float | None = None) -> None:
-        """Consume until nothing new arrives for `idle_seconds` (or until the deadline), storing everything."""
+    def drain(self, idle_seconds: float = 1.0, deadline: float | None = None,
+              stop: threading.Event | None = None) -> None:
+        """Consume until nothing new arrives for `idle_seconds` (or the deadline, or `stop`), storing everything."""
         idle_since = time.monotonic()
-        while deadline is None or time.monotonic() < deadline:
+        while (deadline is None or time.monotonic() < deadline) and not (stop and stop.is_set()):
             if self.run_once(poll_timeout=0.1):
                 idle_since = time.monotonic()
             elif self._batch.records:

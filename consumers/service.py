@@ -8,7 +8,7 @@ import threading
 from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
 from trainwire.infra.log import ensure_topics, open_consumer, open_producer
-from trainwire.infra.log.topics import ALERTS
+from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS
 from trainwire.infra.store import connect_store, migrate
 
 from .ingest import IngestPipeline, event_topics, print_alert
@@ -22,7 +22,7 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     client = connect_store(settings.store_dsn)
     migrate(client)
     topics = event_topics(settings)
-    ensure_topics(settings, [*topics, settings.topic(ALERTS)])
+    ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
     return IngestPipeline(
         open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
         settings, on_alert=on_alert, codec=codec_for(settings),

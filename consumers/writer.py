@@ -35,3 +35,6 @@ class ClickHouseWriter:
         except Exception as err:
             raise StoreWriteError(f"insert into ClickHouse failed: {err}") from err
         self.last_insert_seconds = time.perf_counter() - started
+
+    def close(self) -> None:
+        self._client.close()

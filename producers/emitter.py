@@ -21,7 +21,7 @@ from trainwire.schemas import Codec, CodecUnavailableError, SchemaError, SingleO
 log = logging.getLogger(__name__)
 
 Pending = tuple[type[BaseModel], dict]
-_BATCH = 5_000
+_BATCH = 1_000  # small enough that one batch never holds the GIL long against the training thread
 
 
 class Emitter:

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol
+from typing import Protocol, get_args
 from importlib import resources
 
 import fastavro
@@ -94,12 +94,25 @@ class SingleObjectCodec:
         return decode_record(data)
 
 
+def _holds_models(annotation: object) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_models(arg) for arg in get_args(annotation))
+
+
+@cache
+def _is_flat(model: type[BaseModel]) -> bool:
+    """True when no field holds a nested model, so the instance's own field dict is the Avro record."""
+    return not any(_holds_models(field.annotation) for field in model.model_fields.values())
+
+
 def encode(event: BaseModel) -> bytes:
     schema = latest(type(event).kind)
     out = io.BytesIO()
     out.write(MAGIC)
     out.write(schema.fingerprint)
-    fastavro.schemaless_writer(out, schema.parsed, event.model_dump())
+    record = event.__dict__ if _is_flat(type(event)) else event.model_dump()  # model_dump costs ~5 µs/event
+    fastavro.schemaless_writer(out, schema.parsed, record)
     return out.getvalue()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -44,17 +45,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_consume(args: argparse.Namespace) -> int:
     from trainwire.consumers.service import build_ingest, run_ingest
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # store and commit what is held, leave the group, exit
+        signal.signal(sig, lambda *_: stop.set())
     pipeline = build_ingest(_settings(args))
+    if args.metrics_port:
+        pipeline.metrics.serve(args.metrics_port)
+        print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", file=sys.stderr)
     if args.drain:
-        pipeline.drain(idle_seconds=args.idle_seconds)
+        pipeline.drain(idle_seconds=args.idle_seconds, stop=stop)
         pipeline.close()
     else:
-        print("consuming; Ctrl-C to stop", file=sys.stderr)
-        stop = threading.Event()
-        try:
-            run_ingest(pipeline, stop)
-        except KeyboardInterrupt:
-            pass
+        print("consuming; Ctrl-C or SIGTERM to stop", file=sys.stderr)
+        run_ingest(pipeline, stop)
     stats = pipeline.stats.__dict__
     _emit(args, stats, ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume = command("consume", "ingest events into ClickHouse and run the detectors")
     consume.add_argument("--drain", action="store_true", help="exit once caught up with the transport")
     consume.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
+    consume.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     consume.set_defaults(func=cmd_consume)
 
     command("runs", "list stored runs").set_defaults(func=cmd_runs)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 TopicPartition = tuple[str, int]
@@ -35,6 +35,10 @@ class LogProducer(ABC):
 
 
 class LogConsumer(ABC):
+    # Called (inside poll) with the partitions this member is about to lose in a rebalance, while their offsets
+    # can still be committed: the owner flushes what it holds for them.
+    on_revoke: Callable[[list[TopicPartition]], None] | None = None
+
     @abstractmethod
     def poll(self, max_records: int, timeout: float) -> list[Record]:
         """Next records after the consumer's position, in order per partition."""

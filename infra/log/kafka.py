@@ -68,7 +68,11 @@ class KafkaLogProducer(LogProducer):
 class KafkaLogConsumer(LogConsumer):
     def __init__(self, bootstrap: str, group: str, topics: list[str]):
         self._consumer = Consumer(consumer_config(bootstrap, group), logger=librdkafka_log)
-        self._consumer.subscribe(topics)
+        self._consumer.subscribe(topics, on_revoke=self._revoked, on_lost=self._revoked)
+
+    def _revoked(self, _consumer, partitions: list[TopicPartition]) -> None:
+        if self.on_revoke is not None and partitions:
+            self.on_revoke([(tp.topic, tp.partition) for tp in partitions])
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:
         out: list[Record] = []
@@ -105,10 +109,14 @@ class KafkaLogConsumer(LogConsumer):
 
     def lag(self) -> int | None:
         total = 0
-        for tp in self._consumer.assignment():
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
-            (pos,) = self._consumer.position([tp])
-            total += high - (pos.offset if pos.offset >= 0 else low)
+        try:
+            for tp in self._consumer.assignment():
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+                (pos,) = self._consumer.position([tp])
+                total += high - (pos.offset if pos.offset >= 0 else low)
+        except KafkaException as err:  # e.g. a leader moving: lag is a metric, unknown for a moment
+            log.debug("lag unknown: %s", err)
+            return None
         return total
 
     def close(self) -> None:

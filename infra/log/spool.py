@@ -28,7 +28,7 @@ from .kafka import librdkafka_log, producer_config
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 100_000
-READ_BATCH = 5_000
+READ_BATCH = 1_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB,
                                     value BLOB NOT NULL);

@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmarks: machine description, percentiles, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
+            "os": platform.platform(), "python": platform.python_version(),
+            "java": subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]}
+
+
+def percentiles(samples: list[float]) -> dict:
+    q = statistics.quantiles(samples, n=1000)
+    return {"n": len(samples), "median": statistics.median(samples), "p99": q[989], "p999": q[998],
+            "max": max(samples)}
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -1,0 +1,26 @@
+"""Prometheus metrics of the ingest tier, served as text on /metrics (`trainwire consume --metrics-port`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class IngestMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("trainwire_ingest_consumed", "Records polled from the transport", registry=r)
+        self.stored = Counter("trainwire_ingest_stored", "Events inserted into ClickHouse", registry=r)
+        self.dead_lettered = Counter("trainwire_ingest_dead_lettered", "Records sent to the dead letters",
+                                     registry=r)
+        self.alerts = Counter("trainwire_ingest_alerts", "Alerts raised or resolved", registry=r)
+        self.retries = Counter("trainwire_ingest_retries", "Batches dropped and re-read after a failure",
+                               registry=r)
+        self.lag = Gauge("trainwire_ingest_lag", "Records in the transport not yet stored", registry=r)
+        self.batch_rows = Histogram("trainwire_ingest_batch_rows", "Records per flushed batch", registry=r,
+                                    buckets=(10, 100, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000))
+        self.insert_seconds = Histogram("trainwire_ingest_insert_seconds", "Time to insert one batch", registry=r,
+                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=address, registry=self.registry)
