@@ -1,24 +1,47 @@
 """Hugging Face `TrainerCallback` (also what LLaMA-Factory trainers take): one line in a training script.
 
     trainer = Trainer(..., callbacks=[TrainwireCallback(experiment="sft-llama3")])
+
+The run ends when training ends, with the adapter files of the last checkpoint as its output artifacts. Used as a
+context manager, the run ends when the block exits instead: training that raises (Trainer then calls no callback)
+ends the run as failed, and `log_artifacts` records the final adapter that `trainer.save_model` writes afterwards:
+
+    with TrainwireCallback(experiment="sft-llama3") as tw:
+        trainer = Trainer(..., callbacks=[tw])
+        trainer.train()
+        trainer.save_model(out)
+        tw.log_artifacts(out)
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from trainwire.infra.config import Settings
+from trainwire.infra.config import Settings, load_settings
+from trainwire.schemas import Event, RunStarted
 
-from .environment import environment_versions, git_state, sha256_file
+from .environment import (
+    container_image_digest, current_user, determinism_flags, environment_versions, hardware, packages_sha256,
+    sha256_file,
+)
+from .gpu import GpuSampler
+from .lineage import config_lineage, dataset_lineage, model_lineage
 from .run import Run
-from .session import init
+from .session import emitter_for, init
 
 log = logging.getLogger(__name__)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "training_args.bin")
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_RUN_ID_NAMESPACE = uuid.UUID("6f1c8e4a-2b1d-4c55-9a0e-7d3f1b2a9c10")
 _STEP_KEYS = {"loss", "learning_rate", "grad_norm", "epoch"}
 _SKIP_KEYS = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
 
@@ -32,48 +55,136 @@ def _numeric(value: Any) -> float | None:
     return float(item()) if callable(item) else None
 
 
+def shared_run_id(run_id: str | None = None) -> str:
+    """The one run id of every process of a job; call it on every rank (it is a collective when distributed).
+
+    Rank 0 decides (`run_id`, else a new UUID) and broadcasts. Without an initialised process group, ranks
+    launched by torchrun agree through its rendezvous id (`TORCHELASTIC_RUN_ID`); other launchers need `run_id`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [run_id or str(uuid.uuid4())] if dist.get_rank() == 0 else [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id is None and elastic != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return str(uuid.uuid5(_RUN_ID_NAMESPACE, elastic))
+    return run_id or str(uuid.uuid4())
+
+
+def _safely(what: str, probe, *args) -> dict[str, Any]:
+    """Telemetry never stops training: a probe that fails leaves its fields out, with a warning."""
+    try:
+        return probe(*args)
+    except Exception:
+        log.warning("trainwire: could not record the %s; its fields stay empty", what, exc_info=True)
+        return {}
+
+
+def _config_from_argv() -> Path | None:
+    """LLaMA-Factory's (and HfArgumentParser's) convention: the config file is `sys.argv[1]`."""
+    if len(sys.argv) > 1 and sys.argv[1].endswith(_CONFIG_SUFFIXES) and Path(sys.argv[1]).is_file():
+        return Path(sys.argv[1])
+    return None
+
+
+def _environment() -> dict[str, Any]:
+    return {"environment": environment_versions(), "container_image_digest": container_image_digest(),
+            "packages_sha256": packages_sha256(), **determinism_flags(), **hardware()}
+
+
+def _digest(path: Path, name: str) -> dict[str, Any]:
+    return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 class TrainwireCallback(TrainerCallback):
+    """Records a Trainer run: run started with its lineage, steps, evals, checkpoints, run ended.
+
+    `dataset`: a path (file or directory, hashed) or map-style rows (hashed row by row); by default the Trainer's
+    train dataset. `config_file`: by default `sys.argv[1]` when it is a .yaml/.yml/.json file. Any other keyword
+    is a RunStarted field for what the Trainer cannot know (`dataset_source`, `dataset_license`, `tags`, …)."""
+
     def __init__(self, experiment: str | None = None, run_name: str | None = None, *,
                  settings: Settings | None = None, team: str | None = None, sample_gpus: bool = True,
-                 config_file: str | Path | None = None, dataset_path: str | Path | None = None,
-                 run_id: str | None = None):
+                 config_file: str | Path | None = None, dataset: Any = None, run_id: str | None = None,
+                 **run_started: Any):
+        unknown = sorted(set(run_started) - (set(RunStarted.model_fields) - set(Event.model_fields)))
+        if unknown:
+            raise TypeError(f"TrainwireCallback got unknown run started fields: {', '.join(unknown)}")
         self.experiment = experiment
         self.run_name = run_name
         self.settings = settings
         self.team = team
         self.sample_gpus = sample_gpus
-        self.config_file = Path(config_file) if config_file else None
-        self.dataset_path = Path(dataset_path) if dataset_path else None
+        self.config_file = Path(config_file) if config_file else _config_from_argv()
+        self.dataset = dataset
         self.run_id = run_id
+        self.overrides = run_started
         self.run: Run | None = None
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainwire-hash")
+        self._main = True  # until training begins, this process may be the one that owns the run
+        self._state: TrainerState | None = None
+        self._status: str | None = None
+        self._in_block = False
+        self._ended = False
+        self._hasher: ThreadPoolExecutor | None = None
+        self._last_checkpoint: tuple[Path, list[dict]] | None = None
+        self._artifacts: list[dict] = []
+        self._gpu_only: tuple[GpuSampler, Any, float] | None = None
         self._last_tokens: tuple[float, int] | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model=None, **kwargs) -> None:
-        if not state.is_world_process_zero:
+                       model=None, train_dataloader=None, **kwargs) -> None:
+        run_id = shared_run_id(self.run_id)
+        self._main, self._state, self._status, self._ended = state.is_world_process_zero, state, None, False
+        self._last_checkpoint, self._artifacts = None, []
+        if not self._main:
+            if state.is_local_process_zero and self.sample_gpus:
+                self._sample_gpus_only(args, run_id)
             return
-        commit, dirty = git_state(self.config_file.parent if self.config_file else None)
-        fields: dict[str, Any] = {
-            "seed": args.seed, "data_seed": args.data_seed, "total_steps": state.max_steps or None,
-            "total_epochs": float(args.num_train_epochs), "environment": environment_versions(),
-            "git_commit": commit, "git_dirty": dirty,
-        }
-        if model is not None:
-            base = getattr(getattr(model, "config", None), "_name_or_path", None)
-            fields["base_model"] = base or type(model).__name__
-        if self.config_file:
-            fields["config_file"] = self.config_file.name
-            fields["config_sha256"] = sha256_file(self.config_file)
-        if self.dataset_path and self.dataset_path.is_file():
-            fields["dataset_path"] = str(self.dataset_path)
-            fields["dataset_sha256"] = sha256_file(self.dataset_path)
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainwire-hash")
         self.run = init(
-            self.experiment or Path(args.output_dir).name,
-            self.run_name or args.run_name or "",
+            self._experiment(args), self.run_name or args.run_name or "",
             {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
-            settings=self.settings, team=self.team, run_id=self.run_id, sample_gpus=self.sample_gpus, **fields,
+            settings=self.settings, team=self.team, run_id=run_id, sample_gpus=self.sample_gpus,
+            rank=args.process_index, **self._run_started(args, state, model, train_dataloader),
         )
+
+    def _experiment(self, args: TrainingArguments) -> str:
+        return self.experiment or Path(args.output_dir).name
+
+    def _run_started(self, args: TrainingArguments, state: TrainerState, model, train_dataloader) -> dict:
+        fields: dict[str, Any] = {
+            "user": current_user(), "seed": args.seed, "data_seed": args.data_seed,
+            "numpy_seed": args.seed,  # Trainer seeds numpy's global generator with args.seed (transformers.set_seed)
+            "world_size": args.world_size, "total_steps": state.max_steps or None,
+            "total_epochs": float(state.num_train_epochs or args.num_train_epochs),
+        }
+        fields |= _safely("environment", _environment)
+        fields |= _safely("config file and git state", config_lineage, self.config_file)
+        if model is not None:
+            fields |= _safely("base model", model_lineage, model)
+        dataset = self.dataset if self.dataset is not None else getattr(train_dataloader, "dataset", None)
+        if dataset is not None:
+            fields |= _safely("dataset", dataset_lineage, dataset)
+        return fields | self.overrides
+
+    def _sample_gpus_only(self, args: TrainingArguments, run_id: str) -> None:
+        """A node's local rank 0 that is not global rank 0 samples its node's GPUs into the shared run."""
+        settings = self.settings or load_settings()
+        emitter = emitter_for(settings)
+        # never started, so it emits no run events: only the samples, keyed by (host, rank) in the store
+        run = Run(emitter, experiment=self._experiment(args), run_id=run_id, sample_gpus=False,
+                  team=settings.team if self.team is None else self.team)
+        sampler = GpuSampler(run.log_gpu, settings.gpu_sample_seconds, args.process_index)
+        if sampler.start():
+            self._gpu_only = (sampler, emitter, settings.flush_timeout_seconds)
+
+    def _stop_gpu_only(self) -> None:
+        if self._gpu_only is not None:
+            sampler, emitter, timeout = self._gpu_only
+            self._gpu_only = None
+            sampler.stop()
+            emitter.flush(timeout)
 
     def on_log(self, args, state: TrainerState, control, logs: dict | None = None, **kwargs) -> None:
         if self.run is None or not logs or "loss" not in logs:
@@ -88,8 +199,6 @@ class TrainwireCallback(TrainerCallback):
         )
 
     def _tokens_per_s(self, state: TrainerState) -> float | None:
-        import time
-
         seen = getattr(state, "num_input_tokens_seen", 0) or 0
         now = time.monotonic()
         previous, self._last_tokens = self._last_tokens, (now, seen)
@@ -118,12 +227,70 @@ class TrainwireCallback(TrainerCallback):
         self._hasher.submit(self._log_checkpoint, state.global_step, path, eval_loss)
 
     def _log_checkpoint(self, step: int, path: Path, eval_loss: float | None) -> None:
-        files = [{"name": str(f.relative_to(path)), "size": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(path.rglob("*")) if f.is_file()]
+        files = []
+        for file in sorted(path.rglob("*")):
+            try:
+                if file.is_file():
+                    files.append(_digest(file, str(file.relative_to(path))))
+            except OSError as err:  # e.g. rotated away by save_total_limit while we hashed
+                log.warning("trainwire: checkpoint file %s left out: %s", file, err)
+        self._last_checkpoint = (path, files)
         self.run.log_checkpoint(step, path, files, eval_loss)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control, **kwargs) -> None:
+        self._stop_gpu_only()
         if self.run is None:
             return
-        self._hasher.shutdown(wait=True)
-        self.run.finish("completed")
+        self._status = "completed" if state.global_step >= state.max_steps else "stopped"
+        if not self._in_block:
+            self.finish(self._status)
+
+    def log_artifacts(self, path: str | Path) -> list[dict]:
+        """Record `path` (a file, or a directory's top-level files) as the run's output artifacts, replacing the
+        default (the last checkpoint's adapter files). Call it after `trainer.save_model(path)`, inside the `with`
+        block so that the run has not ended yet. Returns the digests; a process other than rank 0 records none."""
+        if not self._main:
+            return []
+        path = Path(path)
+        try:
+            files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+            digests = [_digest(f, str(f)) for f in files]
+        except OSError as err:
+            log.warning("trainwire: artifacts of %s not recorded: %s", path, err)
+            return []
+        if self._ended:
+            log.warning("trainwire: run %s already ended; artifacts of %s not recorded (log them inside "
+                        "`with TrainwireCallback(...)`)", self.run.run_id, path)
+        self._artifacts.extend(digests)
+        return digests
+
+    def _output_artifacts(self) -> list[dict]:
+        if self._artifacts or self._last_checkpoint is None:
+            return self._artifacts
+        path, files = self._last_checkpoint
+        return [{**f, "name": str(path / f["name"])} for f in files if f["name"] in ADAPTER_FILES]
+
+    def finish(self, status: str = "completed", error: str | None = None) -> bool:
+        """End the run (once): wait for checkpoint hashing, emit run ended with the output artifacts, flush."""
+        self._stop_gpu_only()
+        if self.run is None:
+            return True
+        self._ended = True
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+        state = self._state  # the Trainer's own, updated in place: right even when training raised
+        return self.run.finish(status, error, self._output_artifacts(), epochs=state.epoch,
+                               completed_steps=state.global_step)
+
+    def __enter__(self) -> TrainwireCallback:
+        self._in_block = True
+        return self
+
+    def __exit__(self, exc_type, exc, _tb) -> None:
+        self._in_block = False
+        if exc is None:
+            self.finish(self._status or "stopped")
+        elif isinstance(exc, KeyboardInterrupt):
+            self.finish("stopped", error="KeyboardInterrupt")
+        else:
+            self.finish("failed", error=f"{exc_type.__name__}: {exc}")

@@ -141,8 +141,11 @@ class Run:
         while not self._stop_heartbeat.wait(interval):
             self._emit(Heartbeat, {"step": self._last_step})
 
-    def finish(self, status: str = "completed", error: str | None = None, artifacts: list[dict] | None = None) -> bool:
-        """Emit run ended and wait (bounded) until the run's events are delivered. Idempotent."""
+    def finish(self, status: str = "completed", error: str | None = None, artifacts: list[dict] | None = None, *,
+               epochs: float | None = None, completed_steps: int | None = None) -> bool:
+        """Emit run ended and wait (bounded) until the run's events are delivered. Idempotent.
+
+        `completed_steps` defaults to the last logged step; a trainer knows better (steps after the last log)."""
         if self._finished:
             return True
         self._finished = True
@@ -151,7 +154,8 @@ class Run:
             self._gpu.stop()
         self._emit(RunEnded, {
             "status": status, "error": error, "duration_s": time.monotonic() - self._started,
-            "completed_steps": self._last_step, "initial_loss": self._initial_loss, "final_loss": self._final_loss,
+            "completed_steps": self._last_step if completed_steps is None else completed_steps, "epochs": epochs,
+            "initial_loss": self._initial_loss, "final_loss": self._final_loss,
             "best_eval_loss": self._best_eval[0] if self._best_eval else None,
             "best_checkpoint": self._best_checkpoint, "artifacts": artifacts or [],
         })

@@ -7,8 +7,8 @@ NaN and ±Inf are legal metric values: they are carried, stored and detected, ne
 from __future__ import annotations
 
 import math
+import random
 import time
-import uuid
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,7 +19,12 @@ AlertState = Literal["firing", "resolved"]
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID string, about 3× faster than str(uuid.uuid4()): ids are made per event.
+
+    `random` is seeded from os.urandom and re-seeded in forked children; ids need uniqueness, not secrecy.
+    """
+    h = "%032x" % random.getrandbits(128)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def now_ms() -> int:
@@ -80,6 +85,21 @@ class RunStarted(Event):
     gpu_count: int | None = Field(default=None, ge=0)
     total_steps: int | None = Field(default=None, ge=0)
     total_epochs: float | None = None
+    # v2: the rest of the lineage an auditor needs (spec §3, §7)
+    dataset_source: str | None = None
+    dataset_license: str | None = None
+    dataset_format: str | None = None
+    dataset_preprocessing: list[str] = Field(default_factory=list)
+    numpy_seed: int | None = None
+    cudnn_deterministic: bool | None = None
+    cudnn_benchmark: bool | None = None
+    deterministic_algorithms: bool | None = None
+    gpu_driver_version: str | None = None
+    cuda_version: str | None = None
+    container_image_digest: str | None = None
+    packages_sha256: str | None = None
+    world_size: int | None = Field(default=None, ge=1)
+    adapter_json: str | None = None
 
 
 class Step(Event):

@@ -1,7 +1,8 @@
 """One contract, run against both transports: the embedded SQLite log and the real Kafka broker."""
 
-import multiprocessing
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -59,19 +60,25 @@ def test_per_key_order_commit_and_resume(any_settings):
     other_group.close()
 
 
-def _write(settings: Settings, topic: str, writer: int, count: int) -> None:
-    produce(settings, topic, [(f"w{writer}".encode(), f"{writer}:{i}".encode()) for i in range(count)])
+WRITER = """
+import sys
+from trainwire.infra.config import Settings
+from trainwire.infra.log import open_producer
+settings, writer = Settings.model_validate_json(sys.argv[1]), int(sys.argv[2])
+producer = open_producer(settings)
+for i in range(300):
+    producer.append(settings.topic("multi"), f"w{writer}".encode(), f"{writer}:{i}".encode())
+    if i % 7 == 0:
+        producer.flush(10)  # many small transactions, interleaving with the other writers
+assert producer.flush(10) == 0
+"""
 
 
 def test_local_log_takes_several_writing_processes(local_settings):
     topic = local_settings.topic("multi")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write, args=(local_settings, topic, w, 300)) for w in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, local_settings.model_dump_json(), str(w)])
+             for w in range(4)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
     records = poll_all(open_consumer(local_settings, local_settings.topic("g"), [topic]), 1200)
     assert len(records) == 1200
     for w in range(4):

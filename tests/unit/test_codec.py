@@ -53,7 +53,7 @@ def test_models_mirror_the_avro_schemas():
 
 def test_schema_files_are_versioned_and_parse():
     names = [e.name for e in resources.files("trainwire.schemas").joinpath("avro").iterdir()]
-    assert sorted(n.split(".")[0] for n in names) == sorted(EVENT_TYPES)
+    assert sorted({n.split(".")[0] for n in names}) == sorted(EVENT_TYPES)
     for name in names:
         assert ".v" in name
         fastavro.parse_schema(json.loads(resources.files("trainwire.schemas").joinpath("avro", name).read_text()))
@@ -114,3 +114,13 @@ def _same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
+
+
+def test_event_ids_are_random_uuid4():
+    import uuid
+
+    from trainwire.schemas.events import new_id
+
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in list(ids)[:500])

@@ -9,9 +9,12 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from trainwire.consumers.ingest import IngestPipeline
+from trainwire.consumers.writer import ClickHouseWriter
 from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import ConfigError, Settings, load_settings
-from trainwire.infra.log import Record
+from trainwire.infra.log import open_consumer, open_producer
+from trainwire.infra.store import connect_store, migrate
+from trainwire.infra.store.read import StoreReader
 from trainwire.schemas import (
     Alert, Checkpoint, CorruptPayloadError, Eval, GpuSample, Heartbeat, RunEnded, RunStarted, SchemaError,
     SingleObjectCodec, Step, UnknownSchemaError, decode, encode,
@@ -88,28 +91,22 @@ def test_reads_single_object_messages_too(codec):
 
 
 def test_ingest_with_the_confluent_codec_stores_both_formats_and_dead_letters_garbage(codec, local_settings):
-    class Consumer:
-        records = [Record("t", 0, offset, None, value, 0) for offset, value in
-                   enumerate([codec.encode(STEP), encode(EXAMPLES[4]), b"\x07garbage"])]
-
-        def poll(self, max_records, timeout):
-            records, self.records = self.records, []
-            return records
-
-        def commit(self, positions):
-            self.committed = positions
-
-    class Writer:
-        def write(self, rows, dead_letters):
-            self.rows, self.dead_letters = rows, dead_letters
-
-    consumer, writer = Consumer(), Writer()
-    pipeline = IngestPipeline(consumer, writer, None, local_settings, codec=codec)
-    pipeline.run_once()
-    pipeline.flush()
-    assert {kind: len(rows) for kind, rows in writer.rows.items()} == {"step": 1, "heartbeat": 1}
-    assert [d[2] for d in writer.dead_letters] == [2] and "CorruptPayloadError" in writer.dead_letters[0][3]
-    assert consumer.committed == {("t", 0): 3}
+    producer = open_producer(local_settings)
+    topic = local_settings.topic("events")
+    for value in (codec.encode(STEP), encode(EXAMPLES[4]), b"\x07garbage"):
+        producer.append(topic, b"r-1", value)
+    producer.flush(5)
+    client = connect_store(local_settings.store_dsn)
+    migrate(client)
+    pipeline = IngestPipeline(open_consumer(local_settings, "g", [topic]), ClickHouseWriter(client), None,
+                              local_settings, codec=codec, on_alert=lambda alert: None)
+    pipeline.drain(idle_seconds=0.5)
+    pipeline.close()
+    reader = StoreReader(connect_store(local_settings.store_dsn))
+    assert reader.event_counts()["steps"] == 1 and reader.event_counts()["heartbeats"] == 1
+    (letter,) = reader.dead_letters()
+    assert letter["offset"] == 3 and "CorruptPayloadError" in letter["reason"]
+    assert open_consumer(local_settings, "g", [topic]).poll(10, 0.1) == [], "everything was committed"
 
 
 def test_unknown_schema_id_is_named(codec):
