@@ -57,12 +57,8 @@ def stored_ids(store: str) -> tuple[list[str], int]:
     return ids, final_rows
 
 
-def test_a_member_killed_mid_stream_loses_nothing(kafka_settings, tmp_path):
-    settings = kafka_settings.model_copy(update={"heartbeat_seconds": 600})
-    ensure_topics(settings, [settings.topic(t) for t in (EVENTS, GPU)], partitions=8)
-    stores = {name: f"chdb://{tmp_path / name}" for name in ("a", "b")}
-    members = {name: member(settings, store, tmp_path / f"{name}.log") for name, store in stores.items()}
-
+def stream_and_kill(settings, members, stores, tmp_path) -> int:
+    """8 runs stream for a few seconds; member a is SIGKILLed mid-stream and restarted. Returns events produced."""
     runs = [init("group", f"job-{i}", settings=settings, sample_gpus=False) for i in range(8)]
     threads = [threading.Thread(target=run_job, args=(run, JobPlan(steps=600, step_seconds=0.01, seed=i)))
                for i, run in enumerate(runs)]
@@ -76,15 +72,27 @@ def test_a_member_killed_mid_stream_loses_nothing(kafka_settings, tmp_path):
         thread.join(60)
     for run in runs:
         assert run.finish()
-    produced = sum(run.events_emitted for run in runs)
     close_all()
+    return sum(run.events_emitted for run in runs)
 
-    deadline = time.monotonic() + 90
-    while group_lag(settings) and time.monotonic() < deadline:  # members commit only what they stored
-        time.sleep(1)
-    for proc in members.values():
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, (tmp_path / "a.log").read_text()[-2000:]
+
+def test_a_member_killed_mid_stream_loses_nothing(kafka_settings, tmp_path):
+    settings = kafka_settings.model_copy(update={"heartbeat_seconds": 600})
+    ensure_topics(settings, [settings.topic(t) for t in (EVENTS, GPU)], partitions=8)
+    stores = {name: f"chdb://{tmp_path / name}" for name in ("a", "b")}
+    members = {name: member(settings, store, tmp_path / f"{name}.log") for name, store in stores.items()}
+    try:
+        produced = stream_and_kill(settings, members, stores, tmp_path)
+        deadline = time.monotonic() + 90
+        while group_lag(settings) and time.monotonic() < deadline:  # members commit only what they stored
+            time.sleep(1)
+        for proc in members.values():
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, (tmp_path / "a.log").read_text()[-2000:]
+    finally:
+        for proc in members.values():
+            if proc.poll() is None:
+                proc.kill()
 
     ids_a, rows_a = stored_ids(stores["a"])
     ids_b, rows_b = stored_ids(stores["b"])
