@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 Pending = tuple[type[BaseModel], dict]
 _BATCH = 1_000  # small enough that one batch never holds the GIL long against the training thread
+LINGER_SECONDS = 0.02
 
 
 class Emitter:
@@ -34,6 +35,7 @@ class Emitter:
         self._idle = threading.Condition()
         self._in_flight = 0
         self._closed = False
+        self._flushing = threading.Event()  # set while someone waits in flush(): no lingering then
         self.accepted = 0
         self.sent = 0
         self.dropped = 0
@@ -64,6 +66,9 @@ class Emitter:
                 if self._closed:
                     return
                 continue
+            if not self._flushing.is_set():
+                # Let events gather: one spool write and one GIL hand-over per batch, not per event.
+                self._flushing.wait(LINGER_SECONDS)
             batch = [first]
             while len(batch) < _BATCH:
                 try:
@@ -111,13 +116,17 @@ class Emitter:
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far is handed to the transport and delivered; False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while not self._queue.empty() or self._in_flight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(min(remaining, 0.05))
-        return self._producer.flush(max(0.0, deadline - time.monotonic())) == 0
+        self._flushing.set()
+        try:
+            with self._idle:
+                while not self._queue.empty() or self._in_flight:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._idle.wait(min(remaining, 0.05))
+            return self._producer.flush(max(0.0, deadline - time.monotonic())) == 0
+        finally:
+            self._flushing.clear()
 
     def close(self, timeout: float) -> bool:
         delivered = self.flush(timeout)
