@@ -8,14 +8,16 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
 ENV_PREFIX = "TRAINWIRE_"
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$")
 
 
 # Read by scripts and tests, not by Settings; any other TRAINWIRE_* name is a typo worth stopping for.
-OTHER_VARIABLES = frozenset({"TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT", "TRAINWIRE_TEST_KAFKA", "TRAINWIRE_CHROMIUM"})
+OTHER_VARIABLES = frozenset({"TRAINWIRE_CONFIG", "TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT", "TRAINWIRE_TEST_KAFKA",
+                             "TRAINWIRE_CHROMIUM"})
+CONFIG_FILE_VARIABLE = "TRAINWIRE_CONFIG"  # a TOML file with the same keys, lower case: kafka = "host:9092"
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,15 @@ class Settings(BaseSettings):
     gpu_sample_seconds: float = Field(default=5.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     flush_timeout_seconds: float = Field(default=10.0, ge=0)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        """Explicit values (CLI flags) win, then TRAINWIRE_* variables, then the TRAINWIRE_CONFIG file."""
+        sources = [init_settings, env_settings]
+        if path := os.environ.get(CONFIG_FILE_VARIABLE):
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
 
     @field_validator("home")
     @classmethod
@@ -98,15 +109,27 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment plus explicit overrides (CLI flags), naming the offending variable."""
+    """Build settings from CLI overrides, the environment and the config file, naming what is wrong and where."""
     known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
     unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise ConfigError(f"unknown setting {', '.join(unknown)} (known: {', '.join(sorted(known - OTHER_VARIABLES))})")
+    config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: no such file {config_file!r}")
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{str(e['loc'][0]).upper() if e['loc'] else '?'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(f"{_where(e['loc'], config_file)}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"invalid trainwire configuration: {problems}") from None
+    except ValueError as err:  # a config file that is not TOML
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {config_file!r}: {err}") from None
+
+
+def _where(loc: tuple, config_file: str | None) -> str:
+    """The variable, or the key of the config file, that a validation error is about."""
+    field = str(loc[0]) if loc else "?"
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    if variable in os.environ or not config_file:
+        return variable
+    return f"{field} (in {config_file})"

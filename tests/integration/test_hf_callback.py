@@ -73,16 +73,16 @@ def sha256_of(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_trainer_run_is_recorded(local_settings, tmp_path, caplog):
+def test_trainer_run_is_recorded(any_settings, tmp_path, caplog):
     config_file = tmp_path / "train.yaml"
     config_file.write_text("learning_rate: 0.001\nlogging_steps: 2\n")
-    callback = TrainwireCallback(experiment="tiny-lora", settings=local_settings, sample_gpus=False,
+    callback = TrainwireCallback(experiment="tiny-lora", settings=any_settings, sample_gpus=False,
                                  config_file=config_file)
     train_dataset = TokenDataset(96)
     trainer_for(tmp_path, callback, train_dataset).train()
     assert callback.log_artifacts(tmp_path / "out" / "checkpoint-6") and "already ended" in caplog.text
 
-    reader, client = stored(local_settings)
+    reader, client = stored(any_settings)
     run_id = callback.run.run_id
     counts = reader.event_counts([run_id])
     assert counts["steps"] == 6 and counts["evals"] == 2 and counts["checkpoints"] == 2
