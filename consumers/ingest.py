@@ -14,13 +14,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
 from trainwire.infra.log.base import next_positions
 from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS, dead_letter_message, topic_for
 from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
+from trainwire.schemas.checks import check_record
 
 from .detectors import DetectorEngine
 from .metrics import IngestMetrics
@@ -121,12 +120,10 @@ class IngestPipeline:
         if not batch.records:
             batch.started = time.monotonic()
         batch.records.append(record)
-        self.stats.consumed += 1
-        self.metrics.consumed.inc()
         try:
             kind, fields = self._codec.decode_record(record.value)
-            EVENT_TYPES[kind].model_validate(fields)
-        except (SchemaError, ValidationError) as err:
+            check_record(kind, fields)
+        except SchemaError as err:
             reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
             log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
             batch.dead_letters.append([record.topic, record.partition, record.offset, reason, record.value])
@@ -148,6 +145,8 @@ class IngestPipeline:
         for alert in batch.alerts:
             self._on_alert(alert)
         stored = sum(len(rows) for kind, rows in batch.rows.items() if kind != "alert")
+        self.stats.consumed += len(batch.records)
+        self.metrics.consumed.inc(len(batch.records))
         self.stats.stored += stored
         self.stats.dead_lettered += len(batch.dead_letters)
         self.stats.alerts += len(batch.alerts)

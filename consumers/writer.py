@@ -27,8 +27,9 @@ class ClickHouseWriter:
         started = time.perf_counter()
         try:
             for kind, rows in rows_by_kind.items():
-                if rows:
-                    self._client.insert(TABLE_FOR_KIND[kind], rows, column_names=columns_of(kind))
+                if rows:  # column-oriented: clickhouse-connect then skips its own row → column pass
+                    self._client.insert(TABLE_FOR_KIND[kind], [list(c) for c in zip(*rows)],
+                                        column_names=columns_of(kind), column_oriented=True)
                     self.rows_written += len(rows)
             if dead_letters:
                 self._client.insert("dead_letters", dead_letters, column_names=DEAD_LETTER_COLUMNS)

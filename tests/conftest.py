@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import uuid
@@ -54,3 +55,10 @@ def any_settings(request: pytest.FixtureRequest) -> Settings:
     if request.param == "kafka":
         request.applymarker(pytest.mark.kafka)
     return request.getfixturevalue(f"{request.param}_settings")
+
+
+@pytest.fixture(autouse=True)
+def release_embedded_store():
+    """chdb serves one data directory per process: collect what a test left so the next can open its own."""
+    yield
+    gc.collect()

@@ -55,6 +55,7 @@ class DetectorEngine:
             event_id=str(uuid.uuid5(_ALERT_NAMESPACE, f"{key}/{state}")),
             run_id=record["run_id"], experiment=record["experiment"], team=record.get("team", ""),
             ts_ms=record["ts_ms"], rule=rule.rule_id, severity=rule.severity, state=state,
-            step=record.get("step"), value=finding.value, threshold=finding.threshold,
+            step=record.get("step"), value=finding.value if finding.active else record.get(rule.field),
+            threshold=finding.threshold,
             message=finding.message or f"{rule.rule_id} cleared", dedup_key=key,
         )

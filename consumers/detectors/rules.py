@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,10 +18,14 @@ class Finding:
     message: str = ""
 
 
+QUIET = Finding(False)  # the common verdict, shared: no object per event when nothing is wrong
+
+
 class Rule:
     rule_id: ClassVar[str]
     severity: ClassVar[str]
     kinds: ClassVar[frozenset[str]]
+    field: ClassVar[str]  # the record field the rule watches: a resolved alert reports its clearing value
 
     def new_state(self) -> Any:
         return None
@@ -34,6 +37,7 @@ class Rule:
 
 @dataclass
 class LossNotFinite(Rule):
+    field: ClassVar[str] = "loss"
     rule_id: ClassVar[str] = "loss_not_finite"
     severity: ClassVar[str] = "block"
     kinds: ClassVar[frozenset[str]] = frozenset({"step"})
@@ -42,8 +46,9 @@ class LossNotFinite(Rule):
         loss = record.get("loss")
         if loss is None:
             return None
-        bad = not math.isfinite(loss)
-        return Finding(bad, loss, None, f"train loss is {loss} at step {record['step']}" if bad else "")
+        if math.isfinite(loss):
+            return QUIET
+        return Finding(True, loss, None, f"train loss is {loss} at step {record['step']}")
 
 
 @dataclass
@@ -53,6 +58,7 @@ class LossSpike(Rule):
     factor: float = 1.5
     window: int = 10
     min_history: int = 3
+    field: ClassVar[str] = "loss"
     rule_id: ClassVar[str] = "loss_spike"
     severity: ClassVar[str] = "critical"
     kinds: ClassVar[frozenset[str]] = frozenset({"step"})
@@ -66,11 +72,15 @@ class LossSpike(Rule):
             return None
         finding = None
         if len(history) >= self.min_history:
-            baseline = statistics.median(history)
+            ordered = sorted(history)
+            middle = len(ordered) // 2
+            baseline = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
             threshold = self.factor * baseline
-            spiking = baseline > 0 and loss > threshold
-            message = f"loss {loss:.4g} > {self.factor} × recent median {baseline:.4g}" if spiking else ""
-            finding = Finding(spiking, loss, threshold, message)
+            if baseline > 0 and loss > threshold:
+                finding = Finding(True, loss, threshold,
+                                  f"loss {loss:.4g} > {self.factor} × recent median {baseline:.4g}")
+            else:
+                finding = QUIET
         if finding is None or not finding.active:
             history.append(loss)  # a spike does not become part of its own baseline
         return finding
@@ -79,6 +89,7 @@ class LossSpike(Rule):
 @dataclass
 class GradNormHigh(Rule):
     threshold: float = 10.0
+    field: ClassVar[str] = "grad_norm"
     rule_id: ClassVar[str] = "grad_norm_high"
     severity: ClassVar[str] = "warning"
     kinds: ClassVar[frozenset[str]] = frozenset({"step"})
@@ -87,8 +98,9 @@ class GradNormHigh(Rule):
         grad_norm = record.get("grad_norm")
         if grad_norm is None:
             return None
-        high = not math.isfinite(grad_norm) or grad_norm > self.threshold
-        return Finding(high, grad_norm, self.threshold, f"grad norm {grad_norm:.4g} > {self.threshold:g}" if high else "")
+        if math.isfinite(grad_norm) and grad_norm <= self.threshold:
+            return QUIET
+        return Finding(True, grad_norm, self.threshold, f"grad norm {grad_norm:.4g} > {self.threshold:g}")
 
 
 def default_rules() -> list[Rule]:

@@ -39,6 +39,8 @@ def consumer_config(bootstrap: str, group: str) -> dict:
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
         "fetch.wait.max.ms": 100,
+        # librdkafka prefetches up to this much per partition: bound it, memory grows with partitions otherwise
+        "queued.max.messages.kbytes": 8192,
     }
 
 
