@@ -1,9 +1,12 @@
 """Producers → transport → ingest → embedded ClickHouse, on the local log and on the real broker."""
 
+import io
 import math
 import threading
 
+import fastavro
 import pytest
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from trainwire.consumers.service import build_ingest
 from trainwire.consumers.writer import StoreWriteError
@@ -14,6 +17,7 @@ from trainwire.infra.store.read import StoreReader
 from trainwire.producers import init
 from trainwire.producers.simulate import JobPlan, SimulatedGpus, run_job
 from trainwire.schemas import Step, encode
+from trainwire.schemas.codec import MAGIC
 
 
 def run_jobs(settings, faults):
@@ -70,15 +74,28 @@ def test_poison_messages_go_to_dead_letters_and_the_rest_is_stored(any_settings)
     producer.append(topic, b"r-poison", b"\x00\x01 random bytes")
     producer.append(topic, b"r-poison", encode(good[1]))
     producer.append(topic, b"r-poison", encode(Step.model_construct(**{**good[2].model_dump(), "step": -5})))
+    producer.append(topic, b"r-poison", unknown_schema_message())
     producer.append(topic, b"r-poison", encode(good[2]))
     assert producer.flush(30) == 0
     pipeline = drain(any_settings)
     reader = StoreReader(connect_store(any_settings.store_dsn))
     assert [s["step"] for s in reader.steps("r-poison")] == [0, 1, 2]
-    reasons = [d["reason"] for d in reader.dead_letters()]
-    assert len(reasons) == 2 and pipeline.stats.dead_lettered == 2
+    letters = reader.dead_letters()
+    reasons = [d["reason"] for d in letters]
+    assert len(reasons) == 3 and pipeline.stats.dead_lettered == 3
     assert any("CorruptPayloadError" in r for r in reasons)
     assert any("step" in r and "greater than or equal to 0" in r for r in reasons)
+    assert any("UnknownSchemaError: unknown schema fingerprint" in r for r in reasons)
+    assert all(d["topic"] == topic and d["offset"] >= 0 for d in letters)
+
+
+def unknown_schema_message() -> bytes:
+    """Valid Avro single-object encoding of a schema trainwire does not ship."""
+    schema = fastavro.parse_schema({"type": "record", "name": "Intruder", "fields": [{"name": "x", "type": "long"}]})
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, schema, {"x": 7})
+    fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+    return MAGIC + fp + body.getvalue()
 
 
 def test_a_store_outage_is_retried_from_the_last_commit(local_settings):
