@@ -63,17 +63,48 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
+def _reader(settings: Settings):
+    """The store's read API: directly, or through the running `trainwire up` that owns the embedded store."""
+    from trainwire.infra.store.api import RemoteReader, running_api
+
+    if settings.embedded_store and (url := running_api(settings.home)):
+        return RemoteReader(url)
     from trainwire.infra.store import connect_store
     from trainwire.infra.store.read import StoreReader
 
-    runs = StoreReader(connect_store(_settings(args).store_dsn)).runs()
+    return StoreReader(connect_store(settings.store_dsn))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from trainwire.infra.store.api import to_json
+
+    runs = to_json(_reader(_settings(args)).runs())
     human = "\n".join(
         f"{r['run_id']}  {r['experiment']:<16} {r['run_name']:<20} {r['status']:<10} "
         f"step {r['last_step'] or 0:>6}  alerts {r['firing_alerts'] or 0}" for r in runs
     ) or "no runs stored"
     _emit(args, runs, human)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from trainwire.infra.store.api import to_json
+
+    summary = to_json(_reader(_settings(args)).run_summary(run_id=args.run_id))
+    if summary is None:
+        raise ValueError(f"no run {args.run_id} in the store")
+    _emit(args, summary, "\n".join(f"{key:>16}  {value}" for key, value in summary.items()))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from trainwire.up import up_embedded, up_services
+
+    settings = _settings(args)
+    if settings.embedded_store:
+        up_embedded(settings, args.port, dashboard=not args.no_dashboard)
+        return 0
+    return up_services(settings, args.port, dashboard=not args.no_dashboard)
 
 
 def cmd_spool_replay(args: argparse.Namespace) -> int:
@@ -129,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     consume.set_defaults(func=cmd_consume)
 
     command("runs", "list stored runs").set_defaults(func=cmd_runs)
+
+    run = command("run", "one run's summary")
+    run.add_argument("run_id")
+    run.set_defaults(func=cmd_run)
+
+    up = command("up", "ingest, read API and dashboard (one process on the embedded defaults)")
+    up.add_argument("--port", type=int, default=8501, help="dashboard port")
+    up.add_argument("--no-dashboard", action="store_true")
+    up.set_defaults(func=cmd_up)
 
     spool = sub.add_parser("spool", help="events spooled on this machine while Kafka was unreachable")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True)

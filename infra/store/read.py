@@ -29,6 +29,21 @@ ORDER BY started_at DESC
 """
 
 
+_RUN_SUMMARY = """
+WITH {run_id:String} AS rid
+SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team,
+       if(e.run_id = '', 'running', e.status) AS status, s.ts AS started_at,
+       if(e.run_id = '', NULL, e.ts) AS ended_at, s.total_steps AS total_steps,
+       (SELECT count() FROM steps FINAL WHERE run_id = rid) AS steps_logged,
+       (SELECT count() FROM evals FINAL WHERE run_id = rid) AS evals_logged,
+       (SELECT count() FROM checkpoints FINAL WHERE run_id = rid) AS checkpoints,
+       (SELECT max(step) FROM steps FINAL WHERE run_id = rid) AS last_step,
+       if(e.run_id = '', (SELECT argMax(loss, step) FROM steps FINAL WHERE run_id = rid), e.final_loss) AS final_loss
+FROM (SELECT * FROM run_started FINAL WHERE run_id = rid) AS s
+LEFT JOIN (SELECT * FROM run_ended FINAL WHERE run_id = rid) AS e ON e.run_id = s.run_id
+"""
+
+
 class StoreReader:
     def __init__(self, client: Client):
         self._client = client
@@ -42,6 +57,11 @@ class StoreReader:
 
     def runs(self) -> list[Row]:
         return self._rows(_RUNS)
+
+    def run_summary(self, run_id: str) -> Row | None:
+        """One run: identity, status, how much it logged, where it got to. None for an unknown run."""
+        rows = self._rows(_RUN_SUMMARY, run_id=run_id)
+        return rows[0] if rows else None
 
     def run_started(self, run_id: str) -> Row | None:
         rows = self._rows("SELECT * FROM run_started FINAL WHERE run_id = {run_id:String} LIMIT 1", run_id=run_id)

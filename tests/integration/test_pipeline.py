@@ -115,3 +115,22 @@ def test_a_store_outage_is_retried_from_the_last_commit(local_settings):
     assert pipeline.stats.retries == 2
     assert reader.events_stored([r.run_id for r in runs]) == sum(r.events_emitted for r in runs)
     assert len([a for a in reader.incidents() if a["rule"] == "loss_not_finite"]) == 1
+
+
+def test_metrics_endpoint_reports_the_ingest(local_settings):
+    import socket
+    import urllib.request
+
+    runs = run_jobs(local_settings, [None])
+    pipeline = build_ingest(local_settings, on_alert=lambda alert: None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pipeline.metrics.serve(port)
+    pipeline.drain(idle_seconds=1.0)
+    pipeline.close()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values["trainwire_ingest_stored_total"] == runs[0].events_emitted
+    assert values["trainwire_ingest_consumed_total"] == runs[0].events_emitted
+    assert values["trainwire_ingest_insert_seconds_count"] >= 1 and "trainwire_ingest_lag" in values

@@ -1,0 +1,134 @@
+"""The read API over HTTP on loopback, for when another process owns the embedded store.
+
+chdb lets one process open a data directory. `trainwire up` on the embedded defaults is that process, so it
+also serves the read API on 127.0.0.1 and writes the address to `$TRAINWIRE_HOME/up.json`; the CLI's read
+commands in other processes find it there and ask over HTTP. Results are JSON (timestamps ISO 8601 UTC).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import urllib.parse
+import urllib.request
+from datetime import date, datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from .read import StoreReader
+
+# The read methods a remote caller may use, with how to parse their query-string arguments.
+METHODS: dict[str, dict[str, type]] = {
+    "runs": {},
+    "run_summary": {"run_id": str},
+    "steps": {"run_id": str},
+    "evals": {"run_id": str},
+    "alerts": {"run_id": str},
+    "incidents": {},
+    "checkpoints": {"run_id": str},
+    "dead_letters": {},
+}
+
+
+def to_json(value: Any) -> Any:
+    """JSON-safe copy: datetimes as ISO 8601 UTC, NaN/±Inf as the strings "NaN"/"Infinity"/"-Infinity"."""
+    if isinstance(value, datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+class ReadApiServer:
+    def __init__(self, reader: StoreReader, home: Path):
+        self._reader = reader
+        self._lock = threading.Lock()  # one query at a time through the shared client
+        self._home = home
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="read-api", daemon=True)
+
+    def call(self, method: str, arguments: dict[str, str]) -> Any:
+        spec = METHODS[method]
+        kwargs = {name: spec[name](value) for name, value in arguments.items() if name in spec}
+        with self._lock:
+            return to_json(getattr(self._reader, method)(**kwargs))
+
+    def start(self) -> ReadApiServer:
+        self._thread.start()
+        (self._home / "up.json").write_text(json.dumps({"pid": os.getpid(), "api": self.url}))
+        return self
+
+    def stop(self) -> None:
+        (self._home / "up.json").unlink(missing_ok=True)
+        self._server.shutdown()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: ReadApiServer
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        url = urllib.parse.urlsplit(self.path)
+        method = url.path.removeprefix("/api/")
+        if method not in METHODS:
+            self._reply(404, {"error": f"unknown read method {method!r}"})
+            return
+        try:
+            result = self.api.call(method, dict(urllib.parse.parse_qsl(url.query)))
+        except Exception as err:  # a failed query is the caller's answer, not the server's death
+            self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+            return
+        self._reply(200, result)
+
+    def _reply(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+class RemoteReader:
+    """The read methods of `METHODS`, answered by the `trainwire up` process that owns the store."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __getattr__(self, method: str):
+        if method not in METHODS:
+            raise AttributeError(method)
+
+        def call(**kwargs: Any) -> Any:
+            query = urllib.parse.urlencode({k: v for k, v in kwargs.items() if v is not None})
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/{method}?{query}", timeout=30) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                raise RuntimeError(json.loads(err.read()).get("error", str(err))) from None
+
+        return call
+
+
+def running_api(home: Path) -> str | None:
+    """The read API of a live `trainwire up` on this home, if there is one."""
+    try:
+        info = json.loads((home / "up.json").read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info["api"]

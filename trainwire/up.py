@@ -1,0 +1,69 @@
+"""`trainwire up`: every consumer-side component the configuration calls for.
+
+On the embedded defaults (local log, chdb) the store belongs to one process, so ingest, the read API and the
+dashboard run here together. With a ClickHouse server each component is a process of its own, as it would be
+deployed: `trainwire consume` (scale it out: one per partition at most) and `trainwire dashboard`.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+from trainwire.consumers.service import build_ingest, run_ingest
+from trainwire.infra.config import Settings
+from trainwire.infra.store import connect_store
+from trainwire.infra.store.api import ReadApiServer
+from trainwire.infra.store.read import StoreReader
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
+    pipeline = build_ingest(settings)
+    stop = threading.Event()
+    ingest = threading.Thread(target=run_ingest, args=(pipeline, stop), name="ingest", daemon=True)
+    ingest.start()
+    api = ReadApiServer(StoreReader(connect_store(settings.store_dsn)), settings.home).start()
+    _say(f"trainwire up (embedded): ingest from {settings.local_log_path} into {settings.store_dsn}")
+    _say(f"read API for other trainwire commands on {api.url}")
+    try:
+        if dashboard:
+            from trainwire.dashboard.serve import serve_dashboard
+
+            _say(f"dashboard on http://localhost:{port} (Ctrl-C to stop)")
+            serve_dashboard(settings, port)
+        else:
+            _say("Ctrl-C or SIGTERM to stop")
+            _wait_for_signal()
+    finally:
+        api.stop()
+        stop.set()
+        ingest.join(timeout=30)
+
+
+def up_services(settings: Settings, port: int, dashboard: bool) -> int:
+    commands = [[sys.executable, "-m", "trainwire", "consume"]]
+    if dashboard:
+        commands.append([sys.executable, "-m", "trainwire", "dashboard", "--port", str(port)])
+    processes = [subprocess.Popen(command) for command in commands]
+    _say(f"trainwire up: {len(processes)} processes ({', '.join(c[3] for c in commands)}); Ctrl-C to stop")
+    try:
+        _wait_for_signal()
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=60) for process in processes]
+    return max(codes, default=0)
