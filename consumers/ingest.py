@@ -193,6 +193,8 @@ class IngestPipeline:
                 self.run_once(poll_timeout=0, force_flush=True)
             elif time.monotonic() - idle_since >= idle_seconds:
                 break
+        if self._batch.records:  # stopped early: store and commit what is held
+            self.run_once(poll_timeout=0, force_flush=True)
 
 
 def event_topics(settings: Settings) -> list[str]:
