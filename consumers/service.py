@@ -9,7 +9,7 @@ from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
 from trainwire.infra.log import ensure_topics, open_consumer, open_producer
 from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS
-from trainwire.infra.store import connect_store, migrate
+from trainwire.infra.store import apply_retention, connect_store, migrate
 
 from .ingest import IngestPipeline, event_topics, print_alert
 from .writer import ClickHouseWriter
@@ -21,6 +21,7 @@ INGEST_GROUP = "ingest"  # a consumer group name, scoped by the topic prefix lik
 def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP) -> IngestPipeline:
     client = connect_store(settings.store_dsn)
     migrate(client)
+    apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days)
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
     return IngestPipeline(

@@ -1,5 +1,5 @@
 """ClickHouse, reached only through clickhouse-connect: `chdb://` (embedded, in-process) or `http(s)://` (a server)."""
 
-from .connect import connect_store, migrate
+from .connect import apply_retention, connect_store, migrate
 
-__all__ = ["connect_store", "migrate"]
+__all__ = ["apply_retention", "connect_store", "migrate"]

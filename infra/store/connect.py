@@ -27,6 +27,18 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+# Retention (spec §8): per-step metrics and evals keep `metrics_days`, GPU samples and heartbeats `gpu_days`;
+# runs, configs, checkpoints, alerts and dead letters are permanent.
+RETENTION_TABLES = {"steps": "metrics", "evals": "metrics", "gpu_samples": "gpu", "heartbeats": "gpu"}
+
+
+def apply_retention(client: Client, metrics_days: int, gpu_days: int) -> None:
+    """Set each time-series table's TTL; idempotent, so every start applies the configured values."""
+    days = {"metrics": metrics_days, "gpu": gpu_days}
+    for table, kind in RETENTION_TABLES.items():
+        client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime(ts) + INTERVAL {int(days[kind])} DAY")
+
+
 def migrate(client: Client) -> list[str]:
     """Apply the versioned migrations not yet applied; idempotent, so every process may call it at start."""
     with _migrate_lock:
