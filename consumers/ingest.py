@@ -47,6 +47,7 @@ class IngestStats:
     stored: int = 0
     dead_lettered: int = 0
     alerts: int = 0
+    redeliveries_skipped: int = 0
     batches: int = 0
     retries: int = 0
 
@@ -105,6 +106,7 @@ class IngestPipeline:
         except RETRYABLE as err:  # the new owner reads them again from the last commit
             log.warning("ingest: could not flush before a rebalance (%s); dropping the uncommitted batch", err)
             self._batch = _Batch()
+        self._writer.forget_stored()  # the next owner stores these runs' events from now on
 
     def _retry_after(self, err: Exception) -> None:
         self._backoff = min(MAX_BACKOFF_SECONDS, max(0.1, self._backoff * 2))
@@ -138,16 +140,19 @@ class IngestPipeline:
             return
         if batch.alerts:
             batch.rows["alert"] = [to_row("alert", a.model_dump()) for a in batch.alerts]
-        self._writer.write(batch.rows, batch.dead_letters)
+        skipped_before = self._writer.redeliveries_skipped
+        stored = self._writer.write(batch.rows, batch.dead_letters)
+        skipped = self._writer.redeliveries_skipped - skipped_before
         self.metrics.insert_seconds.observe(self._writer.last_insert_seconds)
         self._publish(batch)
         self._consumer.commit(next_positions(batch.records))
         for alert in batch.alerts:
             self._on_alert(alert)
-        stored = sum(len(rows) for kind, rows in batch.rows.items() if kind != "alert")
         self.stats.consumed += len(batch.records)
         self.metrics.consumed.inc(len(batch.records))
         self.stats.stored += stored
+        self.stats.redeliveries_skipped += skipped
+        self.metrics.redeliveries_skipped.inc(skipped)
         self.stats.dead_lettered += len(batch.dead_letters)
         self.stats.alerts += len(batch.alerts)
         self.stats.batches += 1

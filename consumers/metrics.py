@@ -11,6 +11,9 @@ class IngestMetrics:
         r = self.registry
         self.consumed = Counter("trainwire_ingest_consumed", "Records polled from the transport", registry=r)
         self.stored = Counter("trainwire_ingest_stored", "Events inserted into ClickHouse", registry=r)
+        self.redeliveries_skipped = Counter("trainwire_ingest_redeliveries_skipped",
+                                            "Redelivered events left out because they were already stored",
+                                            registry=r)
         self.dead_lettered = Counter("trainwire_ingest_dead_lettered", "Records sent to the dead letters",
                                      registry=r)
         self.alerts = Counter("trainwire_ingest_alerts", "Alerts raised or resolved", registry=r)

@@ -39,8 +39,9 @@ def apply_retention(client: Client, metrics_days: int, gpu_days: int) -> None:
         client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime(ts) + INTERVAL {int(days[kind])} DAY")
 
 
-def migrate(client: Client) -> list[str]:
-    """Apply the versioned migrations not yet applied; idempotent, so every process may call it at start."""
+def migrate(client: Client, up_to: int | None = None) -> list[str]:
+    """Apply the versioned migrations not yet applied (up to version `up_to`, default all); idempotent, so every
+    process may call it at start."""
     with _migrate_lock:
         client.command(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
@@ -50,7 +51,7 @@ def migrate(client: Client) -> list[str]:
         applied = []
         for entry in sorted(resources.files(__package__).joinpath("migrations").iterdir(), key=lambda e: e.name):
             match = _MIGRATION.match(entry.name)
-            if not match or int(match["version"]) in done:
+            if not match or int(match["version"]) in done or (up_to is not None and int(match["version"]) > up_to):
                 continue
             for statement in _statements(entry.read_text()):
                 client.command(statement)

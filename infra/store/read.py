@@ -9,22 +9,22 @@ from clickhouse_connect.driver.client import Client
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
 
+# `runs` holds each run's latest state, kept by materialized views (migration 003): no scan of raw steps.
 _RUNS = """
-WITH started AS (SELECT * FROM run_started FINAL),
-     ended AS (SELECT run_id, status, ts AS ended_at, final_loss FROM run_ended FINAL),
-     progress AS (SELECT run_id, max(step) AS last_step, count() AS steps_logged, max(ts) AS last_step_at
-                  FROM steps FINAL GROUP BY run_id),
-     firing AS (SELECT run_id, countIf(state = 'firing') AS firing_alerts
+WITH firing AS (SELECT run_id, countIf(state = 'firing') AS firing_alerts
                 FROM (SELECT run_id, argMax(state, ts) AS state FROM alerts FINAL GROUP BY run_id, dedup_key)
                 GROUP BY run_id)
-SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team, s.host AS host,
-       s.ts AS started_at, if(e.run_id = '', 'running', e.status) AS status, e.ended_at AS ended_at,
-       s.total_steps AS total_steps, p.last_step AS last_step, p.steps_logged AS steps_logged,
-       p.last_step_at AS last_step_at, e.final_loss AS final_loss, f.firing_alerts AS firing_alerts
-FROM started AS s
-LEFT JOIN ended AS e ON e.run_id = s.run_id
-LEFT JOIN progress AS p ON p.run_id = s.run_id
-LEFT JOIN firing AS f ON f.run_id = s.run_id
+SELECT r.run_id AS run_id, r.exp AS experiment, r.name AS run_name, r.tm AS team, r.hst AS host,
+       r.started AS started_at, r.st AS status, r.ended AS ended_at, r.total AS total_steps,
+       if(r.n = 0, NULL, r.last) AS last_step, r.n AS steps_logged, r.seen AS last_event_at,
+       if(r.st = 'running', r.last_loss_now, r.final_loss_at_end) AS final_loss, f.firing_alerts AS firing_alerts
+FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS tm, max(host) AS hst,
+             max(started_at) AS started, argMaxMerge(status) AS st,
+             nullIf(max(ended_at), toDateTime64(0, 3, 'UTC')) AS ended, nullIf(max(total_steps), 0) AS total,
+             max(last_step) AS last, sum(steps_logged) AS n, max(last_event_at) AS seen,
+             argMaxMerge(last_loss) AS last_loss_now, argMaxMerge(final_loss) AS final_loss_at_end
+      FROM runs GROUP BY run_id HAVING started > toDateTime64(0, 3, 'UTC')) AS r
+LEFT JOIN firing AS f ON f.run_id = r.run_id
 ORDER BY started_at DESC
 """
 
