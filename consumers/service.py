@@ -20,8 +20,8 @@ INGEST_GROUP = "ingest"  # a consumer group name, scoped by the topic prefix lik
 
 def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP) -> IngestPipeline:
     client = connect_store(settings.store_dsn)
-    migrate(client)
-    apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days)
+    migrate(client, cluster=settings.store_cluster)
+    apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days, settings.store_cluster)
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
     return IngestPipeline(

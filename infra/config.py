@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
 ENV_PREFIX = "TRAINWIRE_"
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.trainwire"), description="holds the local log and the embedded store")
     kafka: str | None = Field(default=None, description="Kafka bootstrap servers; unset means the local log")
     store: str | None = Field(default=None, description="clickhouse-connect DSN; unset means chdb under home")
+    store_cluster: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+                                      description="ClickHouse cluster name: tables become replicated and "
+                                      "distributed, DDL runs ON CLUSTER (docs/storage.md)")
     schema_registry: str | None = Field(default=None, description="Confluent Schema Registry URL; unset means "
                                         "Avro single-object encoding")
     topic_prefix: str = Field(default="trainwire.", pattern=r"^[A-Za-z0-9._-]*$")
@@ -89,6 +92,14 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https", "mock") or not parts.netloc:
             raise ValueError(f"expected an http(s)://host[:port] or mock://name URL, got {value!r}")
         return value
+
+    @field_validator("store_cluster")
+    @classmethod
+    def _cluster_needs_a_server(cls, value: str | None, info: ValidationInfo) -> str | None:
+        store = info.data.get("store")
+        if value and (store is None or store.startswith("chdb://")):
+            raise ValueError("a cluster needs a ClickHouse server: set TRAINWIRE_STORE to an http(s):// DSN")
+        return value or None
 
     @property
     def store_dsn(self) -> str:

@@ -133,6 +133,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_ddl(args: argparse.Namespace) -> int:
+    from trainwire.infra.store.connect import schema_ddl
+
+    cluster = args.cluster or load_settings().store_cluster
+    statements = schema_ddl(cluster)
+    _emit(args, {"cluster": cluster, "statements": statements}, ";\n\n".join(statements) + ";")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainwire", description="Telemetry pipeline for LLM fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true")
     replay.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the broker")
     replay.set_defaults(func=cmd_spool_replay)
+
+    store = sub.add_parser("store", help="the ClickHouse schema")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    ddl = store_sub.add_parser("ddl", help="print the DDL the migrations run (for a server, or --cluster)")
+    ddl.add_argument("--cluster", help="render for this ClickHouse cluster (default: TRAINWIRE_STORE_CLUSTER)")
+    ddl.add_argument("--json", action="store_true")
+    ddl.set_defaults(func=cmd_store_ddl)
 
     dashboard = command("dashboard", "serve the Streamlit dashboard")
     dashboard.add_argument("--port", type=int, default=8501)

@@ -8,6 +8,8 @@ from importlib import resources
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from .cluster import render
+
 log = logging.getLogger(__name__)
 _MIGRATION = re.compile(r"^(?P<version>\d{3})_[a-z0-9_]+\.sql$")
 _migrate_lock = threading.Lock()
@@ -32,30 +34,52 @@ def _statements(sql: str) -> list[str]:
 RETENTION_TABLES = {"steps": "metrics", "evals": "metrics", "gpu_samples": "gpu", "heartbeats": "gpu"}
 
 
-def apply_retention(client: Client, metrics_days: int, gpu_days: int) -> None:
+def _for(cluster: str | None, statements: list[str]) -> list[str]:
+    return render(statements, cluster) if cluster else statements
+
+
+def apply_retention(client: Client, metrics_days: int, gpu_days: int, cluster: str | None = None) -> None:
     """Set each time-series table's TTL; idempotent, so every start applies the configured values."""
     days = {"metrics": metrics_days, "gpu": gpu_days}
     for table, kind in RETENTION_TABLES.items():
-        client.command(f"ALTER TABLE {table} MODIFY TTL toDateTime(ts) + INTERVAL {int(days[kind])} DAY")
+        for statement in _for(cluster, [f"ALTER TABLE {table} MODIFY TTL toDateTime(ts) + INTERVAL "
+                                        f"{int(days[kind])} DAY"]):
+            client.command(statement)
 
 
-def migrate(client: Client, up_to: int | None = None) -> list[str]:
+_MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+                     "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree ORDER BY version")
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration, oldest first."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        if match := _MIGRATION.match(entry.name):
+            found.append((int(match["version"]), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def schema_ddl(cluster: str | None = None) -> list[str]:
+    """Every statement the migrations run, for one server or rendered for a cluster (`trainwire store ddl`)."""
+    statements = [_MIGRATIONS_TABLE] + [s for _, _, sql in migration_files() for s in _statements(sql)]
+    return _for(cluster, statements)
+
+
+def migrate(client: Client, up_to: int | None = None, cluster: str | None = None) -> list[str]:
     """Apply the versioned migrations not yet applied (up to version `up_to`, default all); idempotent, so every
-    process may call it at start."""
+    process may call it at start. With `cluster`, the statements are rendered for it (see cluster.py)."""
     with _migrate_lock:
-        client.command(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-            "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree ORDER BY version"
-        )
+        for statement in _for(cluster, [_MIGRATIONS_TABLE]):
+            client.command(statement)
         done = {row[0] for row in client.query("SELECT version FROM schema_migrations FINAL").result_rows}
         applied = []
-        for entry in sorted(resources.files(__package__).joinpath("migrations").iterdir(), key=lambda e: e.name):
-            match = _MIGRATION.match(entry.name)
-            if not match or int(match["version"]) in done or (up_to is not None and int(match["version"]) > up_to):
+        for version, name, sql in migration_files():
+            if version in done or (up_to is not None and version > up_to):
                 continue
-            for statement in _statements(entry.read_text()):
+            for statement in _for(cluster, _statements(sql)):
                 client.command(statement)
-            client.insert("schema_migrations", [[int(match["version"]), entry.name]], column_names=["version", "name"])
-            applied.append(entry.name)
-            log.info("applied migration %s", entry.name)
+            client.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+            applied.append(name)
+            log.info("applied migration %s", name)
         return applied
