@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
+from operator import itemgetter
 
 from trainwire.schemas.codec import latest
 
@@ -29,9 +31,15 @@ def columns_of(kind: str) -> list[str]:
     return ["ts" if name == "ts_ms" else name for name in fields_of(kind)]
 
 
+@cache
+def _row_maker(kind: str) -> tuple[Callable[[dict], tuple], tuple[int, ...]]:
+    nested = tuple(i for i, name in enumerate(fields_of(kind)) if name in _NESTED)
+    return itemgetter(*fields_of(kind)), nested
+
+
 def to_row(kind: str, record: dict) -> list:
-    row = [record[name] for name in fields_of(kind)]
-    for i, name in enumerate(fields_of(kind)):
-        if name in _NESTED:
-            row[i] = [(f["name"], f["size"], f["sha256"]) for f in row[i]]
+    values, nested = _row_maker(kind)
+    row = list(values(record))
+    for i in nested:
+        row[i] = [(f["name"], f["size"], f["sha256"]) for f in row[i]]
     return row
