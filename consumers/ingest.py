@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trainwire.infra.config import Settings
@@ -38,6 +39,7 @@ class _Batch:
     alerts: list[Alert] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     dead_letter_keys: list[bytes | None] = field(default_factory=list)
+    ended_runs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -59,7 +61,8 @@ def print_alert(alert: Alert) -> None:
 class IngestPipeline:
     def __init__(self, consumer: LogConsumer, writer: ClickHouseWriter, alert_producer: LogProducer | None,
                  settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert,
-                 codec: Codec | None = None, metrics: IngestMetrics | None = None):
+                 codec: Codec | None = None, metrics: IngestMetrics | None = None,
+                 on_run_ended: Callable[[str], None] | None = None):
         self._consumer = consumer
         self._consumer.on_revoke = self._on_revoke
         self.metrics = metrics or IngestMetrics()
@@ -70,6 +73,7 @@ class IngestPipeline:
         self._settings = settings
         self._detectors = detectors or DetectorEngine()
         self._on_alert = on_alert
+        self._on_run_ended = on_run_ended
         self._batch = _Batch()
         self._backoff = 0.0
         self.stats = IngestStats()
@@ -131,6 +135,8 @@ class IngestPipeline:
             return
         batch.rows[kind].append(to_row(kind, fields))
         batch.alerts.extend(self._detectors.observe(kind, fields))
+        if kind == "run_ended":
+            batch.ended_runs.append(fields["run_id"])
 
     def flush(self) -> None:
         batch, self._batch = self._batch, _Batch()
@@ -155,6 +161,18 @@ class IngestPipeline:
         self.metrics.dead_lettered.inc(len(batch.dead_letters))
         self.metrics.alerts.inc(len(batch.alerts))
         self.metrics.batch_rows.observe(len(batch.records))
+        self._after_run_end(batch.ended_runs)
+
+    def _after_run_end(self, run_ids: list[str]) -> None:
+        """Runs whose run ended is now stored (so are their earlier events): the hook, e.g. the quality gates.
+        After the commit, so a hook that fails costs its own result, never the pipeline's progress."""
+        if self._on_run_ended is None:
+            return
+        for run_id in dict.fromkeys(run_ids):  # a run ended delivered twice in one batch: evaluated once
+            try:
+                self._on_run_ended(run_id)
+            except Exception:
+                log.exception("ingest: run ended hook failed for run %s", run_id)
 
     def _publish(self, batch: _Batch) -> None:
         """Alerts to the alerts topic, dead letters to the dead-letter topic; delivered before the commit."""
