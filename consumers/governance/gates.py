@@ -233,6 +233,8 @@ def g4_baseline(metrics: dict[str, float], baseline: dict[str, float] | None, po
         where = "the run" if name not in metrics else "the baseline"
         return result("no_data", f"{name} not in {where}", metric=name)
     value, reference = metrics[name], baseline[name]
+    if not _finite(reference):
+        return result("no_data", f"the baseline's {name} is {reference}: nothing to compare with", metric=name)
     factor = 1 - policy.baseline_tolerance
     bound = reference * factor if higher else reference / factor
     details = {"metric": name, "higher_is_better": higher, "value": value, "baseline": reference, "bound": bound}

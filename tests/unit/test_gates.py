@@ -135,6 +135,11 @@ def test_baseline_metric_direction_can_be_given_for_custom_metrics():
         metric_direction("reward")
 
 
+def test_a_diverged_baseline_is_nothing_to_compare_with():
+    g4 = g4_baseline({"eval_loss": 1.0}, {"eval_loss": math.nan}, GatePolicy())
+    assert g4.status == "no_data" and not g4.failed
+
+
 def test_baseline_without_the_metric_says_which_side_lacks_it():
     g4 = g4_baseline({"eval_loss": 1.0}, {"eval_accuracy": 0.8}, GatePolicy(), "eval_loss")
     assert g4.status == "no_data" and g4.message == "eval_loss not in the baseline"
