@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
@@ -53,6 +53,14 @@ class IngestStats:
     retries: int = 0
 
 
+class RunEndHook(Protocol):
+    """Told each run whose run ended event is stored (e.g. the quality gates); closed with the pipeline."""
+
+    def __call__(self, run_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def print_alert(alert: Alert) -> None:
     print(f"ALERT {alert.state:<8} {alert.severity:<8} {alert.rule:<16} run={alert.run_id} step={alert.step} "
           f"{alert.message}", file=sys.stderr, flush=True)
@@ -62,7 +70,7 @@ class IngestPipeline:
     def __init__(self, consumer: LogConsumer, writer: ClickHouseWriter, alert_producer: LogProducer | None,
                  settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert,
                  codec: Codec | None = None, metrics: IngestMetrics | None = None,
-                 on_run_ended: Callable[[str], None] | None = None):
+                 on_run_ended: RunEndHook | None = None):
         self._consumer = consumer
         self._consumer.on_revoke = self._on_revoke
         self.metrics = metrics or IngestMetrics()
@@ -164,8 +172,8 @@ class IngestPipeline:
         self._after_run_end(batch.ended_runs)
 
     def _after_run_end(self, run_ids: list[str]) -> None:
-        """Runs whose run ended is now stored (so are their earlier events): the hook, e.g. the quality gates.
-        After the commit, so a hook that fails costs its own result, never the pipeline's progress."""
+        """Runs whose run ended is now stored (so are their earlier events), to the hook. After the commit, so a
+        hook that fails costs its own result, never the pipeline's progress."""
         if self._on_run_ended is None:
             return
         for run_id in dict.fromkeys(run_ids):  # a run ended delivered twice in one batch: evaluated once
@@ -198,6 +206,8 @@ class IngestPipeline:
         self._consumer.close()
         if self._alert_producer is not None:
             self._alert_producer.close()
+        if self._on_run_ended is not None:
+            self._on_run_ended.close()
         self._writer.close()  # chdb serves one data directory per process: let go of it
 
     def drain(self, idle_seconds: float = 1.0, deadline: float | None = None,

@@ -11,7 +11,7 @@ from trainwire.infra.log import ensure_topics, open_consumer, open_producer
 from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS
 from trainwire.infra.store import apply_retention, connect_store, migrate
 
-from .governance import Governance, roles_for
+from .governance.worker import GateWorker
 from .ingest import IngestPipeline, event_topics, print_alert
 from .writer import ClickHouseWriter
 
@@ -23,12 +23,11 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     client = connect_store(settings.store_dsn)
     migrate(client)
     apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days)
-    governance = Governance(client, roles_for(settings))  # evaluates the gates of every run that ends
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
     return IngestPipeline(
         open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
-        settings, on_alert=on_alert, codec=codec_for(settings), on_run_ended=governance.on_run_ended,
+        settings, on_alert=on_alert, codec=codec_for(settings), on_run_ended=GateWorker(settings).start(),  # the gates of every run that ends
     )
 
 

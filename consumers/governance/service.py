@@ -8,7 +8,6 @@ serves them unchanged as POST actions (`actions()`) for CLI calls made while it 
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -26,7 +25,6 @@ from .chain import Entry, next_entry, verify_chain
 from .gates import EXIT_CODES, EvalPoint, GatePolicy, GateReport, RunEvidence, evaluate, g6_audit_completeness
 from .registry import SYSTEM_ACTOR, ApprovalEvidence, Roles, Transition, check_transition, current_stage
 
-log = logging.getLogger(__name__)
 ENTRY_COLUMNS = ["seq", "ts", "actor", "action", "run_id", "details", "prev_hash", "entry_hash"]
 GATE_COLUMNS = ["evaluation_id", "run_id", "evaluated_at", "trigger", "actor", "baseline", "overall", "gates_json",
                 "inputs_json", "audit_json", "result_sha256"]
@@ -78,10 +76,8 @@ class Governance:
         if not actor or not actor.strip():
             raise ValueError(f"{action}: no actor (pass --actor or set $USER)")
         with _append_lock:
-            rows = self.reader._rows(
-                "SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash FROM audit_log "
-                "ORDER BY seq DESC LIMIT 1")
-            entry = next_entry(Entry(**rows[0]) if rows else None, actor, action, run_id, to_json(details))
+            head = self.reader.audit_head()
+            entry = next_entry(Entry(**head) if head else None, actor, action, run_id, to_json(details))
             self._client.insert("audit_log", [[getattr(entry, c) for c in ENTRY_COLUMNS]], column_names=ENTRY_COLUMNS)
             return entry
 
@@ -95,11 +91,14 @@ class Governance:
             if entry.action == "gates.evaluated":
                 details = _details(entry)
                 vouched[details.get("evaluation_id")] = details.get("result_sha256")
-        for row in self.reader._rows(f"SELECT {', '.join(GATE_COLUMNS)} FROM gate_results FINAL"):
+        stored = set()
+        for row in self.reader.stored_gate_results():
+            stored.add(row["evaluation_id"])
             if row["evaluation_id"] not in vouched:
                 problems.append(f"gate evaluation {row['evaluation_id']} of run {row['run_id']}: no audit log entry")
             elif row["result_sha256"] != vouched[row["evaluation_id"]] or _result_sha256(row) != row["result_sha256"]:
                 problems.append(f"gate evaluation {row['evaluation_id']} of run {row['run_id']}: altered")
+        problems += [f"gate evaluation {evaluation_id}: deleted" for evaluation_id in vouched.keys() - stored]
         result = {"ok": not problems, "entries": verification.entries, "head": verification.head,
                   "problems": problems}
         self._append(actor, "audit.verified", "", {"ok": result["ok"], "entries": result["entries"],
@@ -171,11 +170,6 @@ class Governance:
                                          f"all gates passed (evaluation {evaluation_id})")["stage"]
         return {**report.to_dict(), "evaluation_id": evaluation_id, "evaluated_at": iso_utc(evaluated_at),
                 "trigger": trigger, "stage": stage, "exit_code": EXIT_CODES[report.overall]}
-
-    def on_run_ended(self, run_id: str) -> None:
-        """The ingest hook: a run's run ended event is stored, so evaluate its gates."""
-        result = self.evaluate_gates(run_id, SYSTEM_ACTOR, trigger="run_end")
-        log.info("gates of run %s: %s (stage %s)", run_id, result["overall"], result["stage"])
 
     # ---- audit record ----------------------------------------------------------------------------------------
 

@@ -64,6 +64,16 @@ class GovernanceReads:
             "ORDER BY evaluated_at DESC LIMIT 1", run_id=run_id)
         return json.loads(rows[0]["audit_json"]) if rows and rows[0]["audit_json"] else None
 
+    def evaluated_at_run_end(self, run_id: str) -> bool:
+        return bool(self._rows("SELECT count() AS n FROM gate_results WHERE run_id = {run_id:String} "
+                               "AND trigger = 'run_end'", run_id=run_id)[0]["n"])
+
+    def runs_awaiting_gates(self) -> list[str]:
+        """Ended runs without a run-end gate evaluation (their consumer stopped before it, or it failed)."""
+        return [r["run_id"] for r in self._rows(
+            "SELECT DISTINCT run_id FROM run_ended WHERE run_id NOT IN "
+            "(SELECT run_id FROM gate_results WHERE trigger = 'run_end') ORDER BY run_id")]
+
     def registry_history(self, run_id: str) -> list[Row]:
         """A run's registry transitions, oldest first: from, to, actor, time, reason."""
         return self._rows(_TRANSITIONS, run_id=run_id)
@@ -73,6 +83,16 @@ class GovernanceReads:
         return self._rows(
             "SELECT run_id, argMax(to_stage, seq) AS stage, max(ts) AS since, argMax(actor, seq) AS actor "
             f"FROM ({_TRANSITIONS}) GROUP BY run_id ORDER BY since DESC", run_id="")
+
+    def audit_head(self) -> Row | None:
+        """The audit log's last entry, which the next one links to."""
+        rows = self._rows("SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash FROM audit_log "
+                          "ORDER BY seq DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def stored_gate_results(self) -> list[Row]:
+        """Every gate evaluation as stored, JSON unparsed: what `trainwire audit verify` checks against the log."""
+        return self._rows("SELECT * FROM gate_results FINAL ORDER BY evaluated_at")
 
     def audit_log(self, run_id: str | None = None) -> list[Row]:
         """Who accessed or changed what, oldest first; one run's entries, or all."""

@@ -14,8 +14,11 @@ import time
 import pytest
 
 from trainwire.cli import main
-from trainwire.consumers.service import build_ingest
-from trainwire.infra.store import connect_store
+from trainwire.consumers.ingest import IngestPipeline, event_topics
+from trainwire.consumers.service import INGEST_GROUP, build_ingest
+from trainwire.consumers.writer import ClickHouseWriter
+from trainwire.infra.log import open_consumer
+from trainwire.infra.store import connect_store, migrate
 from trainwire.infra.store.read import StoreReader
 from trainwire.producers import init
 from trainwire.producers.environment import sha256_file
@@ -175,6 +178,23 @@ def test_registry_path_to_production_and_tampering_detected(home, tmp_path, caps
     assert f"entries {seq + 1}: missing (deleted)" in verified["problems"]
     assert any(p.endswith(f"of run {second.run_id}: altered") for p in verified["problems"])
     client.close()
+
+
+def test_runs_that_ended_while_no_gate_worker_ran_are_evaluated_at_the_next_start(home, tmp_path):
+    run = simulated_run(home, tmp_path, name="left-behind")
+    close_all()
+    client = connect_store(home.store_dsn)
+    migrate(client)
+    without_gates = IngestPipeline(open_consumer(home, home.topic(INGEST_GROUP), event_topics(home)),
+                                   ClickHouseWriter(client), None, home, on_alert=lambda alert: None)
+    without_gates.drain(idle_seconds=1.0)
+    without_gates.close()
+    reader = StoreReader(connect_store(home.store_dsn))
+    assert reader.runs_awaiting_gates() == [run.run_id]
+
+    ingest(home)  # nothing new to consume; its gate worker picks the run up at start
+    assert [e["trigger"] for e in reader.gate_results(run.run_id)] == ["run_end"]
+    assert reader.runs_awaiting_gates() == []
 
 
 def test_unknown_run_and_bad_baseline_are_clear_errors(home, tmp_path, capsys):
