@@ -228,7 +228,7 @@ class Governance:
         """One run's stage and history, or every run that has a stage."""
         if run_id is None:
             self._append(actor, "registry.viewed", "", {})
-            return {"runs": self.reader.registry_stages()}
+            return {"runs": [{**r, "since": iso_utc(r["since"])} for r in self.reader.registry_stages()]}
         self._started(run_id)
         history = self.reader.registry_history(run_id)
         latest = self.reader.latest_gates(run_id)

@@ -180,6 +180,25 @@ def test_registry_path_to_production_and_tampering_detected(home, tmp_path, caps
     client.close()
 
 
+def test_roles_file_named_by_trainwire_roles_is_enforced(home, tmp_path, capsys, monkeypatch):
+    roles = tmp_path / "roles.toml"
+    roles.write_text('requester = ["alice"]\napprover = ["carol"]\narchiver = ["carol"]\n')
+    monkeypatch.setenv("TRAINWIRE_ROLES", str(roles))
+    run = simulated_run(home, tmp_path, name="roles")
+    close_all()
+    ingest(home)
+    code, _, err = cli(capsys, "registry", "request", run.run_id, "--actor", "bob")
+    assert code == 2 and "bob does not hold the requester role" in err
+    assert cli(capsys, "registry", "request", run.run_id, "--actor", "alice")[0] == 0
+    code, _, err = cli(capsys, "registry", "approve", run.run_id, "--actor", "bob")
+    assert code == 2 and "bob does not hold the approver role" in err
+    assert cli(capsys, "registry", "approve", run.run_id, "--actor", "carol")[0] == 0
+
+    monkeypatch.setenv("TRAINWIRE_ROLES", str(tmp_path / "missing.toml"))
+    code, _, err = cli(capsys, "registry", "status", run.run_id)
+    assert code == 2 and "TRAINWIRE_ROLES: no such file" in err
+
+
 def test_runs_that_ended_while_no_gate_worker_ran_are_evaluated_at_the_next_start(home, tmp_path):
     run = simulated_run(home, tmp_path, name="left-behind")
     close_all()
