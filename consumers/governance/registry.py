@@ -55,7 +55,8 @@ class Roles:
             raise ValueError(f"roles file {path}: {err}") from None
         unknown = sorted(set(data) - ROLES)
         if unknown:
-            raise ValueError(f"roles file {path}: unknown role {', '.join(unknown)} (known: {', '.join(sorted(ROLES))})")
+            raise ValueError(f"roles file {path}: unknown role {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(ROLES))})")
         members = {}
         for role, actors in data.items():
             if not (isinstance(actors, list) and all(isinstance(a, str) and a for a in actors)):

@@ -21,7 +21,7 @@ from trainwire.infra.store.api import to_json
 from trainwire.infra.store.read import StoreReader
 
 from .audit import build_audit_record, canonical_json, iso_utc, sha256_of
-from .chain import Entry, next_entry, verify_chain
+from .chain import Entry, Verification, next_entry, verify_chain
 from .gates import EXIT_CODES, EvalPoint, GatePolicy, GateReport, RunEvidence, evaluate, g6_audit_completeness
 from .registry import SYSTEM_ACTOR, ApprovalEvidence, Roles, Transition, check_transition, current_stage
 
@@ -81,8 +81,8 @@ class Governance:
             self._client.insert("audit_log", [[getattr(entry, c) for c in ENTRY_COLUMNS]], column_names=ENTRY_COLUMNS)
             return entry
 
-    def verify(self, actor: str, head: str | None = None) -> dict[str, Any]:
-        """Check the chain, and that every stored gate evaluation is the one its log entry vouches for."""
+    def _check_trail(self, head: str | None = None) -> Verification:
+        """The chain, and every stored gate evaluation against the log entry that vouches for it."""
         entries = self._entries()
         verification = verify_chain(entries, head)
         problems = list(verification.problems)
@@ -99,11 +99,14 @@ class Governance:
             elif row["result_sha256"] != vouched[row["evaluation_id"]] or _result_sha256(row) != row["result_sha256"]:
                 problems.append(f"gate evaluation {row['evaluation_id']} of run {row['run_id']}: altered")
         problems += [f"gate evaluation {evaluation_id}: deleted" for evaluation_id in vouched.keys() - stored]
-        result = {"ok": not problems, "entries": verification.entries, "head": verification.head,
-                  "problems": problems}
-        self._append(actor, "audit.verified", "", {"ok": result["ok"], "entries": result["entries"],
-                                                   "problems": len(problems)})
-        return result
+        return Verification(verification.entries, problems, verification.head)
+
+    def verify(self, actor: str, head: str | None = None) -> dict[str, Any]:
+        verification = self._check_trail(head)
+        self._append(actor, "audit.verified", "", {"ok": verification.ok, "entries": verification.entries,
+                                                   "problems": len(verification.problems)})
+        return {"ok": verification.ok, "entries": verification.entries, "head": verification.head,
+                "problems": verification.problems}
 
     def audit_trail(self, actor: str, run_id: str | None = None) -> list[dict[str, Any]]:
         entries = [Entry(**row).to_dict() for row in self.reader.audit_log(run_id)]
@@ -199,9 +202,8 @@ class Governance:
     def _approval(self, run_id: str, transitions: list[Transition]) -> ApprovalEvidence:
         requester = next((t.actor for t in reversed(transitions) if t.to_stage == "Staging"), None)
         g6 = g6_audit_completeness(self.evidence(run_id)[0].audit)
-        entries = self._entries()
-        chain = verify_chain(entries)
-        return ApprovalEvidence(requester, g6.status == "passed", g6.message, chain.ok, chain.problems)
+        trail = self._check_trail()
+        return ApprovalEvidence(requester, g6.status == "passed", g6.message, trail.ok, trail.problems)
 
     def _transition(self, run_id: str, to_stage: str, actor: str, reason: str | None) -> dict[str, Any]:
         self._started(run_id)
