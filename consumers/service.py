@@ -27,7 +27,8 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
     return IngestPipeline(
         open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
-        settings, on_alert=on_alert, codec=codec_for(settings), on_run_ended=GateWorker(settings).start(),  # the gates of every run that ends
+        settings, on_alert=on_alert, codec=codec_for(settings),
+        on_run_ended=GateWorker(settings).start(),  # evaluates the quality gates of every run that ends
     )
 
 
