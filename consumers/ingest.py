@@ -13,6 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
@@ -38,6 +39,7 @@ class _Batch:
     alerts: list[Alert] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     dead_letter_keys: list[bytes | None] = field(default_factory=list)
+    ended_runs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -52,6 +54,14 @@ class IngestStats:
     retries: int = 0
 
 
+class RunEndHook(Protocol):
+    """Told each run whose run ended event is stored (e.g. the quality gates); closed with the pipeline."""
+
+    def __call__(self, run_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def print_alert(alert: Alert) -> None:
     print(f"ALERT {alert.state:<8} {alert.severity:<8} {alert.rule:<16} run={alert.run_id} step={alert.step} "
           f"{alert.message}", file=sys.stderr, flush=True)
@@ -60,7 +70,8 @@ def print_alert(alert: Alert) -> None:
 class IngestPipeline:
     def __init__(self, consumer: LogConsumer, writer: ClickHouseWriter, alert_producer: LogProducer | None,
                  settings: Settings, detectors: DetectorEngine | None = None, on_alert=print_alert,
-                 codec: Codec | None = None, metrics: IngestMetrics | None = None):
+                 codec: Codec | None = None, metrics: IngestMetrics | None = None,
+                 on_run_ended: RunEndHook | None = None):
         self._consumer = consumer
         self._consumer.on_revoke = self._on_revoke
         self.metrics = metrics or IngestMetrics()
@@ -71,6 +82,7 @@ class IngestPipeline:
         self._settings = settings
         self._detectors = detectors or DetectorEngine()
         self._on_alert = on_alert
+        self._on_run_ended = on_run_ended
         self._batch = _Batch()
         self._backoff = 0.0
         self.stats = IngestStats()
@@ -133,6 +145,8 @@ class IngestPipeline:
             return
         batch.rows[kind].append(to_row(kind, fields))
         batch.alerts.extend(self._detectors.observe(kind, fields))
+        if kind == "run_ended":
+            batch.ended_runs.append(fields["run_id"])
 
     def flush(self) -> None:
         batch, self._batch = self._batch, _Batch()
@@ -160,6 +174,18 @@ class IngestPipeline:
         self.metrics.dead_lettered.inc(len(batch.dead_letters))
         self.metrics.alerts.inc(len(batch.alerts))
         self.metrics.batch_rows.observe(len(batch.records))
+        self._after_run_end(batch.ended_runs)
+
+    def _after_run_end(self, run_ids: list[str]) -> None:
+        """Runs whose run ended is now stored (so are their earlier events), to the hook. After the commit, so a
+        hook that fails costs its own result, never the pipeline's progress."""
+        if self._on_run_ended is None:
+            return
+        for run_id in dict.fromkeys(run_ids):  # a run ended delivered twice in one batch: evaluated once
+            try:
+                self._on_run_ended(run_id)
+            except Exception:
+                log.exception("ingest: run ended hook failed for run %s", run_id)
 
     def _publish(self, batch: _Batch) -> None:
         """Alerts to the alerts topic, dead letters to the dead-letter topic; delivered before the commit."""
@@ -185,6 +211,8 @@ class IngestPipeline:
         self._consumer.close()
         if self._alert_producer is not None:
             self._alert_producer.close()
+        if self._on_run_ended is not None:
+            self._on_run_ended.close()
         self._writer.close()  # chdb serves one data directory per process: let go of it
 
     def drain(self, idle_seconds: float = 1.0, deadline: float | None = None,

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     flush_timeout_seconds: float = Field(default=10.0, ge=0)
     metrics_retention_days: int = Field(default=90, ge=30, le=90, description="per-step metrics and evals")
     gpu_retention_days: int = Field(default=30, ge=1, le=365, description="GPU samples and heartbeats")
+    roles: Path | None = Field(default=None, description="TOML file of registry roles; unset: $home/roles.toml "
+                               "if present, else every actor holds every role")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -97,6 +97,106 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _actor(args: argparse.Namespace) -> str:
+    import getpass
+
+    return args.actor or getpass.getuser()
+
+
+def _govern(settings: Settings, action: str, **arguments: Any) -> Any:
+    """A governance operation (gates, audit, registry), run where the store is: in this process, or in the
+    `trainwire up` that owns the embedded store, over its API. Either way it is logged in the audit log."""
+    from trainwire.infra.store.api import RemoteReader, running_api, to_json
+
+    if settings.embedded_store and (url := running_api(settings.home)):
+        return RemoteReader(url).act(action, **arguments)
+    from trainwire.consumers.governance import Governance, roles_for
+    from trainwire.infra.store import connect_store, migrate
+
+    client = connect_store(settings.store_dsn)
+    try:
+        migrate(client)
+        return to_json(getattr(Governance(client, roles_for(settings)), action)(**arguments))
+    finally:
+        client.close()
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainwire.consumers.governance import baseline_from_file
+    from trainwire.consumers.governance.gates import metric_direction
+
+    if args.metric:
+        metric_direction(args.metric)  # an unknown metric direction stops here, before anything is recorded
+    baseline: dict[str, Any] = {}
+    if args.baseline and Path(args.baseline).is_file():
+        baseline = {"baseline_metrics": baseline_from_file(Path(args.baseline)), "baseline_label": args.baseline}
+    elif args.baseline:
+        baseline = {"baseline_run": args.baseline}
+    result = _govern(_settings(args), "evaluate_gates", run_id=args.run_id, actor=_actor(args), metric=args.metric,
+                     **baseline)
+    lines = [f"run {result['run_id']}: {result['overall'].upper()}  (stage {result['stage']}, "
+             f"baseline {result['baseline'] or 'none'})"]
+    lines += [f"  {g['gate']} {g['name']:<19} {g['on_fail']:<5} {g['status']:<11} {g['message']}"
+              for g in result["gates"]]
+    _emit(args, result, "\n".join(lines))
+    return result["exit_code"]
+
+
+def _flatten(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, dict) and value:
+        return [line for key, item in value.items() for line in _flatten(item, f"{prefix}{key}.")]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [line for i, item in enumerate(value) for line in _flatten(item, f"{prefix}{i}.")]
+    return [f"{prefix.rstrip('.'):<52} {value}"]
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    settings = _settings(args)
+    if args.target == "verify":
+        result = _govern(settings, "verify", actor=_actor(args), head=args.head)
+        human = (f"audit log verified: {result['entries']} entries, head {result['head']}" if result["ok"] else
+                 "AUDIT LOG DOES NOT VERIFY:\n" + "\n".join(f"  {p}" for p in result["problems"]))
+        _emit(args, result, human)
+        return 0 if result["ok"] else 1
+    if args.target == "log":
+        entries = _govern(settings, "audit_trail", actor=_actor(args), run_id=args.run)
+        _emit(args, entries, "\n".join(f"{e['seq']:>6} {e['ts']} {e['actor']:<12} {e['action']:<20} "
+                                        f"{e['run_id'] or '-':<36} {e['details']}" for e in entries))
+        return 0
+    record = _govern(settings, "audit_record", run_id=args.target, actor=_actor(args), export=args.export)
+    if args.export:
+        with open(args.export, "w", encoding="utf-8") as handle:
+            json_module.dump(record, handle, indent=2)
+        _emit(args, {"run_id": args.target, "file": args.export}, f"audit record of {args.target} → {args.export}")
+    else:
+        _emit(args, record, "\n".join(_flatten(record)))
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    settings, actor = _settings(args), _actor(args)
+    if args.action == "status":
+        result = _govern(settings, "registry_status", actor=actor, run_id=args.run_id)
+        if args.run_id is None:
+            human = "\n".join(f"{r['run_id']}  {r['stage']:<10} since {r['since']} by {r['actor']}"
+                              for r in result["runs"]) or "no run has left stage None"
+        else:
+            human = "\n".join([f"run {result['run_id']}: stage {result['stage']} (gates {result['gates']})"] + [
+                f"  {h['at']}  {h['from']:>10} → {h['to']:<10} by {h['actor']}: {h['reason']}"
+                for h in result["history"]])
+        _emit(args, result, human)
+        return 0
+    if args.run_id is None:
+        raise ValueError(f"registry {args.action} needs a RUN_ID")
+    result = _govern(settings, f"registry_{args.action}", run_id=args.run_id, actor=actor, reason=args.reason)
+    _emit(args, result, f"run {result['run_id']}: {result['from']} → {result['stage']} by {result['actor']}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from trainwire.up import up_embedded, up_services
 
@@ -193,6 +293,29 @@ def build_parser() -> argparse.ArgumentParser:
     ddl.add_argument("--cluster", help="render for this ClickHouse cluster (default: TRAINWIRE_STORE_CLUSTER)")
     ddl.add_argument("--json", action="store_true")
     ddl.set_defaults(func=cmd_store_ddl)
+
+    gates = command("gates", "evaluate a run's quality gates G1–G6 (exit 0 passed, 1 warnings, 2 blocked)")
+    gates.add_argument("run_id")
+    gates.add_argument("--baseline", metavar="RUN_ID|FILE", help="a run, or a JSON file of metric → value")
+    gates.add_argument("--metric", metavar="NAME[:higher|lower]", help="G4's metric (default: eval_loss, "
+                       "eval_accuracy or train_loss, the first both have)")
+    gates.add_argument("--actor", help="who asks (default: $USER)")
+    gates.set_defaults(func=cmd_gates)
+
+    audit = command("audit", "a run's audit record; `audit verify`: check the audit log; `audit log`: show it")
+    audit.add_argument("target", metavar="RUN_ID|verify|log")
+    audit.add_argument("--export", metavar="FILE", help="write the audit record to FILE as JSON")
+    audit.add_argument("--head", metavar="HASH", help="verify: a head noted earlier that must still be in the log")
+    audit.add_argument("--run", metavar="RUN_ID", help="log: only this run's entries")
+    audit.add_argument("--actor", help="who asks (default: $USER)")
+    audit.set_defaults(func=cmd_audit)
+
+    registry = command("registry", "model registry: status [RUN_ID], request, approve, archive RUN_ID")
+    registry.add_argument("action", choices=["status", "request", "approve", "archive"])
+    registry.add_argument("run_id", nargs="?")
+    registry.add_argument("--actor", help="who acts (default: $USER)")
+    registry.add_argument("--reason", help="why (required to archive)")
+    registry.set_defaults(func=cmd_registry)
 
     dashboard = command("dashboard", "serve the Streamlit dashboard")
     dashboard.add_argument("--port", type=int, default=8501)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 
+from trainwire.consumers.governance import Governance, roles_for
 from trainwire.consumers.service import build_ingest, run_ingest
 from trainwire.infra.config import Settings
 from trainwire.infra.store import connect_store
@@ -36,7 +37,9 @@ def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
     stop = threading.Event()
     ingest = threading.Thread(target=run_ingest, args=(pipeline, stop), name="ingest", daemon=True)
     ingest.start()
-    api = ReadApiServer(StoreReader(connect_store(settings.store_dsn)), settings.home).start()
+    client = connect_store(settings.store_dsn)
+    governance = Governance(client, roles_for(settings))  # registry and audit commands of other processes
+    api = ReadApiServer(StoreReader(client), settings.home, actions=governance.actions()).start()
     _say(f"trainwire up (embedded): ingest from {settings.local_log_path} into {settings.store_dsn}")
     _say(f"read API for other trainwire commands on {api.url}")
     try:

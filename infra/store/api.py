@@ -13,6 +13,7 @@ import os
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +31,13 @@ METHODS: dict[str, dict[str, type]] = {
     "incidents": {},
     "checkpoints": {"run_id": str},
     "dead_letters": {},
+    # governance (infra/store/governance.py)
+    "gate_results": {"run_id": str},
+    "latest_gates": {"run_id": str},
+    "stored_audit_record": {"run_id": str},
+    "registry_history": {"run_id": str},
+    "registry_stages": {},
+    "audit_log": {"run_id": str},
 }
 
 
@@ -50,8 +58,13 @@ def to_json(value: Any) -> Any:
 
 
 class ReadApiServer:
-    def __init__(self, reader: StoreReader, home: Path):
+    """`actions`: write operations served on POST /api/NAME with a JSON object of keyword arguments (e.g. the
+    registry's transitions, which must run in the process that owns the store); a ValueError they raise is
+    the caller's error (400), with its message."""
+
+    def __init__(self, reader: StoreReader, home: Path, actions: dict[str, Callable[..., Any]] | None = None):
         self._reader = reader
+        self.actions = actions or {}
         self._lock = threading.Lock()  # one query at a time through the shared client
         self._home = home
         handler = type("Handler", (_Handler,), {"api": self})
@@ -64,6 +77,10 @@ class ReadApiServer:
         kwargs = {name: spec[name](value) for name, value in arguments.items() if name in spec}
         with self._lock:
             return to_json(getattr(self._reader, method)(**kwargs))
+
+    def act(self, action: str, arguments: dict[str, Any]) -> Any:
+        with self._lock:
+            return to_json(self.actions[action](**arguments))
 
     def start(self) -> ReadApiServer:
         self._thread.start()
@@ -87,6 +104,24 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             result = self.api.call(method, dict(urllib.parse.parse_qsl(url.query)))
         except Exception as err:  # a failed query is the caller's answer, not the server's death
+            self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+            return
+        self._reply(200, result)
+
+    def do_POST(self) -> None:  # noqa: N802
+        action = urllib.parse.urlsplit(self.path).path.removeprefix("/api/")
+        if action not in self.api.actions:
+            self._reply(404, {"error": f"unknown action {action!r}"})
+            return
+        try:
+            arguments = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            if not isinstance(arguments, dict):
+                raise ValueError("the body must be a JSON object of arguments")
+            result = self.api.act(action, arguments)
+        except (ValueError, TypeError) as err:
+            self._reply(400, {"error": str(err)})
+            return
+        except Exception as err:
             self._reply(500, {"error": f"{type(err).__name__}: {err}"})
             return
         self._reply(200, result)
@@ -122,6 +157,17 @@ class RemoteReader:
                 raise RuntimeError(json.loads(err.read()).get("error", str(err))) from None
 
         return call
+
+    def act(self, action: str, **arguments: Any) -> Any:
+        """A write action of the `up` process; its refusal (400) comes back as a ValueError with its message."""
+        request = urllib.request.Request(f"{self.url}/api/{action}", data=json.dumps(arguments).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            message = json.loads(err.read()).get("error", str(err))
+            raise (ValueError if err.code in (400, 404) else RuntimeError)(message) from None
 
 
 def running_api(home: Path) -> str | None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from .governance import GovernanceReads
+
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
 
@@ -44,7 +46,7 @@ LEFT JOIN (SELECT * FROM run_ended FINAL WHERE run_id = rid) AS e ON e.run_id = 
 """
 
 
-class StoreReader:
+class StoreReader(GovernanceReads):
     def __init__(self, client: Client):
         self._client = client
 

@@ -126,7 +126,7 @@ def test_a_store_migrated_before_rollups_existed_is_backfilled(tmp_path):
         migrate(client, up_to=2)
         events = _crafted_run("old-run", (time.time_ns() // 1_000_000) - 7_200_000, steps=120)
         insert(client, "steps", "step", events + events[:10])  # an old store may hold duplicate rows
-        assert [m.split("_")[0] for m in migrate(client)] == ["003"]
+        assert [m.split("_")[0] for m in migrate(client)][0] == "003"
         assert client.query(_ROLLUP_BY_MINUTE).result_rows == client.query(_RAW_BY_MINUTE).result_rows
         assert client.query("SELECT sum(steps) FROM steps_1m").result_rows[0][0] == 120
     finally:

@@ -1,0 +1,118 @@
+"""The model registry's stages and rules (spec §6), pure: the store keeps transitions in the audit log.
+
+    None ──(all gates passed, automatic)──► Candidate ──request──► Staging ──approve──► Production
+      └──────────────── archive (any stage, with a reason) ──────────────────────────────► Archived
+
+Approval needs an approver other than the requester, G6 passed and a verified audit trail. Roles (who may
+request, approve, archive) come from a TOML file; without one every actor holds every role.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Stage = Literal["None", "Candidate", "Staging", "Production", "Archived"]
+STAGES: tuple[Stage, ...] = ("None", "Candidate", "Staging", "Production", "Archived")
+ALLOWED: dict[str, frozenset[str]] = {
+    "None": frozenset({"Candidate", "Archived"}),
+    "Candidate": frozenset({"Staging", "Archived"}),
+    "Staging": frozenset({"Production", "Archived"}),
+    "Production": frozenset({"Archived"}),
+    "Archived": frozenset(),
+}
+ROLE_FOR_STAGE = {"Staging": "requester", "Production": "approver", "Archived": "archiver"}
+ROLES = frozenset(ROLE_FOR_STAGE.values())
+SYSTEM_ACTOR = "trainwire"  # who promotes a run to Candidate when its gates pass
+
+
+class RegistryError(ValueError):
+    """A refused transition; the message names the run, the stages and the reason."""
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Role → actors allowed; `*` allows anyone. `None` (no roles file) allows anyone every role."""
+
+    members: dict[str, frozenset[str]] | None = None
+
+    def allows(self, actor: str, role: str) -> bool:
+        if self.members is None:
+            return True
+        allowed = self.members.get(role, frozenset())
+        return "*" in allowed or actor in allowed
+
+    @classmethod
+    def load(cls, path: Path | None) -> Roles:
+        """Roles from a TOML file such as `approver = ["carol"]`; a missing file (or None) means open roles."""
+        if path is None or not path.is_file():
+            return cls()
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"roles file {path}: {err}") from None
+        unknown = sorted(set(data) - ROLES)
+        if unknown:
+            raise ValueError(f"roles file {path}: unknown role {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(ROLES))})")
+        members = {}
+        for role, actors in data.items():
+            if not (isinstance(actors, list) and all(isinstance(a, str) and a for a in actors)):
+                raise ValueError(f"roles file {path}: {role} must be a list of actor names, got {actors!r}")
+            members[role] = frozenset(actors)
+        return cls(members)
+
+
+@dataclass(frozen=True)
+class Transition:
+    run_id: str
+    from_stage: str
+    to_stage: str
+    actor: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ApprovalEvidence:
+    """What approval to Production rests on, gathered from the store at the time of the request."""
+
+    requester: str | None = None  # who moved the run to Staging
+    g6_passed: bool = False
+    g6_message: str = ""
+    trail_verified: bool = False
+    trail_problems: list[str] = field(default_factory=list)
+
+
+def check_transition(transition: Transition, roles: Roles, approval: ApprovalEvidence | None = None) -> None:
+    """Raise `RegistryError` unless the transition is allowed; return None when it is."""
+    t = transition
+    prefix = f"run {t.run_id}: {t.from_stage} → {t.to_stage} refused"
+    if t.to_stage not in STAGES:
+        raise RegistryError(f"{prefix}: unknown stage (stages: {', '.join(STAGES)})")
+    if t.to_stage not in ALLOWED[t.from_stage]:
+        allowed = ", ".join(sorted(ALLOWED[t.from_stage])) or "none: Archived is final"
+        raise RegistryError(f"{prefix}: not an allowed transition (from {t.from_stage}: {allowed})")
+    if not t.actor.strip():
+        raise RegistryError(f"{prefix}: no actor")
+    if t.to_stage == "Candidate" and t.actor != SYSTEM_ACTOR:
+        raise RegistryError(f"{prefix}: Candidate is set by trainwire when all gates pass")
+    role = ROLE_FOR_STAGE.get(t.to_stage)
+    if role and not roles.allows(t.actor, role):
+        raise RegistryError(f"{prefix}: {t.actor} does not hold the {role} role")
+    if t.to_stage == "Archived" and not t.reason.strip():
+        raise RegistryError(f"{prefix}: archiving needs a reason")
+    if t.to_stage == "Production":
+        approval = approval or ApprovalEvidence()
+        if approval.requester is None or approval.requester == t.actor:
+            raise RegistryError(f"{prefix}: the approver must be someone other than the requester "
+                                f"({approval.requester})")
+        if not approval.g6_passed:
+            raise RegistryError(f"{prefix}: G6 audit completeness has not passed ({approval.g6_message})")
+        if not approval.trail_verified:
+            raise RegistryError(f"{prefix}: the audit trail does not verify: {'; '.join(approval.trail_problems)}")
+
+
+def current_stage(transitions: list[Transition]) -> str:
+    return transitions[-1].to_stage if transitions else "None"
