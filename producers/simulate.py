@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .environment import sha256_bytes
 from .run import Run
 
 FAULTS = ("nan", "spike", "gradnorm")
@@ -28,6 +29,34 @@ def lr_at(step: int, steps: int, peak: float = 2e-4, warmup: int = 20) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _digest(*parts: object) -> str:
+    return sha256_bytes("/".join(map(str, parts)).encode())
+
+
+def simulated_lineage(job: int) -> dict:
+    """What a real trainer records about its inputs (see TrainwireCallback), for a simulated job: pinned base
+    model, hashed dataset, versioned config, seeds, environment. Enough for the audit record and gate G6."""
+    return {
+        "base_model": "meta-llama/Meta-Llama-3-8B (simulated)", "base_model_source": "huggingface",
+        "base_model_revision": "62bd457b6fe961a42a631306577e622c83876cb6",
+        "base_model_sha256": _digest("base-model", "llama-3-8b"),
+        "dataset_path": "s3://trainwire-demo/datasets/alpaca-cleaned.jsonl", "dataset_version": "2024-03",
+        "dataset_sha256": _digest("dataset", "alpaca-cleaned"), "dataset_samples": 51_760,
+        "dataset_source": "yahma/alpaca-cleaned", "dataset_license": "cc-by-4.0", "dataset_format": "alpaca",
+        "git_commit": "4f2c1e9a7b3d5f60812e4c9d0a1b2c3d4e5f6a7b", "git_dirty": False,
+        "seed": 42 + job, "data_seed": 42 + job, "numpy_seed": 42 + job,
+        "environment": {"python": "3.11.7", "torch": "2.5.1", "transformers": "4.46.3", "peft": "0.13.2",
+                        "cuda": "12.4", "simulated": "true"},
+    }
+
+
+def simulated_artifacts(run_id: str, step: int) -> list[dict]:
+    """Adapter files with sizes and hashes, as the callback reports them for a saved checkpoint or final model."""
+    return [{"name": name, "size": size, "sha256": _digest(run_id, step, name)}
+            for name, size in (("adapter_model.safetensors", 33_571_624), ("adapter_config.json", 712),
+                               ("training_args.bin", 5_240))]
 
 
 def run_job(run: Run, plan: JobPlan, stop: threading.Event | None = None) -> None:
@@ -56,7 +85,8 @@ def run_job(run: Run, plan: JobPlan, stop: threading.Event | None = None) -> Non
             eval_loss = loss * 1.08 if math.isfinite(loss) else loss
             run.log_eval(step, eval_loss=eval_loss, eval_accuracy=max(0.0, 1 - eval_loss / 4) if math.isfinite(eval_loss) else None)
         if step % plan.checkpoint_every == 0:
-            run.log_checkpoint(step, f"/tmp/trainwire-demo/{run.run_id}/checkpoint-{step}")
+            run.log_checkpoint(step, f"/tmp/trainwire-demo/{run.run_id}/checkpoint-{step}",
+                               files=simulated_artifacts(run.run_id, step))
         if plan.step_seconds:
             time.sleep(plan.step_seconds)
 

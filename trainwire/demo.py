@@ -12,7 +12,8 @@ from trainwire.infra.config import Settings
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.read import StoreReader
 from trainwire.producers import init
-from trainwire.producers.simulate import FAULTS, JobPlan, SimulatedGpus, run_job
+from trainwire.producers.simulate import (FAULTS, JobPlan, SimulatedGpus, run_job, simulated_artifacts,
+                                          simulated_lineage)
 
 
 @dataclass
@@ -50,13 +51,14 @@ def start_jobs(settings: Settings, jobs: int, steps: int, faults: list[str], ste
         fault = faults[i] if i < len(faults) else None
         run = init("demo-sft", f"job-{i}{'-' + fault if fault else ''}",
                    {"learning_rate": 2e-4, "lora_rank": 16, "lora_alpha": 32, "batch_size": 8, "job": i},
-                   settings=settings, gpu_source=SimulatedGpus(seed=i), base_model="llama-3-8b (simulated)",
-                   total_steps=steps, total_epochs=3.0, seed=42 + i)
+                   settings=settings, gpu_source=SimulatedGpus(seed=i), total_steps=steps, total_epochs=3.0,
+                   **simulated_lineage(i))
         plan = JobPlan(steps=steps, step_seconds=step_seconds, fault=fault, seed=i)
 
         def job(run=run, plan=plan) -> None:
             run_job(run, plan, stop)
-            run.finish("stopped" if stop.is_set() else "completed")
+            run.finish("stopped" if stop.is_set() else "completed",
+                       artifacts=simulated_artifacts(run.run_id, plan.steps))
 
         runs.append(run)
         threads.append(threading.Thread(target=job, name=f"demo-job-{i}", daemon=True))
