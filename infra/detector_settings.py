@@ -30,9 +30,12 @@ class GradNormHighSettings(RuleSettings):
 
 
 class OverfittingSettings(RuleSettings):
-    ratio: float = Field(default=1.5, gt=0, description="fires when eval loss > ratio × current train loss")
+    ratio: float = Field(default=1.5, gt=0, description="fires when eval loss > ratio × current train loss "
+                       "(mean of the last 5 logged)")
     rising_evals: int = Field(default=3, ge=1, description="or when eval loss rose this many evals in a row "
                               "while train loss fell")
+    min_rise: float = Field(default=0.02, ge=0, description="…by at least this much in all (relative to where the "
+                            "rise began): a plateau's jitter is not a trend")
 
 
 class GeneralizationGapSettings(RuleSettings):
@@ -64,7 +67,7 @@ class LossUnstableSettings(RuleSettings):
     window: int = Field(default=20, ge=4, description="recent finite losses examined")
     min_flip_fraction: float = Field(default=0.6, gt=0, le=1, description="share of consecutive changes that "
                                      "reverse direction")
-    min_relative_swing: float = Field(default=0.15, gt=0, description="mean |change| between logged losses, "
+    min_relative_swing: float = Field(default=0.25, gt=0, description="mean |change| between logged losses, "
                                       "relative to the window's mean loss")
 
 

@@ -27,12 +27,6 @@ class Finding:
 QUIET = Finding(False)  # the common verdict, shared: no object per event when nothing is wrong
 
 
-@dataclass
-class RunFacts:
-    """What the engine keeps about a run for rules that relate one kind of event to another."""
-
-    train_loss: float | None = None  # the latest finite train loss
-    last_step: int | None = None
 
 
 class Rule:
@@ -84,3 +78,23 @@ class Rolling:
     def mostly(self) -> bool:
         """For 0/1 readings: the window is full and more than half of it is 1 ("sustained", not one blip)."""
         return len(self.values) == self.window and 2 * self.total > self.window
+
+
+TRAIN_LOSS_LOGS = 5  # logged train losses averaged into the "current train loss" that evals are compared with
+
+
+class RunFacts:
+    """What the engine keeps about a run for rules that relate one kind of event to another."""
+
+    __slots__ = ("recent_losses", "last_step")
+
+    def __init__(self) -> None:
+        self.recent_losses = Rolling(TRAIN_LOSS_LOGS)
+        self.last_step: int | None = None
+
+    @property
+    def train_loss(self) -> float | None:
+        """The current train loss: the mean of the last few logged finite losses, so that one noisy batch does
+        not decide an eval-versus-train comparison."""
+        count = len(self.recent_losses.values)
+        return self.recent_losses.total / count if count else None

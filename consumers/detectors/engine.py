@@ -165,7 +165,7 @@ class DetectorEngine:
             facts.last_step = record["step"]
             loss = record.get("loss")
             if loss is not None and math.isfinite(loss):
-                facts.train_loss = loss
+                facts.recent_losses.add(loss)
         for rule in run.rules.by_kind.get(kind, ()):
             finding = rule.check(record, run.rule_state[rule.rule_id], run.facts)
             if finding is None or alerts is None:

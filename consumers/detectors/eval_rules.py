@@ -25,12 +25,13 @@ class _EvalTrend:
 
 @dataclass
 class Overfitting(Rule):
-    """Eval loss above `ratio` × the current train loss, or eval loss rising `rising_evals` evals in a row while
-    the train loss fell over the same evals. The alert says to stop and names the best checkpoint so far: the
+    """Eval loss above `ratio` × the current train loss, or eval loss rising `rising_evals` evals in a row (by at
+    least `min_rise` in all) while the train loss fell over the same evals. The alert says to stop and names the best checkpoint so far: the
     one the trainer flagged best, else the one with the lowest eval loss, else the one saved at the best eval."""
 
     ratio: float
     rising_evals: int
+    min_rise: float
     field: ClassVar[str] = "eval_loss"
     rule_id: ClassVar[str] = "overfitting"
     severity: ClassVar[str] = "warning"
@@ -60,8 +61,8 @@ class Overfitting(Rule):
                            f"eval loss {eval_loss:.4g} > {self.ratio:g} × train loss {train_loss:.4g}; "
                            f"{self._best(trend)}")
         base_eval, base_train = trend.base
-        if (trend.rising >= self.rising_evals and base_train is not None and train_loss is not None
-                and train_loss < base_train):
+        if (trend.rising >= self.rising_evals and eval_loss >= (1 + self.min_rise) * base_eval
+                and base_train is not None and train_loss is not None and train_loss < base_train):
             return Finding(True, eval_loss, base_eval,
                            f"eval loss rose {trend.rising} evals in a row ({base_eval:.4g} → {eval_loss:.4g}) while "
                            f"train loss fell ({base_train:.4g} → {train_loss:.4g}): stop here; {self._best(trend)}")
