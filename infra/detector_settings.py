@@ -134,6 +134,9 @@ RuleOverrides = create_model(
 class DetectorSettings(DetectorParameters):
     experiments: dict[str, RuleOverrides] = Field(default_factory=dict)  # type: ignore[valid-type]
 
+    def __hash__(self) -> int:  # Settings are hashable (producers key their emitters by them); dicts are not
+        return hash(self.model_dump_json())
+
     @cached_property
     def deployment(self) -> DetectorParameters:
         """The parameters every experiment without overrides runs with."""

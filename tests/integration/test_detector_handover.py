@@ -60,10 +60,10 @@ def test_a_new_consumer_continues_open_incidents(any_settings):
     send(any_settings, part_two)
     second = consume(any_settings)  # a new pipeline: its engine has never seen the run
 
-    assert [(a.rule, a.state, a.step) for a in second] == [
+    assert sorted((a.rule, a.state, a.step or 0) for a in second) == [  # GPU samples have their own topic: any order
+        ("gpu_temperature_high", "resolved", 0),
         ("loss_not_finite", "resolved", 31),  # not fired again at step 26
         ("loss_spike", "firing", 32),  # against the baseline that part one logged
-        ("gpu_temperature_high", "resolved", None),
     ]
     reader = StoreReader(connect_store(any_settings.store_dsn))
     stored = [(a["rule"], a["state"], a["dedup_key"]) for a in reader.alerts(RUN) if a["rule"] == "loss_not_finite"]
