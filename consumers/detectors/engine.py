@@ -166,20 +166,19 @@ class DetectorEngine:
             loss = record.get("loss")
             if loss is not None and math.isfinite(loss):
                 facts.recent_losses.add(loss)
+        firing, rule_state, facts = run.firing, run.rule_state, run.facts
         for rule in run.rules.by_kind.get(kind, ()):
-            finding = rule.check(record, run.rule_state[rule.rule_id], run.facts)
+            finding = rule.check(record, rule_state[rule.rule_id], facts)
             if finding is None or alerts is None:
                 continue
-            open_key = run.firing.get(rule.rule_id)
-            if finding.active and open_key is None:
-                step = record.get("step")
-                anchor = step if step is not None else f"{record.get('host', '')}@{record['seq']}"
-                key = f"{record['run_id']}/{rule.rule_id}/{anchor}"
-                run.firing[rule.rule_id] = key
-                alerts.append(self._alert(rule, record, finding, key, "firing"))
-            elif not finding.active and open_key is not None:
-                del run.firing[rule.rule_id]
-                alerts.append(self._alert(rule, record, finding, open_key, "resolved"))
+            if finding.active:
+                if rule.rule_id not in firing:
+                    step = record.get("step")
+                    anchor = step if step is not None else f"{record.get('host', '')}@{record['seq']}"
+                    key = firing[rule.rule_id] = f"{record['run_id']}/{rule.rule_id}/{anchor}"
+                    alerts.append(self._alert(rule, record, finding, key, "firing"))
+            elif firing and rule.rule_id in firing:
+                alerts.append(self._alert(rule, record, finding, firing.pop(rule.rule_id), "resolved"))
 
     @staticmethod
     def _alert(rule: Rule | type[Rule], record: dict, finding: Finding, key: str, state: str) -> Alert:

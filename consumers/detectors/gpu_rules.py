@@ -48,6 +48,8 @@ class _PerGpuRule(Rule):
         if judged is None:
             return None
         value, affected = judged
+        if not affected and not gpus.affected:
+            return QUIET  # the common case, without building the GPU's key
         key = gpu_key(record)
         if affected:
             gpus.affected.add(key)

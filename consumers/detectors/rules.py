@@ -156,7 +156,7 @@ class Underfitting(Rule):
         not_decreasing = newer >= (1 - self.min_decrease) * older
         near_start = newer >= (1 - self.min_progress) * start
         if not (not_decreasing and near_start):
-            return Finding(False, newer)
+            return QUIET
         return Finding(True, newer, (1 - self.min_decrease) * older,
                        f"loss not decreasing: mean {newer:.4g} over the last {half} steps vs {older:.4g} before, "
                        f"{newer / start:.0%} of its starting level {start:.4g}")
@@ -213,4 +213,4 @@ class LossUnstable(Rule):
             return Finding(True, swing, self.min_relative_swing,
                            f"loss oscillates: {flip_fraction:.0%} of the last {self.window} steps reverse direction, "
                            f"by {swing:.0%} of the mean loss {mean_loss:.4g} on average")
-        return Finding(False, swing)
+        return QUIET
