@@ -1,6 +1,7 @@
 import math
 
-from trainwire.consumers.detectors import DetectorEngine
+from trainwire.consumers.detectors import DetectorEngine, HistoryRequest, RunHistory
+from trainwire.infra.detector_settings import DetectorSettings
 
 RUN = {"run_id": "run-a", "experiment": "exp", "team": "", "ts_ms": 0, "seq": 0}
 
@@ -61,9 +62,6 @@ def test_replayed_incident_has_the_same_alert_id():
 
 
 # ── rebuilding state for a run first seen under way ──────────────────────────────────────────────────────────
-
-from trainwire.consumers.detectors import HistoryRequest, RunHistory  # noqa: E402
-from trainwire.infra.detector_settings import DetectorSettings  # noqa: E402
 
 
 def test_a_run_first_seen_under_way_is_rebuilt_from_its_history():
