@@ -22,14 +22,15 @@ from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS, dead_letter_message
 from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
 from trainwire.schemas.checks import check_record
 
-from .detectors import DetectorEngine
+from .detectors import DetectorEngine, HistoryUnavailableError
 from .metrics import IngestMetrics
 from .rows import to_row
 from .writer import ClickHouseWriter, StoreWriteError
 
 log = logging.getLogger(__name__)
-RETRYABLE = (TransportError, StoreWriteError, CodecUnavailableError)
+RETRYABLE = (TransportError, StoreWriteError, CodecUnavailableError, HistoryUnavailableError)
 MAX_BACKOFF_SECONDS = 10.0
+TICK_SECONDS = 1.0  # how often time-based detectors (run_stalled) are judged
 
 
 @dataclass
@@ -80,7 +81,8 @@ class IngestPipeline:
         self._writer = writer
         self._alert_producer = alert_producer
         self._settings = settings
-        self._detectors = detectors or DetectorEngine()
+        self._detectors = detectors or DetectorEngine(settings.detectors)
+        self._ticked = 0.0
         self._on_alert = on_alert
         self._on_run_ended = on_run_ended
         self._batch = _Batch()
@@ -98,9 +100,12 @@ class IngestPipeline:
             records = self._consumer.poll(room, poll_timeout)
             for record in records:
                 self._process(record)
+            if time.monotonic() - self._ticked >= TICK_SECONDS:
+                self._tick()
             batch = self._batch
-            if batch.records and (force_flush or len(batch.records) >= self._settings.batch_max_rows
-                                  or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
+            if (batch.records or batch.alerts) and (
+                    force_flush or len(batch.records) >= self._settings.batch_max_rows
+                    or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
                 self.flush()
         except RETRYABLE as err:
             self._retry_after(err)
@@ -111,7 +116,7 @@ class IngestPipeline:
             self.metrics.lag.set(self.lag() or 0)
         return len(records)
 
-    def _on_revoke(self, _partitions: list) -> None:
+    def _on_revoke(self, partitions: list) -> None:
         """Before partitions move to another member, store and commit what this member holds."""
         try:
             self.flush()
@@ -119,6 +124,15 @@ class IngestPipeline:
             log.warning("ingest: could not flush before a rebalance (%s); dropping the uncommitted batch", err)
             self._batch = _Batch()
         self._writer.forget_stored()  # the next owner stores these runs' events from now on
+        self._detectors.forget(partitions)  # their runs' state now lives with the new owner
+
+    def _tick(self) -> None:
+        self._ticked = time.monotonic()
+        alerts = self._detectors.tick(time.time_ns() // 1_000_000)
+        if alerts:
+            if not self._batch.records and not self._batch.alerts:
+                self._batch.started = time.monotonic()
+            self._batch.alerts.extend(alerts)
 
     def _retry_after(self, err: Exception) -> None:
         self._backoff = min(MAX_BACKOFF_SECONDS, max(0.1, self._backoff * 2))
@@ -126,6 +140,7 @@ class IngestPipeline:
         self.metrics.retries.inc()
         log.warning("ingest: %s; rewinding to the last commit and retrying in %.1fs", err, self._backoff)
         self._batch = _Batch()
+        self._detectors.forget_all()  # it saw the dropped records; from storage it rebuilds what was stored
         time.sleep(self._backoff)
         self._consumer.rewind()
 
@@ -144,13 +159,13 @@ class IngestPipeline:
             batch.dead_letter_keys.append(record.key)
             return
         batch.rows[kind].append(to_row(kind, fields))
-        batch.alerts.extend(self._detectors.observe(kind, fields))
+        batch.alerts.extend(self._detectors.observe(kind, fields, (record.topic, record.partition)))
         if kind == "run_ended":
             batch.ended_runs.append(fields["run_id"])
 
     def flush(self) -> None:
         batch, self._batch = self._batch, _Batch()
-        if not batch.records:
+        if not batch.records and not batch.alerts:
             return
         if batch.alerts:
             batch.rows["alert"] = [to_row("alert", a.model_dump()) for a in batch.alerts]
@@ -159,7 +174,8 @@ class IngestPipeline:
         skipped = self._writer.redeliveries_skipped - skipped_before
         self.metrics.insert_seconds.observe(self._writer.last_insert_seconds)
         self._publish(batch)
-        self._consumer.commit(next_positions(batch.records))
+        if batch.records:  # a batch of only run_stalled alerts has nothing to commit
+            self._consumer.commit(next_positions(batch.records))
         for alert in batch.alerts:
             self._on_alert(alert)
         self.stats.consumed += len(batch.records)
@@ -226,7 +242,7 @@ class IngestPipeline:
                 self.run_once(poll_timeout=0, force_flush=True)
             elif time.monotonic() - idle_since >= idle_seconds:
                 break
-        if self._batch.records:  # stopped early: store and commit what is held
+        if self._batch.records or self._batch.alerts:  # stopped early: store and commit what is held
             self.run_once(poll_timeout=0, force_flush=True)
 
 

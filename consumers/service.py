@@ -11,6 +11,7 @@ from trainwire.infra.log import ensure_topics, open_consumer, open_producer
 from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS
 from trainwire.infra.store import apply_retention, connect_store, migrate
 
+from .detectors import DetectorEngine, StoreHistory
 from .governance.worker import GateWorker
 from .ingest import IngestPipeline, event_topics, print_alert
 from .writer import ClickHouseWriter
@@ -27,7 +28,8 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
     return IngestPipeline(
         open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
-        settings, on_alert=on_alert, codec=codec_for(settings),
+        settings, detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)), on_alert=on_alert,
+        codec=codec_for(settings),
         on_run_ended=GateWorker(settings).start(),  # evaluates the quality gates of every run that ends
     )
 

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
+from .detector_settings import DetectorSettings
+
 ENV_PREFIX = "TRAINWIRE_"
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$")
 
@@ -47,6 +49,8 @@ class Settings(BaseSettings):
     gpu_retention_days: int = Field(default=30, ge=1, le=365, description="GPU samples and heartbeats")
     roles: Path | None = Field(default=None, description="TOML file of registry roles; unset: $home/roles.toml "
                                "if present, else every actor holds every role")
+    detectors: DetectorSettings = Field(default_factory=DetectorSettings, description="rule thresholds: "
+                                        "[detectors.<rule>] and [detectors.experiments.\"<name>\".<rule>]")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -147,4 +151,4 @@ def _where(loc: tuple, config_file: str | None) -> str:
     variable = f"{ENV_PREFIX}{field.upper()}"
     if variable in os.environ or not config_file:
         return variable
-    return f"{field} (in {config_file})"
+    return f"{'.'.join(map(str, loc))} (in {config_file})"  # nested tables: detectors.loss_spike.factor

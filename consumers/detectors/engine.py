@@ -1,61 +1,206 @@
-"""Runs every rule over each run's events in order and turns changes of condition into alerts."""
+"""Runs every rule over each run's events in order and turns changes of condition into alerts.
+
+Each (run, rule) has at most one open incident: it fires when the rule's condition starts to hold and resolves
+when it stops. Rules that cannot apply to an event kind are never called for it (rules are indexed by kind).
+Rules are built per experiment from the deployment's settings and the experiment's overrides.
+
+Time-based detection (`run_stalled`) needs a clock: the ingest loop calls `tick(now_ms)` about once a second.
+
+State survives a run's partition moving to another consumer, and a restart: the first time the engine sees a
+run that is under way (any event but `run_started`), it asks the injected history loader for the run's recent
+events and open incidents, replays the events through the rules without alerting, and adopts the incidents, so
+an open incident neither fires again nor stays open forever.
+"""
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainwire.infra.detector_settings import DetectorParameters, DetectorSettings
 from trainwire.schemas import Alert
 
-from .rules import Rule, default_rules
+from .base import Finding, Rule, RunFacts
+from .catalog import rules_from
+from .eval_rules import REMEMBERED_CHECKPOINTS
+from .history import HistoryLoader, HistoryRequest
+from .stall import RunStalled
 
 # Alert ids derive from the incident, so an event replayed after a crash re-creates the same alert row.
 _ALERT_NAMESPACE = uuid.UUID("6f1c0b1e-7d0a-4d53-9a55-2f3b8b7e2a10")
+STALLED = RunStalled.rule_id
+_EVALS_REMEMBERED = 100  # evals read back on a rebuild: the rising streak and the best eval so far
+_EVENTS_AGAIN = Finding(False, None, None, "the run sends events again")
 
 
-@dataclass
+@dataclass(frozen=True)
+class _RuleSet:
+    rules: tuple[Rule, ...]
+    by_kind: dict[str, tuple[Rule, ...]]
+    stall: RunStalled | None
+
+    @classmethod
+    def of(cls, rules: list[Rule]) -> _RuleSet:
+        kinds = {kind for rule in rules for kind in rule.kinds}
+        stall = next((r for r in rules if isinstance(r, RunStalled)), None)
+        return cls(tuple(rules), {k: tuple(r for r in rules if k in r.kinds) for k in kinds}, stall)
+
+
+@dataclass(eq=False)
 class _RunState:
-    rule_state: dict[str, Any] = field(default_factory=dict)
+    rules: _RuleSet
+    experiment: str
+    team: str
+    rule_state: dict[str, Any]
+    gaps: deque[int]  # recent gaps between the run's event timestamps (ms): its expected interval
+    facts: RunFacts = field(default_factory=RunFacts)
     firing: dict[str, str] = field(default_factory=dict)  # rule id → dedup key of the open incident
+    sources: set[Any] = field(default_factory=set)  # the partitions its events came from
+    last_ts: int | None = None
+    spoke: bool = True  # an event came since the last tick
+    quiet_since: int = 0  # the first tick after its latest event
 
 
 class DetectorEngine:
-    def __init__(self, rules: list[Rule] | None = None):
-        self.rules = rules if rules is not None else default_rules()
+    def __init__(self, settings: DetectorSettings | None = None, history: HistoryLoader | None = None):
+        self.settings = settings or DetectorSettings()
+        self._history = history
+        self._default_rules = _RuleSet.of(rules_from(self.settings.deployment))
+        self._experiment_rules = {name: _RuleSet.of(rules_from(self.settings.for_experiment(name)))
+                                  for name in self.settings.experiments}
         self._runs: dict[str, _RunState] = {}
+        self._history_sizes = _history_sizes(
+            [self.settings.deployment, *(self.settings.for_experiment(name) for name in self.settings.experiments)])
 
-    def observe(self, kind: str, record: dict) -> list[Alert]:
+    def observe(self, kind: str, record: dict, source: Any = None) -> list[Alert]:
+        """The alerts this event raises or resolves. `source` (e.g. its partition) lets `forget` drop runs."""
         if kind == "run_ended":
-            self._runs.pop(record["run_id"], None)
-            return []
-        state = self._runs.setdefault(record["run_id"], _RunState())
-        alerts = []
-        for rule in self.rules:
-            if kind not in rule.kinds:
-                continue
-            if rule.rule_id not in state.rule_state:
-                state.rule_state[rule.rule_id] = rule.new_state()
-            finding = rule.check(record, state.rule_state[rule.rule_id])
-            if finding is None:
-                continue
-            open_key = state.firing.get(rule.rule_id)
-            if finding.active and open_key is None:
-                key = f"{record['run_id']}/{rule.rule_id}/{record.get('step', record['seq'])}"
-                state.firing[rule.rule_id] = key
-                alerts.append(self._alert(rule, record, finding, key, "firing"))
-            elif not finding.active and open_key is not None:
-                del state.firing[rule.rule_id]
-                alerts.append(self._alert(rule, record, finding, open_key, "resolved"))
+            return self._end(record, source)
+        run = self._runs.get(record["run_id"])
+        if run is None:
+            run = self._start(kind, record, source)
+        elif source is not None and source not in run.sources:
+            run.sources.add(source)
+        alerts: list[Alert] = []
+        if kind != "gpu_sample":  # liveness: see stall.py
+            ts, last = record["ts_ms"], run.last_ts
+            if last is None or ts > last:
+                if last is not None:
+                    run.gaps.append(ts - last)
+                run.last_ts = ts
+            run.spoke = True
+            if STALLED in run.firing:
+                alerts.append(self._alert(run.rules.stall or RunStalled, record, _EVENTS_AGAIN,
+                                          run.firing.pop(STALLED), "resolved"))
+        self._detect(run, kind, record, alerts)
         return alerts
 
+    def tick(self, now_ms: int) -> list[Alert]:
+        """Judge silence: a run that has sent nothing for `factor` × its expected interval is stalled."""
+        alerts = []
+        for run_id, run in self._runs.items():
+            stall = run.rules.stall
+            if stall is None:
+                continue
+            if run.spoke:
+                run.spoke, run.quiet_since = False, now_ms
+                continue
+            if STALLED in run.firing:
+                continue
+            silent, expected = now_ms - run.quiet_since, stall.expected_ms(run.gaps)
+            if silent > stall.factor * expected:
+                key = f"{run_id}/{STALLED}/after-{run.last_ts}"
+                run.firing[STALLED] = key
+                anchor = {"run_id": run_id, "experiment": run.experiment, "team": run.team, "ts_ms": now_ms,
+                          "step": run.facts.last_step}
+                finding = Finding(True, silent / 1000, stall.factor * expected / 1000,
+                                  stall.message(silent, expected))
+                alerts.append(self._alert(stall, anchor, finding, key, "firing"))
+        return alerts
+
+    def forget(self, sources: Iterable[Any]) -> None:
+        """Drop the runs whose events came from these sources (partitions this consumer no longer owns)."""
+        gone = set(sources)
+        for run_id in [run_id for run_id, run in self._runs.items() if run.sources & gone]:
+            del self._runs[run_id]
+
+    def forget_all(self) -> None:
+        """Drop every run's state: each is rebuilt from history when its next event comes (after a rewind)."""
+        self._runs.clear()
+
+    def _start(self, kind: str, record: dict, source: Any) -> _RunState:
+        rules = self._experiment_rules.get(record["experiment"], self._default_rules)
+        run = _RunState(rules, record["experiment"], record.get("team", ""),
+                        {rule.rule_id: rule.new_state() for rule in rules.rules},
+                        deque(maxlen=rules.stall.window if rules.stall else 1))
+        if self._history is not None and kind != "run_started":  # a run's first event has no history
+            history = self._history(HistoryRequest(record["run_id"], record.get("host", ""), record["seq"],
+                                                   record["ts_ms"], **self._history_sizes))
+            for past_kind, past in history.events:
+                self._detect(run, past_kind, past, None)
+            run.firing.update((rule_id, key) for rule_id, key in history.open_incidents.items()
+                              if rule_id in run.rule_state)
+        if source is not None:
+            run.sources.add(source)
+        self._runs[record["run_id"]] = run
+        return run
+
+    def _end(self, record: dict, source: Any) -> list[Alert]:
+        run = self._runs.pop(record["run_id"], None)
+        if run is None and self._history is not None:  # a stall incident opened before a restart still closes
+            run = self._start("run_ended", record, source)
+            del self._runs[record["run_id"]]
+        if run is None or STALLED not in run.firing:
+            return []
+        return [self._alert(run.rules.stall or RunStalled, record, _EVENTS_AGAIN, run.firing[STALLED], "resolved")]
+
+    def _detect(self, run: _RunState, kind: str, record: dict, alerts: list[Alert] | None) -> None:
+        """Run the kind's rules; append the alerts, or only update state when replaying history (None)."""
+        if kind == "step":
+            facts = run.facts
+            facts.last_step = record["step"]
+            loss = record.get("loss")
+            if loss is not None and math.isfinite(loss):
+                facts.recent_losses.add(loss)
+        firing, rule_state, facts = run.firing, run.rule_state, run.facts
+        for rule in run.rules.by_kind.get(kind, ()):
+            finding = rule.check(record, rule_state[rule.rule_id], facts)
+            if finding is None or alerts is None:
+                continue
+            if finding.active:
+                if rule.rule_id not in firing:
+                    step = record.get("step")
+                    anchor = step if step is not None else f"{record.get('host', '')}@{record['seq']}"
+                    key = firing[rule.rule_id] = f"{record['run_id']}/{rule.rule_id}/{anchor}"
+                    alerts.append(self._alert(rule, record, finding, key, "firing"))
+            elif firing and rule.rule_id in firing:
+                alerts.append(self._alert(rule, record, finding, firing.pop(rule.rule_id), "resolved"))
+
     @staticmethod
-    def _alert(rule: Rule, record: dict, finding, key: str, state: str) -> Alert:
+    def _alert(rule: Rule | type[Rule], record: dict, finding: Finding, key: str, state: str) -> Alert:
+        value = finding.value
+        if value is None and not finding.active and rule.field:
+            value = record.get(rule.field)
         return Alert(
             event_id=str(uuid.uuid5(_ALERT_NAMESPACE, f"{key}/{state}")),
             run_id=record["run_id"], experiment=record["experiment"], team=record.get("team", ""),
             ts_ms=record["ts_ms"], rule=rule.rule_id, severity=rule.severity, state=state,
-            step=record.get("step"), value=finding.value if finding.active else record.get(rule.field),
-            threshold=finding.threshold,
+            step=record.get("step"), value=value, threshold=finding.threshold,
             message=finding.message or f"{rule.rule_id} cleared", dedup_key=key,
         )
+
+
+def _history_sizes(parameter_sets: list[DetectorParameters]) -> dict[str, int]:
+    """How much history a rebuild reads: enough to fill every rule's window under any experiment's settings."""
+    return {
+        "steps": max(max(p.loss_spike.window, p.throughput_low.window, p.underfitting.window,
+                          p.loss_unstable.window) + 1 for p in parameter_sets),
+        "first_steps": max(p.underfitting.window // 2 for p in parameter_sets),
+        "evals": max(max(p.overfitting.rising_evals + 1, _EVALS_REMEMBERED) for p in parameter_sets),
+        "checkpoints": REMEMBERED_CHECKPOINTS,
+        "gpu_samples": max(p.gpu_utilization_low.window for p in parameter_sets),
+    }

@@ -1,38 +1,15 @@
-"""Detector rules. A rule looks at one event and its run's state and says whether its condition holds."""
+"""Rules over train steps: the loss, its trend and stability, grad norm, throughput."""
 
 from __future__ import annotations
 
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from .base import QUIET, Finding, Rolling, Rule, RunFacts
 
-@dataclass(frozen=True)
-class Finding:
-    """The rule's verdict on one event: `active` says whether the condition holds now."""
-
-    active: bool
-    value: float | None = None
-    threshold: float | None = None
-    message: str = ""
-
-
-QUIET = Finding(False)  # the common verdict, shared: no object per event when nothing is wrong
-
-
-class Rule:
-    rule_id: ClassVar[str]
-    severity: ClassVar[str]
-    kinds: ClassVar[frozenset[str]]
-    field: ClassVar[str]  # the record field the rule watches: a resolved alert reports its clearing value
-
-    def new_state(self) -> Any:
-        return None
-
-    def check(self, record: dict, state: Any) -> Finding | None:
-        """None when the event says nothing about this rule (e.g. a step without a loss)."""
-        raise NotImplementedError
+STEP = frozenset({"step"})
 
 
 @dataclass
@@ -40,9 +17,9 @@ class LossNotFinite(Rule):
     field: ClassVar[str] = "loss"
     rule_id: ClassVar[str] = "loss_not_finite"
     severity: ClassVar[str] = "block"
-    kinds: ClassVar[frozenset[str]] = frozenset({"step"})
+    kinds: ClassVar[frozenset[str]] = STEP
 
-    def check(self, record: dict, state: None) -> Finding | None:
+    def check(self, record: dict, state: None, run: RunFacts) -> Finding | None:
         loss = record.get("loss")
         if loss is None:
             return None
@@ -55,18 +32,18 @@ class LossNotFinite(Rule):
 class LossSpike(Rule):
     """Loss above `factor` × the median of the last `window` finite losses (after `min_history` of them)."""
 
-    factor: float = 1.5
-    window: int = 10
-    min_history: int = 3
+    factor: float
+    window: int
+    min_history: int
     field: ClassVar[str] = "loss"
     rule_id: ClassVar[str] = "loss_spike"
     severity: ClassVar[str] = "critical"
-    kinds: ClassVar[frozenset[str]] = frozenset({"step"})
+    kinds: ClassVar[frozenset[str]] = STEP
 
     def new_state(self) -> deque:
         return deque(maxlen=self.window)
 
-    def check(self, record: dict, history: deque) -> Finding | None:
+    def check(self, record: dict, history: deque, run: RunFacts) -> Finding | None:
         loss = record.get("loss")
         if loss is None or not math.isfinite(loss):
             return None
@@ -88,22 +65,152 @@ class LossSpike(Rule):
 
 @dataclass
 class GradNormHigh(Rule):
-    threshold: float = 10.0
+    max_grad_norm: float
     field: ClassVar[str] = "grad_norm"
     rule_id: ClassVar[str] = "grad_norm_high"
     severity: ClassVar[str] = "warning"
-    kinds: ClassVar[frozenset[str]] = frozenset({"step"})
+    kinds: ClassVar[frozenset[str]] = STEP
 
-    def check(self, record: dict, state: None) -> Finding | None:
+    def check(self, record: dict, state: None, run: RunFacts) -> Finding | None:
         grad_norm = record.get("grad_norm")
         if grad_norm is None:
             return None
-        if math.isfinite(grad_norm) and grad_norm <= self.threshold:
+        if math.isfinite(grad_norm) and grad_norm <= self.max_grad_norm:
             return QUIET
-        return Finding(True, grad_norm, self.threshold, f"grad norm {grad_norm:.4g} > {self.threshold:g}")
+        return Finding(True, grad_norm, self.max_grad_norm, f"grad norm {grad_norm:.4g} > {self.max_grad_norm:g}")
 
 
-def default_rules() -> list[Rule]:
-    return [LossNotFinite(), LossSpike(), GradNormHigh()]
+@dataclass
+class ThroughputLow(Rule):
+    """Most (more than half) of the last `window` throughput readings below `min_tokens_per_s`."""
+
+    min_tokens_per_s: float
+    window: int
+    field: ClassVar[str] = "tokens_per_s"
+    rule_id: ClassVar[str] = "throughput_low"
+    severity: ClassVar[str] = "warning"
+    kinds: ClassVar[frozenset[str]] = STEP
+
+    def new_state(self) -> Rolling:
+        return Rolling(self.window)
+
+    def check(self, record: dict, lows: Rolling, run: RunFacts) -> Finding | None:
+        tokens_per_s = record.get("tokens_per_s")
+        if tokens_per_s is None or not math.isfinite(tokens_per_s):
+            return None
+        lows.add(tokens_per_s < self.min_tokens_per_s)
+        if not lows.mostly():
+            return QUIET
+        return Finding(True, tokens_per_s, self.min_tokens_per_s,
+                       f"throughput {tokens_per_s:.4g} tokens/s; {lows.total:.0f} of the last {self.window} steps "
+                       f"below {self.min_tokens_per_s:g}")
 
 
+@dataclass
+class _Halves:
+    older: Rolling
+    newer: Rolling
+    initial: Rolling  # the run's first half-window of losses: its starting level
+    initial_total: float | None = None
+
+
+@dataclass
+class Underfitting(Rule):
+    """The loss stopped decreasing before the run got anywhere.
+
+    Over the last `window` finite losses, the newer half's mean is not at least `min_decrease` (relative) below
+    the older half's, and it is still above (1 − `min_progress`) × the run's starting level (the mean of its
+    first `window`/2 losses). The second condition keeps a converged run on its plateau quiet: a flat curve is
+    underfitting only while the loss is near where it started (or back there).
+    """
+
+    window: int
+    min_decrease: float
+    min_progress: float
+    field: ClassVar[str] = "loss"
+    rule_id: ClassVar[str] = "underfitting"
+    severity: ClassVar[str] = "warning"
+    kinds: ClassVar[frozenset[str]] = STEP
+
+    def new_state(self) -> _Halves:
+        half = self.window // 2
+        return _Halves(Rolling(half), Rolling(half), Rolling(half))
+
+    def check(self, record: dict, state: _Halves, run: RunFacts) -> Finding | None:
+        loss = record.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return None
+        if state.initial_total is None:
+            state.initial.add(loss)
+            if state.initial.full:
+                state.initial_total = state.initial.total
+        moved = state.newer.add(loss)
+        if moved is not None:
+            state.older.add(moved)
+        if not state.older.full:
+            return None
+        half = state.older.window
+        older, newer, start = state.older.total / half, state.newer.total / half, state.initial_total / half
+        if start <= 0 or older <= 0:
+            return None  # ratios of non-positive losses say nothing
+        not_decreasing = newer >= (1 - self.min_decrease) * older
+        near_start = newer >= (1 - self.min_progress) * start
+        if not (not_decreasing and near_start):
+            return QUIET
+        return Finding(True, newer, (1 - self.min_decrease) * older,
+                       f"loss not decreasing: mean {newer:.4g} over the last {half} steps vs {older:.4g} before, "
+                       f"{newer / start:.0%} of its starting level {start:.4g}")
+
+
+@dataclass
+class _Swings:
+    losses: Rolling
+    changes: Rolling  # |loss − previous loss|
+    flips: Rolling  # 1 where a change reverses the direction of the previous one
+    last_change: float = 0.0
+
+
+@dataclass
+class LossUnstable(Rule):
+    """The loss oscillates: it keeps reversing direction, by large steps.
+
+    Over the last `window` finite losses: at least `min_flip_fraction` of consecutive changes reverse the
+    previous change's direction, and the mean absolute change is at least `min_relative_swing` × the mean loss.
+    Noise on a healthy curve flips direction often (about 2/3 of the time) but by a few percent; a steep
+    healthy descent moves by large steps but in one direction. Only both together are instability.
+    """
+
+    window: int
+    min_flip_fraction: float
+    min_relative_swing: float
+    field: ClassVar[str] = "loss"
+    rule_id: ClassVar[str] = "loss_unstable"
+    severity: ClassVar[str] = "warning"
+    kinds: ClassVar[frozenset[str]] = STEP
+
+    def new_state(self) -> _Swings:
+        return _Swings(Rolling(self.window), Rolling(self.window - 1), Rolling(self.window - 2))
+
+    def check(self, record: dict, state: _Swings, run: RunFacts) -> Finding | None:
+        loss = record.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return None
+        if state.losses.values:
+            change = loss - state.losses.values[-1]
+            if state.changes.values:
+                state.flips.add(1.0 if change * state.last_change < 0 else 0.0)
+            state.changes.add(abs(change))
+            state.last_change = change
+        state.losses.add(loss)
+        if not state.flips.full:
+            return None
+        mean_loss = state.losses.total / self.window
+        if mean_loss <= 0:
+            return None
+        flip_fraction = state.flips.total / state.flips.window
+        swing = state.changes.total / state.changes.window / mean_loss
+        if flip_fraction >= self.min_flip_fraction and swing >= self.min_relative_swing:
+            return Finding(True, swing, self.min_relative_swing,
+                           f"loss oscillates: {flip_fraction:.0%} of the last {self.window} steps reverse direction, "
+                           f"by {swing:.0%} of the mean loss {mean_loss:.4g} on average")
+        return QUIET

@@ -1,6 +1,7 @@
 import math
 
-from trainwire.consumers.detectors import DetectorEngine
+from trainwire.consumers.detectors import DetectorEngine, HistoryRequest, RunHistory
+from trainwire.infra.detector_settings import DetectorSettings
 
 RUN = {"run_id": "run-a", "experiment": "exp", "team": "", "ts_ms": 0, "seq": 0}
 
@@ -58,3 +59,68 @@ def test_replayed_incident_has_the_same_alert_id():
     first = steps(DetectorEngine(), [1.0, math.nan])
     again = steps(DetectorEngine(), [1.0, math.nan])
     assert [a.event_id for a in first] == [a.event_id for a in again]
+
+
+# ── rebuilding state for a run first seen under way ──────────────────────────────────────────────────────────
+
+
+def test_a_run_first_seen_under_way_is_rebuilt_from_its_history():
+    asked = []
+    past = [("step", {**RUN, "host": "", "seq": i, "ts_ms": i, "step": i + 1, "loss": 1.0}) for i in range(10)]
+
+    def history(request: HistoryRequest) -> RunHistory:
+        asked.append(request)
+        return RunHistory(past + [("step", {**RUN, "host": "", "seq": 10, "ts_ms": 10, "step": 11,
+                                            "loss": math.nan})],
+                          {"loss_not_finite": "run-a/loss_not_finite/11"})
+
+    engine = DetectorEngine(history=history)
+    record = {**RUN, "host": "", "seq": 11, "ts_ms": 11, "step": 12}
+    still_nan = engine.observe("step", {**record, "loss": math.nan})
+    assert still_nan == []  # the open incident is adopted, not fired again
+    assert asked[0].run_id == "run-a" and asked[0].seq == 11 and asked[0].steps >= 10
+    spike = engine.observe("step", {**record, "seq": 12, "step": 13, "loss": 1.7})
+    assert [(a.rule, a.state, a.dedup_key) for a in spike] == [
+        ("loss_not_finite", "resolved", "run-a/loss_not_finite/11"),
+        ("loss_spike", "firing", "run-a/loss_spike/13")]  # the baseline of 1.0 came from history
+    assert len(asked) == 1  # one load per run
+
+
+def test_a_run_starting_here_reads_no_history():
+    def history(request):
+        raise AssertionError("a run_started has nothing before it")
+
+    engine = DetectorEngine(history=history)
+    assert engine.observe("run_started", {**RUN, "host": "", "run_name": ""}) == []
+    assert steps(engine, [1.0, 1.0]) == []
+
+
+def test_forgetting_a_partition_drops_its_runs():
+    loads = []
+    engine = DetectorEngine(history=lambda request: loads.append(request) or RunHistory())
+    engine.observe("step", {**RUN, "host": "", "step": 1, "loss": 1.0}, ("events", 3))
+    engine.observe("step", {**RUN, "run_id": "run-b", "host": "", "step": 1, "loss": 1.0}, ("events", 4))
+    engine.forget([("events", 3)])
+    engine.tick(0)
+    assert [a.run_id for a in engine.tick(60_000)] == ["run-b"]  # run-a's silence is not this consumer's concern
+    engine.observe("step", {**RUN, "host": "", "seq": 1, "step": 2, "loss": 1.0}, ("events", 3))
+    assert [r.run_id for r in loads] == ["run-a", "run-b", "run-a"]  # rebuilt when it comes back
+
+
+# ── per-experiment settings ──────────────────────────────────────────────────────────────────────────────────
+
+
+def test_experiment_overrides_apply_to_that_experiment_only():
+    settings = DetectorSettings.model_validate({
+        "grad_norm_high": {"max_grad_norm": 20.0},
+        "experiments": {"long-context": {"grad_norm_high": {"max_grad_norm": 50.0},
+                                         "loss_spike": {"enabled": False}}},
+    })
+    engine = DetectorEngine(settings)
+    norms, losses = [15.0, 30.0, 60.0, 1.0], [1.0, 1.0, 1.0, 5.0]
+    other = steps(engine, losses, grad_norms=norms, run={**RUN, "run_id": "other"})
+    tuned = steps(engine, losses, grad_norms=norms, run={**RUN, "run_id": "tuned", "experiment": "long-context"})
+    assert [(a.rule, a.state, a.step) for a in other] == [
+        ("grad_norm_high", "firing", 2), ("loss_spike", "firing", 4), ("grad_norm_high", "resolved", 4)]
+    assert [(a.rule, a.state, a.step) for a in tuned] == [
+        ("grad_norm_high", "firing", 3), ("grad_norm_high", "resolved", 4)]

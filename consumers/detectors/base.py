@@ -1,0 +1,100 @@
+"""What every rule shares: the verdict type, the rule interface and the run facts rules may read."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The rule's verdict on one event: `active` says whether the condition holds now.
+
+    `value` is what the alert reports: the offending reading when active, the clearing one when not (None: the
+    record's `field`).
+    """
+
+    active: bool
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+
+
+QUIET = Finding(False)  # the common verdict, shared: no object per event when nothing is wrong
+
+
+
+
+class Rule:
+    rule_id: ClassVar[str]
+    severity: ClassVar[str]
+    kinds: ClassVar[frozenset[str]]
+    field: ClassVar[str] = ""  # the record field the rule watches: a resolved alert reports its clearing value
+
+    @classmethod
+    def from_settings(cls, settings: BaseModel) -> Rule:
+        """The rule with the parameters of its `[detectors.<rule_id>]` settings (its dataclass fields)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+    def new_state(self) -> Any:
+        return None
+
+    def check(self, record: dict, state: Any, run: RunFacts) -> Finding | None:
+        """None when the event says nothing about this rule (e.g. a step without a loss)."""
+        raise NotImplementedError
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+class Rolling:
+    """The last `window` numbers and their sum, O(1) per number; `add` returns the one that fell out, if any."""
+
+    __slots__ = ("window", "values", "total")
+
+    def __init__(self, window: int):
+        self.window = window
+        self.values: deque[float] = deque()
+        self.total = 0.0
+
+    def add(self, value: float) -> float | None:
+        self.values.append(value)
+        self.total += value
+        if len(self.values) > self.window:
+            dropped = self.values.popleft()
+            self.total -= dropped
+            return dropped
+        return None
+
+    @property
+    def full(self) -> bool:
+        return len(self.values) == self.window
+
+    def mostly(self) -> bool:
+        """For 0/1 readings: the window is full and more than half of it is 1 ("sustained", not one blip)."""
+        return len(self.values) == self.window and 2 * self.total > self.window
+
+
+TRAIN_LOSS_LOGS = 5  # logged train losses averaged into the "current train loss" that evals are compared with
+
+
+class RunFacts:
+    """What the engine keeps about a run for rules that relate one kind of event to another."""
+
+    __slots__ = ("recent_losses", "last_step")
+
+    def __init__(self) -> None:
+        self.recent_losses = Rolling(TRAIN_LOSS_LOGS)
+        self.last_step: int | None = None
+
+    @property
+    def train_loss(self) -> float | None:
+        """The current train loss: the mean of the last few logged finite losses, so that one noisy batch does
+        not decide an eval-versus-train comparison."""
+        count = len(self.recent_losses.values)
+        return self.recent_losses.total / count if count else None

@@ -1,0 +1,81 @@
+"""Detector state survives a new consumer: a second pipeline (new engine) on the same store and transport
+continues a run mid-incident without firing it again, and still resolves it."""
+
+import math
+
+from trainwire.consumers.detectors import HistoryRequest, StoreHistory
+from trainwire.consumers.service import build_ingest
+from trainwire.infra.log import open_producer
+from trainwire.infra.log.topics import topic_for
+from trainwire.infra.store import connect_store
+from trainwire.infra.store.read import StoreReader
+from trainwire.schemas import GpuSample, RunEnded, RunStarted, Step, encode
+
+RUN = "run-handover"
+
+
+class Run:
+    """A run's events, numbered like the SDK numbers them."""
+
+    def __init__(self):
+        self.seq = 0
+
+    def __call__(self, event_type, **fields):
+        event = event_type(run_id=RUN, experiment="it", host="node-1", seq=self.seq, **fields)
+        self.seq += 1
+        return event
+
+    def steps(self, first, losses):
+        return [self(Step, step=first + i, loss=loss, grad_norm=1.0) for i, loss in enumerate(losses)]
+
+    def gpu(self, temperature):
+        return self(GpuSample, gpu_index=0, gpu_uuid="GPU-0", temperature_c=temperature)
+
+
+def send(settings, events):
+    producer = open_producer(settings)
+    for event in events:
+        producer.append(settings.topic(topic_for(event.kind)), event.run_id.encode(), encode(event))
+    assert producer.flush(30) == 0
+    producer.close()
+
+
+def consume(settings):
+    published = []
+    pipeline = build_ingest(settings, on_alert=published.append)
+    pipeline.drain(idle_seconds=2.0)
+    pipeline.close()
+    return published
+
+
+def test_a_new_consumer_continues_open_incidents(any_settings):
+    run = Run()
+    learning = [1.0 + math.exp(-i / 4) for i in range(20)]
+    send(any_settings, [run(RunStarted), *run.steps(1, learning), run.gpu(90.0), *run.steps(21, [math.nan] * 5)])
+    first = consume(any_settings)
+    assert {(a.rule, a.state) for a in first} == {("loss_not_finite", "firing"), ("gpu_temperature_high", "firing")}
+
+    part_two = [*run.steps(26, [math.nan] * 5), *run.steps(31, [1.0, 1.7]), run.gpu(60.0),
+                run(RunEnded, status="completed")]
+    send(any_settings, part_two)
+    second = consume(any_settings)  # a new pipeline: its engine has never seen the run
+
+    assert sorted((a.rule, a.state, a.step or 0) for a in second) == [  # GPU samples have their own topic: any order
+        ("gpu_temperature_high", "resolved", 0),
+        ("loss_not_finite", "resolved", 31),  # not fired again at step 26
+        ("loss_spike", "firing", 32),  # against the baseline that part one logged
+    ]
+    reader = StoreReader(connect_store(any_settings.store_dsn))
+    stored = [(a["rule"], a["state"], a["dedup_key"]) for a in reader.alerts(RUN) if a["rule"] == "loss_not_finite"]
+    key = f"{RUN}/loss_not_finite/21"
+    assert sorted(stored) == [("loss_not_finite", "firing", key), ("loss_not_finite", "resolved", key)]
+
+    # What a consumer replaying part two after a crash would read: only what precedes its first event, though
+    # the store already holds part two and the alerts it raised.
+    boundary = part_two[0]
+    history = StoreHistory(reader._client)(HistoryRequest(RUN, "node-1", boundary.seq, boundary.ts_ms, steps=30,
+                                                          first_steps=10, evals=10, checkpoints=10, gpu_samples=5))
+    assert max(record["seq"] for _, record in history.events) < boundary.seq
+    assert [record["step"] for kind, record in history.events if kind == "step"][-1] == 25
+    assert history.open_incidents == {"loss_not_finite": key,
+                                      "gpu_temperature_high": f"{RUN}/gpu_temperature_high/node-1@21"}
