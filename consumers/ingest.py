@@ -98,8 +98,10 @@ class IngestPipeline:
         try:
             room = max(1, self._settings.batch_max_rows - len(self._batch.records))
             records = self._consumer.poll(room, poll_timeout)
-            for record in records:
-                self._process(record)
+            decoded = [self._decode(record) for record in records]
+            self._detectors.prefetch(event for event in decoded if not isinstance(event, SchemaError))
+            for record, event in zip(records, decoded):
+                self._process(record, event)
             if time.monotonic() - self._ticked >= TICK_SECONDS:
                 self._tick()
             batch = self._batch
@@ -144,20 +146,27 @@ class IngestPipeline:
         time.sleep(self._backoff)
         self._consumer.rewind()
 
-    def _process(self, record: Record) -> None:
-        batch = self._batch
-        if not batch.records:
-            batch.started = time.monotonic()
-        batch.records.append(record)
+    def _decode(self, record: Record) -> tuple[str, dict] | SchemaError:
+        """The record as a checked event (kind, fields), or why it cannot be one."""
         try:
             kind, fields = self._codec.decode_record(record.value)
             check_record(kind, fields)
         except SchemaError as err:
-            reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
+            return err
+        return kind, fields
+
+    def _process(self, record: Record, event: tuple[str, dict] | SchemaError) -> None:
+        batch = self._batch
+        if not batch.records:
+            batch.started = time.monotonic()
+        batch.records.append(record)
+        if isinstance(event, SchemaError):
+            reason = f"{type(event).__name__}: {event}".replace("\n", " ")[:2000]
             log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
             batch.dead_letters.append([record.topic, record.partition, record.offset, reason, record.value])
             batch.dead_letter_keys.append(record.key)
             return
+        kind, fields = event
         batch.rows[kind].append(to_row(kind, fields))
         batch.alerts.extend(self._detectors.observe(kind, fields, (record.topic, record.partition)))
         if kind == "run_ended":

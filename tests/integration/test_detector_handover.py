@@ -17,11 +17,12 @@ RUN = "run-handover"
 class Run:
     """A run's events, numbered like the SDK numbers them."""
 
-    def __init__(self):
+    def __init__(self, run_id=RUN):
+        self.run_id = run_id
         self.seq = 0
 
     def __call__(self, event_type, **fields):
-        event = event_type(run_id=RUN, experiment="it", host="node-1", seq=self.seq, **fields)
+        event = event_type(run_id=self.run_id, experiment="it", host="node-1", seq=self.seq, **fields)
         self.seq += 1
         return event
 
@@ -79,3 +80,20 @@ def test_a_new_consumer_continues_open_incidents(any_settings):
     assert [record["step"] for kind, record in history.events if kind == "step"][-1] == 25
     assert history.open_incidents == {"loss_not_finite": key,
                                       "gpu_temperature_high": f"{RUN}/gpu_temperature_high/node-1@21"}
+
+
+def test_runs_met_under_way_after_a_restart_are_rebuilt_with_one_batched_load(local_settings, monkeypatch):
+    runs = [Run(f"run-{i}") for i in range(6)]
+    send(local_settings, [e for run in runs for e in [run(RunStarted), *run.steps(1, [1.0] * 10 + [math.nan] * 3)]])
+    assert len(consume(local_settings)) == 6  # one loss_not_finite incident per run
+
+    loads = []
+    load_many = StoreHistory.load_many
+    monkeypatch.setattr(StoreHistory, "load_many", lambda self, requests: loads.append(len(requests))
+                        or load_many(self, requests))
+    send(local_settings, [e for run in runs for e in run.steps(14, [math.nan, 1.0, 1.0])])
+    second = consume(local_settings)
+
+    assert loads == [6]  # the six runs under way: one load, not six
+    assert sorted((a.run_id, a.rule, a.state, a.step) for a in second) == [
+        (run.run_id, "loss_not_finite", "resolved", 15) for run in runs]  # none fired twice
