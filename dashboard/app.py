@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import streamlit as st
 
-from trainwire.dashboard.shared import (DEFAULT_RANGE, RANGES, kept, from_url, labels, reader, run_label,
+from trainwire.dashboard.shared import (DEFAULT_RANGE, RANGE_LABELS, RANGES, from_url, kept, labels, reader,
                                         time_range, to_url)
 from trainwire.infra.config import ConfigError
 from trainwire.infra.store.read import StoreReader
@@ -40,7 +40,8 @@ def pick_run(store: StoreReader) -> None:
 def pick_time_range() -> None:
     from_url("range")
     kept("range", DEFAULT_RANGE, valid=lambda label: label if label in RANGES else DEFAULT_RANGE)
-    st.sidebar.segmented_control("Time range", list(RANGES), key="range", help="relative ranges follow live data")
+    st.sidebar.segmented_control("Time range", list(RANGES), format_func=RANGE_LABELS.__getitem__, key="range",
+                                 help="the last 15 min … 7 d follow live data; a custom range is history")
     if st.session_state["range"] == "custom":
         now = datetime.now(timezone.utc).replace(second=0, microsecond=0, tzinfo=None)
         kept("range_from", now - timedelta(hours=1))

@@ -15,10 +15,12 @@ from trainwire.infra.store import connect_store
 from trainwire.infra.store.read import Row, StoreReader
 
 LIVE_SECONDS = 1.0  # a new step shows within the ingest batch (0.5 s) plus this
+# The time range control's choices as they appear in URLs (`?range=1h`), how far back each goes, what it shows.
 RANGES: dict[str, timedelta | None] = {
-    "15 min": timedelta(minutes=15), "1 h": timedelta(hours=1), "24 h": timedelta(hours=24),
-    "7 d": timedelta(days=7), "all": None, "custom": None,
+    "15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7),
+    "all": None, "custom": None,
 }
+RANGE_LABELS = {"15m": "15 min", "1h": "1 h", "24h": "24 h", "7d": "7 d", "all": "all", "custom": "custom"}
 DEFAULT_RANGE = "all"
 NO_RUNS = "No runs yet. Start one with `trainwire demo` or `trainwire.init()`; this page updates on its own."
 
@@ -95,7 +97,7 @@ class TimeRange:
         if self.label == "all":
             return "all time"
         if self.live:
-            return f"last {self.label}"
+            return f"last {RANGE_LABELS[self.label]}"
         return f"{self.since:%Y-%m-%d %H:%M} – {self.until:%Y-%m-%d %H:%M} UTC"
 
 

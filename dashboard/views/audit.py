@@ -10,9 +10,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from trainwire.dashboard.audit_data import audit_export, governance
 from trainwire.dashboard.shared import live, reader, require_run
-from trainwire.infra.store.api import to_json
-from trainwire.infra.store.read import StoreReader
 
 REFRESH_SECONDS = 5.0  # lineage is written once; gates and the registry change at run end and on review
 NOT_EVALUATED = "not evaluated yet"
@@ -31,17 +30,6 @@ LINEAGE = {
                  ("CUDA", "cuda_version"), ("world size", "world_size")],
     "Environment": [("container image digest", "container_image_digest"), ("packages sha256", "packages_sha256")],
 }
-
-
-def governance(store: StoreReader, run_id: str) -> dict[str, Any]:
-    """What `trainwire.consumers.governance` recorded for the run: its latest gate evaluation, registry
-    transitions and audit record. A reader without these reads, or a run not evaluated yet, gives None."""
-    def ask(method: str) -> Any:
-        read = getattr(store, method, None)
-        return (read(run_id) or None) if read is not None else None
-
-    return {"gates": ask("latest_gates"), "registry": ask("registry_history"),
-            "audit_record": ask("stored_audit_record")}
 
 
 def files_table(rows: list[dict], **extra: Any) -> pd.DataFrame:
@@ -101,7 +89,8 @@ def show_governance(record: dict[str, Any]) -> None:
     st.subheader("Registry stage")
     history = record["registry"]
     if history is None:
-        st.caption(f"Registry stage: None ({NOT_EVALUATED})")
+        why = NOT_EVALUATED if gates is None else f"no transitions; gates {gates['overall']}"
+        st.caption(f"Registry stage: None ({why})")
     else:
         st.markdown(f"**{history[-1]['to_stage']}** since {history[-1]['ts']:%Y-%m-%d %H:%M:%S} UTC")
         st.dataframe(pd.DataFrame(history)[["ts", "from_stage", "to_stage", "actor", "reason"]], hide_index=True,
@@ -114,16 +103,6 @@ def show_governance(record: dict[str, Any]) -> None:
             st.json(record["audit_record"])
 
 
-def download(run_id: str, started: dict, checkpoints: list[dict], ended: dict | None, record: dict) -> None:
-    """The audit record when governance stored one, with the lineage as read here beside it either way."""
-    export = {"run_id": run_id, "audit_record": record["audit_record"], "gates": record["gates"],
-              "registry": record["registry"], "lineage": started, "checkpoints": checkpoints,
-              "run_ended": ended}
-    st.download_button("Download audit JSON", json.dumps(to_json(export), indent=2, sort_keys=True),
-                       file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
-                       icon=":material/download:")
-
-
 def body(run_id: str) -> None:
     store = reader()
     started = store.run_started(run_id)
@@ -133,7 +112,9 @@ def body(run_id: str) -> None:
     checkpoints, ended, record = store.checkpoints(run_id), store.run_ended(run_id), governance(store, run_id)
     st.caption(f"{started['experiment']} · {started['run_name']} · {run_id} · started "
                f"{started['ts']:%Y-%m-%d %H:%M:%S} UTC by {started['user'] or 'unknown user'}")
-    download(run_id, started, checkpoints, ended, record)
+    st.download_button("Download audit JSON", lambda: json.dumps(audit_export(store, run_id), indent=2),
+                       file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
+                       icon=":material/download:", on_click="ignore")
     st.subheader("Lineage")
     show_lineage(started)
     show_outputs(checkpoints, ended)

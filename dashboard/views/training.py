@@ -14,16 +14,15 @@ ALERT_COLUMNS = ["fired_at", "state", "severity", "rule", "step", "message"]
 
 
 def status_line(run: dict) -> str:
-    pace = f" · {run['steps_per_s']:.1f} steps/s" if run.get("steps_per_s") else ""
+    pace = f" · {run['steps_per_s']:.1f} steps/s" if run["status"] == "running" and run.get("steps_per_s") else ""
     eta = f" · ETA {duration(run['eta_s'])}" if run.get("eta_s") is not None else ""
     return (f"**{run['status']}** · last step {run['last_step'] or 0} of {run['total_steps'] or '?'}{pace}{eta} · "
             f"{plural(run['firing_alerts'], 'firing alert')}")
 
 
 def show_curves(curve: pd.DataFrame, evals: pd.DataFrame, last_step: int, alert_steps: list[tuple[int, str]]) -> None:
-    loss = metric_curve(curve, "loss", "loss (dashed: eval loss)" if len(evals) else "loss", last_step=last_step,
-                        alert_steps=alert_steps, band=("loss_min", "loss_max"), not_finite="loss_not_finite",
-                        dashed=evals)
+    loss = metric_curve(curve, "loss", "loss", last_step=last_step, alert_steps=alert_steps,
+                        band=("loss_min", "loss_max"), not_finite="loss_not_finite", dashed=evals)
     charts = [
         ("loss", loss),
         ("learning-rate", metric_curve(curve, "learning_rate", "learning rate", last_step=last_step,
@@ -60,9 +59,9 @@ def body(run_id: str) -> None:
         if span.until is not None:
             evals = evals[evals["ts"] <= span.until.replace(tzinfo=None)]
         steps_per_point = int(curve["steps"].max())
-        if steps_per_point > 1:
-            st.caption(f"{len(curve)} points, each up to {steps_per_point} steps: line = mean, band = min–max; "
-                       "✕ marks NaN/Inf losses")
+        st.caption(("dashed: eval loss · " if len(evals) else "") + "✕ along the top: NaN/Inf losses · "
+                   "red rules: alerts" + (f" · {len(curve)} points of up to {steps_per_point} steps each "
+                                           "(line: mean, band: min–max)" if steps_per_point > 1 else ""))
         last_step = max(run["total_steps"] or 0, int(curve["step"].max()))
         show_curves(curve, evals[["step", "eval_loss"]], last_step,
                     sorted({(i["step"], i["rule"]) for i in incidents if i["step"] is not None}))

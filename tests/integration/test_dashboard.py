@@ -1,12 +1,15 @@
-"""The dashboard on a store the demo filled: in Streamlit's AppTest, in a real Chromium, and live while a job runs."""
+"""The dashboard on a store the demo filled: every view in Streamlit's AppTest and in a real Chromium, and live
+while a run logs steps into `trainwire up`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -15,9 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
+
+from trainwire.dashboard.audit_data import GOVERNANCE_READS, audit_export
+from trainwire.infra.store import connect_store
+from trainwire.infra.store.governance import GovernanceReads
+from trainwire.infra.store.read import StoreReader
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "dashboard" / "app.py"
@@ -25,6 +35,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STEPS = 60
+NAN_FROM = 36  # the demo's "nan" job logs NaN losses from 60% of its steps on
+VIEWS = {"training": "Training", "fleet": "Fleet", "compare": "Experiment comparison", "resources": "Resources",
+         "alerts": "Alerts", "audit": "Audit"}
 LAST_STEP = re.compile(r"last step (\d+)")
 
 
@@ -43,8 +57,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Two finished demo jobs, one diverging to NaN, in a private home; the demo process has exited."""
     home = tmp_path_factory.mktemp("dashboard-demo")
     result = subprocess.run(
-        [sys.executable, "-m", "trainwire", "demo", "--headless", "--jobs", "2", "--steps", "60", "--inject", "nan",
-         "--json"],
+        [sys.executable, "-m", "trainwire", "demo", "--headless", "--jobs", "2", "--steps", str(STEPS),
+         "--inject", "nan", "--json"],
         env=trainwire_env(home), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,6 +68,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def nan_run(report: dict) -> str:
     return next(a["run_id"] for a in report["alerts"] if a["rule"] == "loss_not_finite")
 
+
+# --- AppTest ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def app_test(monkeypatch: pytest.MonkeyPatch) -> Iterator:
@@ -69,130 +85,109 @@ def app_test(monkeypatch: pytest.MonkeyPatch) -> Iterator:
     st.cache_resource.clear()
 
 
-def test_app_lists_runs_and_shows_the_nan_alert(app_test, demo):
+def view(at: AppTest, name: str) -> AppTest:
+    at.switch_page(f"views/{name}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == VIEWS[name]
+    return at
+
+
+def chart(at: AppTest, y_title: str) -> dict[str, pd.DataFrame]:
+    """The layers of the chart whose y axis is titled `y_title`, as sent to the browser: mark type → its data."""
+    for element in at.get("vega_lite_chart"):
+        spec = json.loads(element.proto.spec)
+        layers = spec.get("layer") or [spec]
+        if any(layer["encoding"].get("y", {}).get("title") == y_title for layer in layers):
+            frames = {d.name: pa.ipc.open_stream(d.data.data).read_pandas() for d in element.proto.datasets}
+            data = [(layer.get("data") or spec.get("data") or {}).get("name") for layer in layers]
+            return {layer["mark"].get("shape") or layer["mark"]["type"]: frames.get(name, next(iter(frames.values())))
+                    for layer, name in reversed(list(zip(layers, data)))}
+    raise AssertionError(f"no chart of {y_title!r}")
+
+
+def text(at: AppTest) -> str:
+    return "\n".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info])
+
+
+def test_every_view_shows_the_demo_runs(app_test, demo):
     home, report = demo
     at = app_test(f"chdb://{home}/chdb")
     assert not at.exception
     picker = at.selectbox(key="run")
     assert sorted(label.rsplit(" · ", 1)[1] for label in picker.options) == sorted(r[:8] for r in report["runs"])
+    bad = nan_run(report)
+    at = picker.select(bad).run()
 
-    at = picker.select(nan_run(report)).run()
+    at = view(at, "training")
+    assert f"last step {STEPS} of {STEPS}" in text(at) and "2 firing alerts" in text(at)
+    loss = chart(at, "loss")
+    assert list(loss["line"]["step"]) == list(range(1, NAN_FROM)), "a point per finite step"
+    assert list(loss["cross"]["step"]) == list(range(NAN_FROM, STEPS + 1)), "a NaN marker per NaN step"
+    assert set(loss["rule"]["rule"]) == {"loss_not_finite", "grad_norm_high"}, "alerts marked on the curve"
+    assert {"loss_not_finite", "grad_norm_high"} <= {rule for frame in at.dataframe for rule in frame.value["rule"]}
+    assert len(chart(at, "learning rate")["line"]) == STEPS and len(chart(at, "tokens/s")["line"]) == STEPS
+
+    at = view(at, "fleet")
+    fleet = at.dataframe[0].value.set_index("run id")
+    assert set(fleet.index) == set(report["runs"])
+    assert (fleet["status"] == "completed").all() and fleet.loc[bad, "firing"] == 2
+
+    at = view(at, "compare")
+    at.multiselect(key="compare-runs").set_value(report["runs"]).run()
     assert not at.exception
-    rules = {rule for frame in at.dataframe for rule in frame.value["rule"]}
-    assert "loss_not_finite" in rules
-    assert any("last step 60 of 60" in md.value and "firing alert" in md.value for md in at.markdown)
+    assert {tuple(sorted(frame.value.columns)) for frame in at.dataframe} == {
+        tuple(sorted(picker.format_func(r) for r in report["runs"]))}
+    assert "1 of 5 hyperparameters differ: job" in text(at)
+    assert set(chart(at, "loss")["line"]["run_id"]) == set(report["runs"])
+
+    at = view(at, "resources")
+    assert at.metric[0].label == "GPUs" and at.metric[0].value == "2"  # the demo's two simulated GPUs
+    assert len(chart(at, "utilisation %")["line"]["gpu"].unique()) == 2
+
+    at = view(at, "alerts")
+    assert at.metric[0].value == str(len(report["alerts"]))
+    at.multiselect(key="alerts-severities").set_value(["block"]).run()
+    assert set(at.dataframe[0].value["rule"]) == {"loss_not_finite"}
+
+    at = view(at, "audit")
+    assert at.get("download_button")[0].label == "Download audit JSON"
+    assert "**blocked**" in text(at), "G1 blocks a run whose loss went NaN"
+    assert "Registry stage: None (no transitions; gates blocked)" in text(at)
+    assert at.selectbox(key="run").value == bad, "the chosen run survived six page changes"
 
 
-def test_app_on_an_empty_store_says_so(app_test, tmp_path):
+def test_audit_export_holds_lineage_hashes_and_the_audit_record(demo):
+    home, report = demo
+    store = StoreReader(connect_store(f"chdb://{home}/chdb"))
+    try:
+        exported = json.loads(json.dumps(audit_export(store, nan_run(report))))
+    finally:
+        store._client.close()
+    assert exported["run_id"] == nan_run(report)
+    assert exported["lineage"]["dataset_sha256"].startswith("sha256:")
+    assert exported["lineage"]["base_model_sha256"].startswith("sha256:")
+    assert exported["checkpoints"] == [] or all(f["sha256"].startswith("sha256:")
+                                                 for c in exported["checkpoints"] for f in c["files"])
+    assert all(f["sha256"].startswith("sha256:") for f in exported["run_ended"]["artifacts"])
+    assert exported["audit_record"]["run_id"] == nan_run(report)
+    assert exported["gates"]["overall"] == "blocked"  # G1: the loss went NaN
+
+
+def test_audit_without_governance_says_not_evaluated_yet(app_test, demo, monkeypatch):
+    home, report = demo
+    for method in GOVERNANCE_READS.values():  # a reader from before governance existed
+        monkeypatch.delattr(GovernanceReads, method)
+    at = app_test(f"chdb://{home}/chdb")
+    at = view(at, "audit")
+    assert "Quality gates: not evaluated yet" in text(at) and "Audit record: not evaluated yet" in text(at)
+    assert "Registry stage: None (not evaluated yet)" in text(at)
+    assert "sha256:" in "".join(str(frame.value.to_dict()) for frame in at.dataframe)
+
+
+def test_every_view_on_an_empty_store_says_so(app_test, tmp_path):
     at = app_test(f"chdb://{tmp_path}/chdb")
     assert not at.exception
-    assert any("No runs yet" in info.value for info in at.info)
-
-
-@pytest.fixture
-def chromium() -> str:
-    path = os.environ.get("TRAINWIRE_CHROMIUM", "/usr/bin/chromium")
-    if not Path(path).is_file():
-        reason = f"no Chromium at {path} (set TRAINWIRE_CHROMIUM, or apt-get install chromium)"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
-
-
-@pytest.fixture
-def browser(chromium: str) -> Iterator:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-def wait_http_ok(url: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process.poll() is None, f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"no HTTP 200 from {url} in {timeout}s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.3)
-
-
-@contextmanager
-def serving(home: Path, *args: str) -> Iterator[str]:
-    """Run `python -m trainwire ARGS --port P` on HOME until the block ends; yields the page's URL."""
-    port = free_port()
-    log = home / f"server-{port}.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "trainwire", *args, "--port", str(port)],
-                                   env=trainwire_env(home), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_http_ok(url, process, log)
-        wait_http_ok(f"{url}_stcore/health", process, log)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def status_text(page) -> str:
-    line = page.get_by_text(LAST_STEP)
-    line.wait_for(timeout=30_000)
-    return line.inner_text()
-
-
-def test_dashboard_in_a_browser(demo, browser):
-    home, report = demo
-    with serving(home, "dashboard") as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("heading", name="trainwire").wait_for(timeout=30_000)
-        page.locator('[data-testid="stVegaLiteChart"]').first.wait_for(timeout=30_000)
-        page.locator('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg').first.wait_for(
-            timeout=30_000)
-        assert "last step 60 of 60" in status_text(page)
-
-        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').click()
-        page.get_by_role("option", name=re.compile(nan_run(report)[:8])).click()
-        page.get_by_text(re.compile(r"[1-9]\d* firing alerts?")).wait_for(timeout=30_000)
-        page.locator('[data-testid="stDataFrame"]').wait_for(timeout=30_000)
-        page.wait_for_timeout(2_500)
-        assert page.get_by_text(nan_run(report)).is_visible(), "the selection did not survive a refresh"
-
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-        assert page.locator('[data-testid="stException"]').count() == 0
-        assert page.locator('[data-testid="stVegaLiteChart"]').count() >= 3
-
-
-def test_dashboard_refreshes_while_a_job_runs(tmp_path_factory, browser):
-    home = tmp_path_factory.mktemp("dashboard-live")
-    with serving(home, "demo", "--jobs", "1", "--steps", "400", "--step-seconds", "0.1") as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.evaluate("window.trainwireLoaded = true")
-        deadline = time.monotonic() + 30
-        while int(LAST_STEP.search(status_text(page))[1]) == 0 and time.monotonic() < deadline:
-            page.wait_for_timeout(500)
-        before = int(LAST_STEP.search(status_text(page))[1])
-        page.wait_for_timeout(5_000)
-        after = int(LAST_STEP.search(status_text(page))[1])
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
-
-        assert after > before > 0
-        assert page.evaluate("window.trainwireLoaded === true"), "the page was reloaded"
-        assert page.locator('[data-testid="stException"]').count() == 0
+    for name in VIEWS:
+        at = view(at, name)
+        if name != "compare":
+            assert any("No runs yet" in info.value for info in at.info), name
