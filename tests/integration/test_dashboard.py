@@ -191,3 +191,113 @@ def test_every_view_on_an_empty_store_says_so(app_test, tmp_path):
         at = view(at, name)
         if name != "compare":
             assert any("No runs yet" in info.value for info in at.info), name
+
+
+# --- A real browser ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def chromium() -> str:
+    path = os.environ.get("TRAINWIRE_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        reason = f"no Chromium at {path} (set TRAINWIRE_CHROMIUM, or apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def browser(chromium: str) -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def wait_http_ok(url: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"no HTTP 200 from {url} in {timeout}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+@contextmanager
+def serving(home: Path, *args: str) -> Iterator[str]:
+    """Run `python -m trainwire ARGS --port P` on HOME until the block ends; yields the page's URL."""
+    port = free_port()
+    log = home / f"server-{port}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "trainwire", *args, "--port", str(port)],
+                                   env=trainwire_env(home), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_http_ok(url, process, log)
+        wait_http_ok(f"{url}_stcore/health", process, log)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def points(page, chart: str = "loss") -> list[int]:
+    """The steps of the value points the browser drew in a chart (SVG, each point with its ARIA label), NaN
+    markers left out."""
+    labels = page.locator(f'.st-key-chart-{chart} [aria-roledescription="point"]').evaluate_all(
+        "marks => marks.map(m => m.getAttribute('aria-label'))")
+    return sorted(int(m[1]) for label in labels
+                  if "NaN/Inf" not in (label or "") and (m := re.match(r"step: (\d+);", label or "")))
+
+
+def sidebar_run(page) -> str:
+    picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]')
+    return picker.text_content() + " ".join(i.input_value() for i in picker.locator("input").all())
+
+
+def no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
+        '[data-testid="stException"]').first.inner_text()
+
+
+def test_every_view_in_a_browser(demo, browser):
+    home, report = demo
+    bad = nan_run(report)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serving(home, "dashboard") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}?run={bad}")  # a shared link picks the run
+        page.get_by_role("heading", name="Training").wait_for(timeout=30_000)
+        page.get_by_text(f"last step {STEPS} of {STEPS}").wait_for(timeout=30_000)
+        page.locator('.st-key-chart-loss [aria-roledescription="point"]').first.wait_for(timeout=30_000)
+        assert points(page) == list(range(1, NAN_FROM)), "the loss chart draws the run's finite steps"
+        assert page.locator('.st-key-chart-loss [aria-roledescription="point"][aria-label*="NaN/Inf"]').count() \
+            == STEPS - NAN_FROM + 1, "and marks each NaN step"
+        page.wait_for_timeout(2_500)  # a live refresh or two
+        assert points(page) == list(range(1, NAN_FROM))
+        no_exception(page)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-training.png"), full_page=True)
+
+        for name, title in list(VIEWS.items())[1:]:
+            page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
+            page.get_by_role("heading", name=title).wait_for(timeout=30_000)
+            page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(1_500)
+            no_exception(page)
+            assert bad[:8] in sidebar_run(page), f"the chosen run was lost on {title}"
+            assert f"run={bad}" in page.url
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+        assert page.get_by_role("button", name="Download audit JSON").is_visible()
