@@ -14,7 +14,10 @@ from trainwire.infra.config import load_settings
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.read import Row, StoreReader
 
-LIVE_SECONDS = 1.0  # a new step shows within the ingest batch (0.5 s) plus this
+# Training refreshes often enough that a step shows within ~2 s of `log_step` (ingest batches ≤ 0.5 s); the
+# other views show minutes-scale state and refresh less often.
+LIVE_SECONDS = 0.5
+REFRESH_SECONDS = 2.0
 # The time range control's choices as they appear in URLs (`?range=1h`), how far back each goes, what it shows.
 RANGES: dict[str, timedelta | None] = {
     "15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7),

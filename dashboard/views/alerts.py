@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from trainwire.dashboard.shared import LIVE_SECONDS, kept, labels, live, plural, reader, require_runs, time_range
+from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, plural, reader, require_runs,
+                                        time_range)
 
 STATES = ["firing", "resolved"]
 COLUMNS = {"fired_at": "fired", "state": "state", "severity": "severity", "rule": "rule", "run": "run",
@@ -55,4 +56,4 @@ if require_runs():
         chosen_teams = multi("Team", "alerts-teams", facets["teams"], format_func=lambda t: t or "(no team)")
     with cols[4]:
         chosen_states = multi("State", "alerts-states", STATES)
-    live(lambda: body(chosen_runs, chosen_rules, chosen_severities, chosen_teams, chosen_states), every=2 * LIVE_SECONDS)
+    live(lambda: body(chosen_runs, chosen_rules, chosen_severities, chosen_teams, chosen_states), every=REFRESH_SECONDS)

@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from trainwire.dashboard.charts import overlay
-from trainwire.dashboard.shared import LIVE_SECONDS, kept, labels, live, reader, runs_listing, selected_run, time_range
+from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, reader, runs_listing, selected_run,
+                                        time_range)
 
 MAX_RUNS = 8
 MAX_POINTS = 300
@@ -75,4 +76,4 @@ with right:
 if not picked:
     st.info("Pick runs to compare.")
 else:
-    live(lambda: body(picked, chosen_metric or "loss", differing_only), every=2 * LIVE_SECONDS)
+    live(lambda: body(picked, chosen_metric or "loss", differing_only), every=REFRESH_SECONDS)

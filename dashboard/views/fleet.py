@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pandas as pd
 import streamlit as st
 
-from trainwire.dashboard.shared import (LIVE_SECONDS, ago, live, plural, reader, require_runs, runs_listing,
+from trainwire.dashboard.shared import (REFRESH_SECONDS, ago, live, plural, reader, require_runs, runs_listing,
                                         time_range)
 
 QUIET_SECONDS = 60  # a running run silent this long (no step, heartbeat or end) may be stalled
@@ -57,4 +57,4 @@ def body() -> None:
 
 st.title("Fleet")
 if require_runs():
-    live(body, every=2 * LIVE_SECONDS)
+    live(body, every=REFRESH_SECONDS)

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from trainwire.dashboard.charts import time_lines
-from trainwire.dashboard.shared import (LIVE_SECONDS, kept, labels, live, reader, require_run, runs_listing,
+from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, reader, require_run, runs_listing,
                                         time_range)
 
 MAX_POINTS = 300
@@ -57,11 +57,12 @@ hosts = sorted({r["host"] for r in runs_listing() if r["host"]})
 scope = st.segmented_control("Show", SCOPES, format_func={"run": "the sidebar's run", "host": "a host"}.__getitem__,
                              key=kept("resources-scope", "run", valid=lambda s: s if s in SCOPES else "run"))
 if scope == "host":
-    chosen_host = st.selectbox("Host", hosts, key=kept("resources-host", hosts[0] if hosts else None,
-                                                       valid=lambda h: h if h in hosts else (hosts[0] if hosts else None)))
+    first_host = hosts[0] if hosts else None
+    chosen_host = st.selectbox("Host", hosts, key=kept("resources-host", first_host,
+                                                       valid=lambda h: h if h in hosts else first_host))
     if chosen_host is None:
         st.info("No hosts yet.")
     else:
-        live(lambda: body(None, chosen_host), every=2 * LIVE_SECONDS)
+        live(lambda: body(None, chosen_host), every=REFRESH_SECONDS)
 elif (chosen := require_run()) is not None:
-    live(lambda: body(chosen, None), every=2 * LIVE_SECONDS)
+    live(lambda: body(chosen, None), every=REFRESH_SECONDS)

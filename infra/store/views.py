@@ -237,7 +237,8 @@ class ViewReads:
         width = max(1, math.ceil(seconds / _finite_points(max_points)))
         if width >= ROLLUP_SECONDS:
             width = math.ceil(width / ROLLUP_SECONDS) * ROLLUP_SECONDS
-            return self._rows(Template(rollup_sql).substitute(where=where + minute_sql), width=width, **params, **minute_params)
+            return self._rows(Template(rollup_sql).substitute(where=where + minute_sql), width=width, **params,
+                              **minute_params)
         time_sql, time_params = _between(since, until, "ts")
         return self._rows(Template(raw_sql).substitute(where=where + time_sql), width=width, **params, **time_params)
 

@@ -25,6 +25,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from trainwire.dashboard.audit_data import GOVERNANCE_READS, audit_export
+from trainwire.infra.config import Settings
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.governance import GovernanceReads
 from trainwire.infra.store.read import StoreReader
@@ -193,7 +194,7 @@ def test_every_view_on_an_empty_store_says_so(app_test, tmp_path):
             assert any("No runs yet" in info.value for info in at.info), name
 
 
-# --- A real browser ----------------------------------------------------------------------------------------------------
+# --- A real browser ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def chromium() -> str:
@@ -301,3 +302,37 @@ def test_every_view_in_a_browser(demo, browser):
             assert f"run={bad}" in page.url
             page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
         assert page.get_by_role("button", name="Download audit JSON").is_visible()
+
+
+def test_new_steps_appear_live_without_a_reload(tmp_path, browser):
+    """`trainwire up` (ingest, read API and dashboard in one process) while this test trains: each step logged
+    appears as a point on the open Training page, which is never reloaded."""
+    from trainwire import init
+
+    home = tmp_path / "home"
+    home.mkdir()
+    settings = Settings(home=home, gpu_sample_seconds=1.0, heartbeat_seconds=1.0)
+    steps, latencies = 12, []
+    with serving(home, "up") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("No runs yet").wait_for(timeout=30_000)
+        page.evaluate("window.trainwireLoaded = true")
+        with init("live-test", "live", {"learning_rate": 1e-4}, settings=settings, total_steps=steps,
+                  sample_gpus=False) as run:
+            page.get_by_text(f"last step 0 of {steps}").wait_for(timeout=30_000)  # a new run redraws the page
+            for step in range(1, steps + 1):
+                logged = time.monotonic()
+                run.log_step(step, loss=2.0 / math.sqrt(step), learning_rate=1e-4, grad_norm=1.0, tokens_per_s=900.0)
+                page.locator(f'.st-key-chart-loss [aria-roledescription="point"][aria-label^="step: {step};"]'
+                             ).wait_for(timeout=15_000)
+                latencies.append(time.monotonic() - logged)
+            assert points(page) == list(range(1, steps + 1))
+            page.get_by_text(f"last step {steps} of {steps}").wait_for(timeout=15_000)
+            no_exception(page)
+            assert page.evaluate("window.trainwireLoaded === true"), "the page was reloaded"
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
+    (ARTIFACTS / "dashboard-live-latency.json").write_text(json.dumps(
+        {"seconds_from_log_step_to_point": [round(s, 3) for s in latencies],
+         "median": round(statistics.median(latencies), 3), "max": round(max(latencies), 3)}, indent=2))
