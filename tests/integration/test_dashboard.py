@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +27,8 @@ from streamlit.testing.v1 import AppTest
 
 from trainwire.dashboard.audit_data import GOVERNANCE_READS, audit_export
 from trainwire.infra.config import Settings
-from trainwire.infra.store import connect_store
+from trainwire.infra.store import connect_store, migrate
+from trainwire.infra.store.api import ReadApiServer, RemoteReader, to_json
 from trainwire.infra.store.governance import GovernanceReads
 from trainwire.infra.store.read import StoreReader
 
@@ -68,6 +70,52 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def nan_run(report: dict) -> str:
     return next(a["run_id"] for a in report["alerts"] if a["rule"] == "loss_not_finite")
+
+
+# --- The read API behind the views -------------------------------------------------------------------------------------
+
+def test_long_curves_come_downsampled_from_the_rollup_with_nans_kept(tmp_path):
+    """20,000 steps with one NaN: at most max_points points, read from steps_100, agreeing with the raw rows
+    (mean of the finite losses per point, NaNs counted apart)."""
+    client = connect_store(f"chdb://{tmp_path}/chdb")
+    try:
+        migrate(client)
+        client.command(
+            "INSERT INTO steps (event_id, run_id, experiment, team, host, seq, ts, step, loss, learning_rate) "
+            "SELECT toString(number), 'r1', 'e', '', 'h', number, toDateTime64(now() - 86400, 3, 'UTC') + number, "
+            "number + 1, if(number + 1 = 12345, nan, 1 + (number % 7) / 10), 1e-4 FROM numbers(20000)")
+        store = StoreReader(client)
+        # the rollup holds 100-step rows (steps 0–99, 100–199, …); 201 of them make 67 points of 3 rows each
+        raw = client.query("SELECT max(step), avgIf(loss, isFinite(loss)), countIf(NOT isFinite(loss)) FROM steps "
+                           "GROUP BY intDiv(step, 300) ORDER BY 1").result_rows
+        client.command("TRUNCATE TABLE steps")  # what is left to read is the rollup
+        curve = store.curve("r1", max_points=100)
+    finally:
+        client.close()
+    assert len(curve) == 67 and sum(point["steps"] for point in curve) == 20000
+    assert [(p["step"], round(p["loss"], 9), p["loss_not_finite"]) for p in curve] == [
+        (last, round(mean, 9), bad) for last, mean, bad in raw]
+    assert [p["step"] for p in curve if p["loss_not_finite"]] == [12599], "the NaN's bucket is marked"
+
+
+def test_view_reads_answer_over_the_loopback_read_api(demo):
+    home, report = demo
+    store = StoreReader(connect_store(f"chdb://{home}/chdb"))
+    api = ReadApiServer(store, home).start()
+    try:
+        remote, bad = RemoteReader(api.url), nan_run(report)
+        since = datetime.now(timezone.utc) - timedelta(days=1)
+        assert remote.curve(run_id=bad, since=since, max_points=20) == to_json(store.curve(bad, since, None, 20))
+        assert len(remote.curve(run_id=bad, max_points=20)) == 20
+        compared = remote.compare(run_ids=report["runs"])
+        assert [r["run_id"] for r in compared["runs"]] == report["runs"] and compared["differing"] == ["job"]
+        blocked = remote.alert_incidents(run_ids=report["runs"], severities=["block"], since=since)
+        assert [(i["run_id"], i["rule"]) for i in blocked] == [(bad, "loss_not_finite")]
+        assert {r["run_id"] for r in remote.fleet(since=since)} == set(report["runs"])
+        assert {g["gpu_index"] for g in remote.gpu_series(run_id=bad)} == {0, 1}
+    finally:
+        api.stop()
+        store._client.close()
 
 
 # --- AppTest ---------------------------------------------------------------------------------------------------------
