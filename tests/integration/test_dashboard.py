@@ -205,6 +205,25 @@ def test_every_view_shows_the_demo_runs(app_test, demo):
     assert at.selectbox(key="run").value == bad, "the chosen run survived six page changes"
 
 
+def test_time_ranges_follow_the_data_and_persist_across_views(app_test, demo):
+    home, report = demo
+    at = view(app_test(f"chdb://{home}/chdb"), "training")
+    at.button_group(key="range").set_value("15m").run()
+    assert "last 15 min" in text(at) and len(chart(at, "learning rate")["line"]) == STEPS, "the demo just ran"
+
+    at.button_group(key="range").set_value("custom").run()
+    yesterday = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=1)
+    dates = {d.key: d for d in at.get("date_time_input")}
+    dates["range_from"].set_value(yesterday - timedelta(hours=1))
+    dates["range_to"].set_value(yesterday).run()
+    assert "no steps logged in this time range" in text(at)
+    at = view(at, "alerts")
+    assert at.metric[0].value == "0", "no incident was active a day before the demo"
+    assert at.button_group(key="range").value == "custom"
+    at.button_group(key="range").set_value("all").run()
+    assert at.metric[0].value == str(len(report["alerts"]))
+
+
 def test_audit_export_holds_lineage_hashes_and_the_audit_record(demo):
     home, report = demo
     store = StoreReader(connect_store(f"chdb://{home}/chdb"))
