@@ -38,7 +38,31 @@ METHODS: dict[str, dict[str, type]] = {
     "registry_history": {"run_id": str},
     "registry_stages": {},
     "audit_log": {"run_id": str},
+    # dashboard views (infra/store/views.py)
+    "curve": {"run_id": str, "since": datetime.fromisoformat, "until": datetime.fromisoformat, "max_points": int},
+    "progress": {"run_id": str},
+    "fleet": {"since": datetime.fromisoformat},
+    "runs_digest": {},
+    "gpu_series": {"run_id": str, "host": str, "since": datetime.fromisoformat, "until": datetime.fromisoformat,
+                   "max_points": int},
+    "throughput": {"run_id": str, "host": str, "since": datetime.fromisoformat, "until": datetime.fromisoformat,
+                   "max_points": int},
+    "compare": {"run_ids": lambda v: [x for x in v.split(",") if x], "since": datetime.fromisoformat,
+                "until": datetime.fromisoformat, "max_points": int},
+    "alert_incidents": {**{name: lambda v: [x for x in v.split(",") if x]
+                           for name in ("run_ids", "rules", "severities", "teams", "states")},
+                        "since": datetime.fromisoformat, "until": datetime.fromisoformat, "limit": int},
+    "alert_facets": {},
 }
+
+
+def _query_value(value: Any) -> str:
+    """A keyword argument as METHODS parses it back: lists comma-joined, datetimes ISO 8601."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def to_json(value: Any) -> Any:
@@ -149,7 +173,7 @@ class RemoteReader:
             raise AttributeError(method)
 
         def call(**kwargs: Any) -> Any:
-            query = urllib.parse.urlencode({k: v for k, v in kwargs.items() if v is not None})
+            query = urllib.parse.urlencode({k: _query_value(v) for k, v in kwargs.items() if v is not None})
             try:
                 with urllib.request.urlopen(f"{self.url}/api/{method}?{query}", timeout=30) as response:
                     return json.loads(response.read())

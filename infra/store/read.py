@@ -7,6 +7,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from .governance import GovernanceReads
+from .views import ViewReads
 
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
@@ -46,7 +47,7 @@ LEFT JOIN (SELECT * FROM run_ended FINAL WHERE run_id = rid) AS e ON e.run_id = 
 """
 
 
-class StoreReader(GovernanceReads):
+class StoreReader(GovernanceReads, ViewReads):
     def __init__(self, client: Client):
         self._client = client
 

@@ -1,0 +1,59 @@
+"""Alerts: incidents firing or resolved in the time range, filtered by run, rule, severity, team and state."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, plural, reader, require_runs,
+                                        time_range)
+
+STATES = ["firing", "resolved"]
+COLUMNS = {"fired_at": "fired", "state": "state", "severity": "severity", "rule": "rule", "run": "run",
+           "team": "team", "step": "step", "message": "message", "resolved_at": "resolved"}
+SEVERITY_ORDER = ["block", "critical", "warning", "info"]
+
+
+def multi(label: str, key: str, options: list[str], **kwargs) -> list[str]:
+    return st.multiselect(label, options, key=kept(key, [], valid=lambda v: [x for x in v or [] if x in options]),
+                          placeholder="all", **kwargs)
+
+
+def body(run_ids: list[str], rules: list[str], severities: list[str], teams: list[str], states: list[str]) -> None:
+    span = time_range()
+    incidents = reader().alert_incidents(run_ids=run_ids, rules=rules, severities=severities, teams=teams,
+                                         states=states, since=span.since, until=span.until)
+    firing = sum(i["state"] == "firing" for i in incidents)
+    cells = st.columns(3)
+    cells[0].metric("incidents", len(incidents))
+    cells[1].metric("firing", firing)
+    cells[2].metric("resolved", len(incidents) - firing)
+    if not incidents:
+        st.caption(f"no alerts in {span.describe()} match")
+        return
+    names = labels()
+    frame = pd.DataFrame(incidents)
+    frame["run"] = frame["run_id"].map(lambda r: names.get(r, r[:8]))
+    st.caption(f"{plural(len(frame), 'incident')} in {span.describe()}, newest first")
+    st.dataframe(frame[list(COLUMNS)].rename(columns=COLUMNS), hide_index=True, width="stretch")
+
+
+st.title("Alerts")
+if require_runs():
+    facets = reader().alert_facets()
+    names = labels()
+    cols = st.columns(5)
+    with cols[0]:
+        chosen_runs = multi("Run", "alerts-runs", facets["run_ids"], format_func=lambda r: names.get(r, r[:8]))
+    with cols[1]:
+        chosen_rules = multi("Rule", "alerts-rules", facets["rules"])
+    with cols[2]:
+        chosen_severities = multi("Severity", "alerts-severities",
+                                  sorted(facets["severities"], key=lambda s: (s not in SEVERITY_ORDER,
+                                                                              SEVERITY_ORDER.index(s)
+                                                                              if s in SEVERITY_ORDER else 0, s)))
+    with cols[3]:
+        chosen_teams = multi("Team", "alerts-teams", facets["teams"], format_func=lambda t: t or "(no team)")
+    with cols[4]:
+        chosen_states = multi("State", "alerts-states", STATES)
+    live(lambda: body(chosen_runs, chosen_rules, chosen_severities, chosen_teams, chosen_states), every=REFRESH_SECONDS)

@@ -1,0 +1,126 @@
+"""Audit: a run's lineage (base model, dataset, config, git, seeds, environment, with their SHA-256), its
+checkpoints and output artifacts with hashes, its quality gates, registry stage and audit record, and the whole
+as a JSON download."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from trainwire.dashboard.audit_data import audit_export, governance
+from trainwire.dashboard.shared import live, reader, require_run
+
+REFRESH_SECONDS = 5.0  # lineage is written once; gates and the registry change at run end and on review
+NOT_EVALUATED = "not evaluated yet"
+LINEAGE = {
+    "Base model": [("name", "base_model"), ("source", "base_model_source"), ("revision", "base_model_revision"),
+                   ("sha256", "base_model_sha256"), ("adapter config", "adapter_json")],
+    "Dataset": [("path", "dataset_path"), ("version", "dataset_version"), ("sha256", "dataset_sha256"),
+                ("samples", "dataset_samples"), ("format", "dataset_format"), ("source", "dataset_source"),
+                ("licence", "dataset_license"), ("preprocessing", "dataset_preprocessing")],
+    "Config and code": [("config file", "config_file"), ("config sha256", "config_sha256"),
+                        ("git commit", "git_commit"), ("git dirty", "git_dirty")],
+    "Seeds and determinism": [("seed", "seed"), ("data seed", "data_seed"), ("numpy seed", "numpy_seed"),
+                              ("cudnn deterministic", "cudnn_deterministic"), ("cudnn benchmark", "cudnn_benchmark"),
+                              ("deterministic algorithms", "deterministic_algorithms")],
+    "Hardware": [("GPU type", "gpu_type"), ("GPU count", "gpu_count"), ("driver", "gpu_driver_version"),
+                 ("CUDA", "cuda_version"), ("world size", "world_size")],
+    "Environment": [("container image digest", "container_image_digest"), ("packages sha256", "packages_sha256")],
+}
+
+
+def files_table(rows: list[dict], **extra: Any) -> pd.DataFrame:
+    return pd.DataFrame([{**extra, "file": f["name"], "size": f["size"], "sha256": f["sha256"]} for f in rows])
+
+
+def show_lineage(started: dict) -> None:
+    sections = list(LINEAGE.items())
+    for column, chunk in zip(st.columns(2), (sections[0::2], sections[1::2])):
+        with column:
+            for title, fields in chunk:
+                st.markdown(f"**{title}**")
+                values = [(name, _shown(started.get(key))) for name, key in fields]
+                if title == "Environment":
+                    values += sorted((name, str(value)) for name, value in (started.get("environment") or {}).items())
+                st.dataframe(pd.DataFrame(values, columns=["", "value"]), hide_index=True, width="stretch")
+    with st.expander("Hyperparameters"):
+        st.json(json.loads(started.get("hyperparameters_json") or "{}"))
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == []:
+        return "—"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def show_outputs(checkpoints: list[dict], ended: dict | None) -> None:
+    st.subheader("Checkpoints")
+    if checkpoints:
+        st.dataframe(pd.concat([files_table(c["files"], step=c["step"], path=c["path"], eval_loss=c["eval_loss"],
+                                            best=c["is_best"]) for c in checkpoints if c["files"]]
+                               or [pd.DataFrame()], ignore_index=True), hide_index=True, width="stretch")
+    else:
+        st.caption("no checkpoints recorded")
+    st.subheader("Output artifacts")
+    if ended is None:
+        st.caption("the run has not ended")
+    elif ended["artifacts"]:
+        st.caption(f"run {ended['status']}" + (f": {ended['error']}" if ended.get("error") else ""))
+        st.dataframe(files_table(ended["artifacts"]), hide_index=True, width="stretch")
+    else:
+        st.caption(f"run {ended['status']}; no artifacts recorded")
+
+
+def show_governance(record: dict[str, Any]) -> None:
+    st.subheader("Quality gates")
+    gates = record["gates"]
+    if gates is None:
+        st.caption(f"Quality gates: {NOT_EVALUATED}")
+    else:
+        st.markdown(f"**{gates['overall']}** · evaluated {gates['evaluated_at']:%Y-%m-%d %H:%M:%S} UTC "
+                    f"({gates['trigger']}, by {gates['actor']}) · result {gates['result_sha256']}")
+        st.dataframe(pd.DataFrame(gates["gates"])[["gate", "name", "status", "on_fail", "message"]],
+                     hide_index=True, width="stretch")
+    st.subheader("Registry stage")
+    history = record["registry"]
+    if history is None:
+        why = NOT_EVALUATED if gates is None else f"no transitions; gates {gates['overall']}"
+        st.caption(f"Registry stage: None ({why})")
+    else:
+        st.markdown(f"**{history[-1]['to_stage']}** since {history[-1]['ts']:%Y-%m-%d %H:%M:%S} UTC")
+        st.dataframe(pd.DataFrame(history)[["ts", "from_stage", "to_stage", "actor", "reason"]], hide_index=True,
+                     width="stretch")
+    st.subheader("Audit record")
+    if record["audit_record"] is None:
+        st.caption(f"Audit record: {NOT_EVALUATED}")
+    else:
+        with st.expander("as stored with the latest gate evaluation"):
+            st.json(record["audit_record"])
+
+
+def body(run_id: str) -> None:
+    store = reader()
+    started = store.run_started(run_id)
+    if started is None:
+        st.info("This run has no run-started event stored yet.")
+        return
+    checkpoints, ended, record = store.checkpoints(run_id), store.run_ended(run_id), governance(store, run_id)
+    st.caption(f"{started['experiment']} · {started['run_name']} · {run_id} · started "
+               f"{started['ts']:%Y-%m-%d %H:%M:%S} UTC by {started['user'] or 'unknown user'}")
+    st.download_button("Download audit JSON", lambda: json.dumps(audit_export(store, run_id), indent=2),
+                       file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
+                       icon=":material/download:", on_click="ignore")
+    st.subheader("Lineage")
+    show_lineage(started)
+    show_outputs(checkpoints, ended)
+    show_governance(record)
+
+
+st.title("Audit")
+if (chosen := require_run()) is not None:
+    live(lambda: body(chosen), every=REFRESH_SECONDS)

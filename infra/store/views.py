@@ -1,0 +1,314 @@
+"""Read queries behind the dashboard's views: downsampled curves, the fleet, GPU and throughput series, run
+comparison and alert incidents with filters.
+
+A mixin of `StoreReader`, so `trainwire up`'s loopback read API serves them like every other read. Every series
+comes back downsampled in ClickHouse to at most `max_points` points: short ranges bucket the raw rows, long ones
+read the rollups of migration 003 (`steps_100`, `steps_1m`, `gpu_1m`), so a year of history costs what an hour
+does. A bucket's NaN/±Inf losses are counted apart (`loss_not_finite`), never averaged in or away.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from string import Template
+from typing import Any
+
+Row = dict[str, Any]
+
+DEFAULT_POINTS = 500
+# Read raw rows while a range holds at most this many per point; beyond that the rollups are as exact as needed.
+RAW_ROWS_PER_POINT = 10
+ROLLUP_STEPS = 100  # steps_100: one row per run per 100 steps
+ROLLUP_SECONDS = 60  # steps_1m and gpu_1m: one row per run (per GPU) per minute
+
+# `prefer_column_name_to_alias`: an aggregate named like the column it reads (`max(ts) AS ts`) reads the column.
+_CURVE_RAW = """
+SELECT intDiv(step - {lo:UInt64}, {width:UInt64}) AS b, max(step) AS step, max(ts) AS ts, count() AS steps,
+       avgIfOrNull(loss, isFinite(loss)) AS loss, minIfOrNull(loss, isFinite(loss)) AS loss_min,
+       maxIfOrNull(loss, isFinite(loss)) AS loss_max, countIf(NOT isFinite(loss)) AS loss_not_finite,
+       argMax(learning_rate, step) AS learning_rate, avgIfOrNull(grad_norm, isFinite(grad_norm)) AS grad_norm,
+       maxIfOrNull(grad_norm, isFinite(grad_norm)) AS grad_norm_max, avgOrNull(tokens_per_s) AS tokens_per_s
+FROM steps FINAL WHERE run_id = {run_id:String} $time
+GROUP BY b ORDER BY b SETTINGS prefer_column_name_to_alias = 1
+"""
+
+_CURVE_ROLLUP = """
+SELECT intDiv(bucket - {lo:UInt64}, {width:UInt64}) AS b, max(last_step) AS step, max(last_ts) AS ts,
+       sum(steps) AS steps, sum(loss_sum) / nullIf(sum(loss_count), 0) AS loss, min(loss_min) AS loss_min,
+       max(loss_max) AS loss_max, sum(loss_not_finite) AS loss_not_finite,
+       argMaxMerge(learning_rate_last) AS learning_rate,
+       sum(grad_norm_sum) / nullIf(sum(grad_norm_count), 0) AS grad_norm, max(grad_norm_max) AS grad_norm_max,
+       sum(tokens_per_s_sum) / nullIf(sum(tokens_per_s_count), 0) AS tokens_per_s
+FROM steps_100 WHERE run_id = {run_id:String} $time
+GROUP BY b ORDER BY b SETTINGS prefer_column_name_to_alias = 1
+"""
+
+# Each run's latest state from the `runs` table (migration 003) and its firing incidents.
+_FLEET = """
+WITH latest AS (SELECT run_id, rule, argMax(state, ts) AS state FROM alerts FINAL $alert_filter
+                GROUP BY run_id, rule, dedup_key),
+     firing AS (SELECT run_id, count() AS firing_alerts, groupUniqArray(rule) AS firing_rules FROM latest
+                WHERE state = 'firing' GROUP BY run_id)
+SELECT r.run_id AS run_id, r.exp AS experiment, r.name AS run_name, r.tm AS team, r.hst AS host,
+       r.usr AS user, r.started AS started_at, r.st AS status, r.ended AS ended_at, r.total AS total_steps,
+       if(r.n = 0, NULL, r.last) AS last_step, r.n AS steps_logged, r.seen AS last_event_at,
+       r.last_loss AS last_loss, ifNull(f.firing_alerts, 0) AS firing_alerts, f.firing_rules AS firing_rules
+FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS tm, max(host) AS hst,
+             max(user) AS usr, max(started_at) AS started, argMaxMerge(status) AS st,
+             nullIf(max(ended_at), toDateTime64(0, 3, 'UTC')) AS ended, nullIf(max(total_steps), 0) AS total,
+             max(last_step) AS last, sum(steps_logged) AS n, max(last_event_at) AS seen,
+             argMaxMerge(last_loss) AS last_loss
+      FROM runs $run_filter GROUP BY run_id
+      HAVING started > toDateTime64(0, 3, 'UTC') $since_filter) AS r
+LEFT JOIN firing AS f ON f.run_id = r.run_id
+ORDER BY r.st = 'running' DESC, r.seen DESC
+"""
+
+_GPU_RAW = """
+SELECT host, gpu_index, toDateTime(intDiv(toUnixTimestamp(ts), {width:UInt32}) * {width:UInt32}, 'UTC') AS t,
+       avg(utilization_pct) AS utilization_pct, max(memory_used_mb) AS memory_used_mb,
+       max(memory_total_mb) AS memory_total_mb, max(temperature_c) AS temperature_c, avg(power_w) AS power_w,
+       count() AS samples
+FROM gpu_samples FINAL WHERE $where
+GROUP BY host, gpu_index, t ORDER BY host, gpu_index, t SETTINGS prefer_column_name_to_alias = 1
+"""
+
+_GPU_ROLLUP = """
+SELECT host, gpu_index, toDateTime(intDiv(toUnixTimestamp(minute), {width:UInt32}) * {width:UInt32}, 'UTC') AS t,
+       sum(utilization_sum) / nullIf(sum(utilization_count), 0) AS utilization_pct,
+       max(memory_used_max) AS memory_used_mb, max(memory_total_max) AS memory_total_mb,
+       max(temperature_max) AS temperature_c, sum(power_sum) / nullIf(sum(power_count), 0) AS power_w,
+       sum(samples) AS samples
+FROM gpu_1m WHERE $where
+GROUP BY host, gpu_index, t ORDER BY host, gpu_index, t SETTINGS prefer_column_name_to_alias = 1
+"""
+
+_THROUGHPUT_RAW = """
+SELECT run_id, toDateTime(intDiv(toUnixTimestamp(ts), {width:UInt32}) * {width:UInt32}, 'UTC') AS t,
+       avg(tokens_per_s) AS tokens_per_s, count() AS steps, max(step) AS last_step
+FROM steps FINAL WHERE $where
+GROUP BY run_id, t ORDER BY run_id, t SETTINGS prefer_column_name_to_alias = 1
+"""
+
+_THROUGHPUT_ROLLUP = """
+SELECT run_id, toDateTime(intDiv(toUnixTimestamp(minute), {width:UInt32}) * {width:UInt32}, 'UTC') AS t,
+       sum(tokens_per_s_sum) / nullIf(sum(tokens_per_s_count), 0) AS tokens_per_s, sum(steps) AS steps,
+       max(last_step) AS last_step
+FROM steps_1m WHERE $where
+GROUP BY run_id, t ORDER BY run_id, t SETTINGS prefer_column_name_to_alias = 1
+"""
+
+_INCIDENTS = """
+SELECT run_id, any(experiment) AS experiment, any(team) AS team, rule, any(severity) AS severity,
+       argMin(step, ts) AS step, argMax(state, ts) AS state, min(ts) AS fired_at, max(ts) AS updated_at,
+       if(argMax(state, ts) = 'resolved', max(ts), NULL) AS resolved_at, argMin(message, ts) AS message,
+       argMin(value, ts) AS value, argMin(threshold, ts) AS threshold
+FROM alerts FINAL
+WHERE (empty({run_ids:Array(String)}) OR has({run_ids:Array(String)}, run_id))
+  AND (empty({rules:Array(String)}) OR has({rules:Array(String)}, rule))
+  AND (empty({severities:Array(String)}) OR has({severities:Array(String)}, severity))
+  AND (empty({teams:Array(String)}) OR has({teams:Array(String)}, team))
+GROUP BY run_id, rule, dedup_key
+HAVING (empty({states:Array(String)}) OR has({states:Array(String)}, argMax(state, ts))) $time
+ORDER BY fired_at DESC LIMIT {limit:UInt32} SETTINGS prefer_column_name_to_alias = 1
+"""
+
+
+def _utc(value: datetime) -> datetime:
+    """A naive UTC datetime, as ClickHouse binds a DateTime64(3, 'UTC') parameter."""
+    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+
+
+def _between(since: datetime | None, until: datetime | None, first: str, last: str | None = None
+             ) -> tuple[str, dict[str, Any]]:
+    """`AND …` conditions keeping rows whose [first, last] overlaps [since, until], and their parameters."""
+    sql, params = "", {}
+    if since is not None:
+        sql += f" AND {last or first} >= {{since:DateTime64(3, 'UTC')}}"
+        params["since"] = _utc(since)
+    if until is not None:
+        sql += f" AND {first} <= {{until:DateTime64(3, 'UTC')}}"
+        params["until"] = _utc(until)
+    return sql, params
+
+
+def _seconds(value: datetime) -> float:
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _finite_points(max_points: int) -> int:
+    if max_points < 1:
+        raise ValueError(f"max_points must be at least 1, not {max_points}")
+    return max_points
+
+
+class ViewReads:
+    def _rows(self, sql: str, **parameters: Any) -> list[Row]:  # provided by StoreReader
+        raise NotImplementedError
+
+    # --- Training ----------------------------------------------------------------------------------------------
+
+    def curve(self, run_id: str, since: datetime | None = None, until: datetime | None = None,
+              max_points: int = DEFAULT_POINTS) -> list[Row]:
+        """A run's step metrics in at most `max_points` buckets of consecutive steps, oldest first: per bucket its
+        last step and time, the finite losses' mean/min/max, how many losses were NaN/±Inf, the last learning rate,
+        mean and max grad norm, mean tokens/s."""
+        max_points = _finite_points(max_points)
+        time_sql, time_params = _between(since, until, "first_ts", "last_ts")
+        span = self._rows(
+            "SELECT sum(steps) AS n, min(first_step) AS lo, max(last_step) AS hi, min(bucket) AS lo_bucket, "
+            f"max(bucket) AS hi_bucket FROM steps_100 WHERE run_id = {{run_id:String}} {time_sql}",
+            run_id=run_id, **time_params)[0]
+        if not span["n"]:
+            return []
+        if span["n"] <= max_points * RAW_ROWS_PER_POINT:
+            time_sql, time_params = _between(since, until, "ts")
+            width = math.ceil((span["hi"] - span["lo"] + 1) / max_points)
+            rows = self._rows(Template(_CURVE_RAW).substitute(time=time_sql), run_id=run_id, lo=span["lo"], width=width,
+                              **time_params)
+        else:
+            width = math.ceil((span["hi_bucket"] - span["lo_bucket"] + 1) / max_points)
+            rows = self._rows(Template(_CURVE_ROLLUP).substitute(time=time_sql), run_id=run_id, lo=span["lo_bucket"],
+                              width=width, **time_params)
+        for row in rows:
+            del row["b"]
+        return rows
+
+    def progress(self, run_id: str) -> Row | None:
+        """Where a run is: its state (as `fleet` reports it), its recent pace in steps/s and, while it runs, the
+        estimated seconds to its planned last step."""
+        runs = self._fleet(run_id=run_id)
+        if not runs:
+            return None
+        run = runs[0]
+        recent = self._rows(
+            "SELECT min(step) AS first_step, max(step) AS last_step, min(ts) AS first_ts, max(ts) AS last_ts "
+            "FROM (SELECT step, ts FROM steps WHERE run_id = {run_id:String} ORDER BY seq DESC LIMIT 200)",
+            run_id=run_id)[0]
+        seconds = (_seconds(recent["last_ts"]) - _seconds(recent["first_ts"])) if recent["last_step"] else 0.0
+        pace = (recent["last_step"] - recent["first_step"]) / seconds if seconds > 0 else None
+        remaining = (run["total_steps"] or 0) - (run["last_step"] or 0)
+        eta = remaining / pace if pace and run["status"] == "running" and remaining > 0 else None
+        return {**run, "steps_per_s": pace, "eta_s": eta}
+
+    # --- Fleet -------------------------------------------------------------------------------------------------
+
+    def fleet(self, since: datetime | None = None) -> list[Row]:
+        """Runs still running or heard from since `since` (all runs when None), running first, then the most
+        recently heard from: identity, status, last step and event, firing incidents and their rules."""
+        return self._fleet(since=since)
+
+    def _fleet(self, since: datetime | None = None, run_id: str | None = None) -> list[Row]:
+        params: dict[str, Any] = {}
+        run_filter = alert_filter = since_filter = ""
+        if run_id is not None:
+            run_filter = alert_filter = "WHERE run_id = {run_id:String}"
+            params["run_id"] = run_id
+        if since is not None:
+            since_filter = "AND (st = 'running' OR seen >= {since:DateTime64(3, 'UTC')})"
+            params["since"] = _utc(since)
+        return self._rows(Template(_FLEET).substitute(run_filter=run_filter, alert_filter=alert_filter,
+                                        since_filter=since_filter), **params)
+
+    def runs_digest(self) -> Row:
+        """How many runs there are, how many run, the newest start: changes whenever the run listing does."""
+        return self._rows(
+            "SELECT count() AS runs, countIf(st = 'running') AS running, max(started) AS newest "
+            "FROM (SELECT run_id, max(started_at) AS started, argMaxMerge(status) AS st FROM runs GROUP BY run_id "
+            "HAVING started > toDateTime64(0, 3, 'UTC'))")[0]
+
+    # --- Resources ---------------------------------------------------------------------------------------------
+
+    def _time_series(self, raw_sql: str, rollup_sql: str, rollup_table: str, where: str, params: dict[str, Any],
+                     since: datetime | None, until: datetime | None, max_points: int) -> list[Row]:
+        """Rows of `raw_sql` in buckets of a few seconds, or of `rollup_sql` (its per-minute rollup) once a bucket
+        spans a minute or more; at most `max_points` buckets per series over [since, until]."""
+        minute_sql, minute_params = _between(since, until, "minute")
+        first, last = since, until
+        if first is None or last is None:  # an open end is as far as the data goes
+            span = self._rows(f"SELECT min(minute) AS lo, max(minute) AS hi, count() AS n FROM {rollup_table} "
+                              f"WHERE {where}{minute_sql}", **params, **minute_params)[0]
+            if not span["n"]:
+                return []
+            first, last = first or span["lo"], last or span["hi"]
+        seconds = max(0.0, _seconds(last) - _seconds(first)) + ROLLUP_SECONDS
+        width = max(1, math.ceil(seconds / _finite_points(max_points)))
+        if width >= ROLLUP_SECONDS:
+            width = math.ceil(width / ROLLUP_SECONDS) * ROLLUP_SECONDS
+            return self._rows(Template(rollup_sql).substitute(where=where + minute_sql), width=width, **params,
+                              **minute_params)
+        time_sql, time_params = _between(since, until, "ts")
+        return self._rows(Template(raw_sql).substitute(where=where + time_sql), width=width, **params, **time_params)
+
+    def gpu_series(self, run_id: str | None = None, host: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, max_points: int = 300) -> list[Row]:
+        """Per host and GPU index, its samples in time buckets (at most `max_points` per GPU): mean utilisation %,
+        peak memory used/total MB, peak temperature °C, mean power W."""
+        where, params = "1", {}
+        if run_id is not None:
+            where += " AND run_id = {run_id:String}"
+            params["run_id"] = run_id
+        if host is not None:
+            where += " AND host = {host:String}"
+            params["host"] = host
+        return self._time_series(_GPU_RAW, _GPU_ROLLUP, "gpu_1m", where, params, since, until, max_points)
+
+    def throughput(self, run_id: str | None = None, host: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, max_points: int = 300) -> list[Row]:
+        """Per run, mean tokens/s in time buckets (at most `max_points` per run), with steps logged per bucket."""
+        where, params = "1", {}
+        if run_id is not None:
+            where += " AND run_id = {run_id:String}"
+            params["run_id"] = run_id
+        if host is not None:
+            where += " AND run_id IN (SELECT run_id FROM runs GROUP BY run_id HAVING max(host) = {host:String})"
+            params["host"] = host
+        return self._time_series(_THROUGHPUT_RAW, _THROUGHPUT_ROLLUP, "steps_1m", where, params, since, until,
+                                 max_points)
+
+    # --- Experiment comparison -----------------------------------------------------------------------------------
+
+    def compare(self, run_ids: list[str], since: datetime | None = None, until: datetime | None = None,
+                max_points: int = 300) -> Row:
+        """The chosen runs side by side: `runs` (identity, status and parsed hyperparameters of each), `differing`
+        (the hyperparameter names whose values are not all equal) and `curves` (each run's `curve`, run id added)."""
+        runs = self._rows(
+            "SELECT run_id, experiment, run_name, argMax(hyperparameters_json, seq) AS hyperparameters_json "
+            "FROM run_started FINAL WHERE has({run_ids:Array(String)}, run_id) GROUP BY run_id, experiment, run_name",
+            run_ids=list(run_ids))
+        order = {run_id: i for i, run_id in enumerate(run_ids)}
+        runs.sort(key=lambda r: order[r["run_id"]])
+        for run in runs:
+            try:
+                run["hyperparameters"] = json.loads(run.pop("hyperparameters_json") or "{}")
+            except ValueError:
+                run["hyperparameters"] = {}
+        names = sorted({name for run in runs for name in run["hyperparameters"]})
+        missing = object()
+        differing = [name for name in names
+                     if len({json.dumps(r["hyperparameters"].get(name, missing), sort_keys=True, default=str)
+                             for r in runs}) > 1]
+        curves = [{"run_id": run["run_id"], **point} for run in runs
+                  for point in self.curve(run["run_id"], since, until, max_points)]
+        return {"runs": runs, "differing": differing, "curves": curves}
+
+    # --- Alerts ------------------------------------------------------------------------------------------------
+
+    def alert_incidents(self, run_ids: list[str] | None = None, rules: list[str] | None = None,
+                        severities: list[str] | None = None, teams: list[str] | None = None,
+                        states: list[str] | None = None, since: datetime | None = None,
+                        until: datetime | None = None, limit: int = 1000) -> list[Row]:
+        """Alert incidents (one per run, rule and dedup key) active at some time in [since, until], newest first,
+        each with its latest state; an empty or None filter keeps every value."""
+        time_sql, time_params = _between(since, until, "fired_at", "updated_at")
+        return self._rows(Template(_INCIDENTS).substitute(time=time_sql), run_ids=run_ids or [], rules=rules or [],
+                          severities=severities or [], teams=teams or [], states=states or [], limit=limit,
+                          **time_params)
+
+    def alert_facets(self) -> Row:
+        """The values the alert filters offer: rules, severities and teams that have fired, and runs with alerts."""
+        return self._rows(
+            "SELECT arraySort(groupUniqArray(rule)) AS rules, arraySort(groupUniqArray(severity)) AS severities, "
+            "arraySort(groupUniqArray(team)) AS teams, arraySort(groupUniqArray(run_id)) AS run_ids FROM alerts")[0]
