@@ -6,14 +6,13 @@ Real local log, real ingest pipeline, real embedded ClickHouse (chdb); the CLI t
 import getpass
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from beside_up import cli, running_up
 
 from trainwire.cli import main
+from trainwire.infra.config import Settings
 from trainwire.consumers.ingest import IngestPipeline, event_topics
 from trainwire.consumers.service import INGEST_GROUP, build_ingest
 from trainwire.consumers.writer import ClickHouseWriter
@@ -230,23 +229,12 @@ def test_unknown_run_and_bad_baseline_are_clear_errors(home, tmp_path, capsys):
 
 def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path):
     home = tmp_path / "home"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")}, "TRAINWIRE_HOME": str(home)}
 
     def run_cli(*args):
-        result = subprocess.run([sys.executable, "-m", "trainwire", *args], env=env, capture_output=True,
-                                text=True, timeout=120)
+        result = cli(home, *args, check=False)
         return result.returncode, result.stdout, result.stderr
 
-    up = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (home / "up.json").exists():
-            assert up.poll() is None, up.stderr.read()
-            assert time.monotonic() < deadline, "trainwire up did not start"
-            time.sleep(0.2)
-        from trainwire.infra.config import Settings
-
+    with running_up(home):
         run = simulated_run(Settings(home=home), tmp_path, name="beside-up")
         close_all()
 
@@ -263,9 +251,6 @@ def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path):
         assert code == 2 and "approver must be someone other than the requester" in err
         code, out, _ = run_cli("audit", "verify", "--json")
         assert code == 0 and json.loads(out)["ok"]
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0
     # up is gone: the same history, read from the store directly
     code, out, _ = run_cli("registry", "status", run.run_id, "--json")
     assert [h["to"] for h in json.loads(out)["history"]] == ["Candidate", "Staging"]

@@ -1,37 +1,18 @@
 """`trainwire up` on the embedded defaults owns the store; the CLI's read commands still work beside it."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
+
+from beside_up import cli, running_up
 
 from trainwire.infra.config import Settings
 from trainwire.producers import init
 from trainwire.producers.session import close_all
 
 
-def cli(home, *args, check=True):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")}, "TRAINWIRE_HOME": str(home)}
-    result = subprocess.run([sys.executable, "-m", "trainwire", *args], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert not check or result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def test_read_commands_work_while_up_owns_the_store(tmp_path):
     home = tmp_path / "home"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")}, "TRAINWIRE_HOME": str(home)}
-    up = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (home / "up.json").exists():
-            assert up.poll() is None, up.stderr.read()
-            assert time.monotonic() < deadline, "trainwire up did not start"
-            time.sleep(0.2)
-
+    with running_up(home):
         settings = Settings(home=home)
         with init("beside-up", "while-up-runs", settings=settings, sample_gpus=False) as run:
             for step in range(1, 21):
@@ -55,9 +36,6 @@ def test_read_commands_work_while_up_owns_the_store(tmp_path):
 
         missing = cli(home, "run", "no-such-run", check=False)
         assert missing.returncode == 2 and "no run no-such-run" in missing.stderr
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0
     assert not (home / "up.json").exists()
 
     direct = json.loads(cli(home, "run", run.run_id, "--json").stdout)  # up is gone: the CLI opens the store
