@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from beside_up import cli, running_up
+from beside_up import cli as cli_beside, running_up
 
 from trainwire.cli import main
 from trainwire.infra.config import Settings
@@ -231,7 +231,7 @@ def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path):
     home = tmp_path / "home"
 
     def run_cli(*args):
-        result = cli(home, *args, check=False)
+        result = cli_beside(home, *args, check=False)
         return result.returncode, result.stdout, result.stderr
 
     with running_up(home):
