@@ -149,9 +149,22 @@ class TrainwireCallback(TrainerCallback):
             self._experiment(args), self.run_name or args.run_name or "",
             {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
             settings=self.settings, team=self.team, run_id=run_id, sample_gpus=self.sample_gpus,
-            rank=args.process_index, stop_on_block=self.stop_on_block,
+            rank=args.process_index, stop_on_block=self._stop_switch(args),
             **self._run_started(args, state, model, train_dataloader),
         )
+
+    def _stop_switch(self, args: TrainingArguments) -> bool:
+        if not self.stop_on_block:
+            return False
+        if args.world_size > 1:
+            # only rank 0 would hear the command: stopping it alone would leave the other ranks hanging
+            log.warning("trainwire: the stop switch is not available in multi-process training; run not opted in")
+            return False
+        if args.logging_nan_inf_filter:
+            log.warning("trainwire: TrainingArguments.logging_nan_inf_filter (on by default) logs a NaN/Inf loss as "
+                        "the mean of earlier losses, so loss_not_finite cannot fire; set it to False for the stop "
+                        "switch to act on a diverging loss")
+        return True
 
     def _experiment(self, args: TrainingArguments) -> str:
         return self.experiment or Path(args.output_dir).name
