@@ -33,7 +33,7 @@ class StopListener:
     """Calls `on_stop(command)` (once, from its own thread) when a stop command for `run_id` is published on the
     control topic at or after `since_ms`."""
 
-    def __init__(self, settings: Settings, run_id: str, poll_seconds: float = 1.0):
+    def __init__(self, settings: Settings, run_id: str, poll_seconds: float = 0.5):
         self._settings = settings
         self._run_id = run_id
         self._key = run_id.encode()
