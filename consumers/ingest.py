@@ -18,7 +18,7 @@ from typing import Protocol
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
 from trainwire.infra.log.base import next_positions
-from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS, dead_letter_message, topic_for
+from trainwire.infra.log.topics import ALERTS, CONSUMER_TOPICS, DEAD_LETTERS, dead_letter_message, topic_for
 from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
 from trainwire.schemas.checks import check_record
 
@@ -256,4 +256,4 @@ class IngestPipeline:
 
 
 def event_topics(settings: Settings) -> list[str]:
-    return sorted({settings.topic(topic_for(kind)) for kind in EVENT_TYPES if kind != "alert"})
+    return sorted({settings.topic(topic_for(kind)) for kind in EVENT_TYPES if topic_for(kind) not in CONSUMER_TOPICS})

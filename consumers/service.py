@@ -8,7 +8,7 @@ import threading
 from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
 from trainwire.infra.log import ensure_topics, open_consumer, open_producer
-from trainwire.infra.log.topics import ALERTS, DEAD_LETTERS
+from trainwire.infra.log.topics import ALERTS, CONTROL, DEAD_LETTERS
 from trainwire.infra.store import apply_retention, connect_store, migrate
 
 from .detectors import DetectorEngine, StoreHistory
@@ -25,7 +25,7 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     migrate(client, cluster=settings.store_cluster)
     apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days, settings.store_cluster)
     topics = event_topics(settings)
-    ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS)])
+    ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS), settings.topic(CONTROL)])
     return IngestPipeline(
         open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
         settings, detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)), on_alert=on_alert,

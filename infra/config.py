@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
+from trainwire.schemas.events import Severity
+
 from .detector_settings import DetectorSettings
 
 ENV_PREFIX = "TRAINWIRE_"
@@ -49,6 +51,8 @@ class Settings(BaseSettings):
     gpu_retention_days: int = Field(default=30, ge=1, le=365, description="GPU samples and heartbeats")
     roles: Path | None = Field(default=None, description="TOML file of registry roles; unset: $home/roles.toml "
                                "if present, else every actor holds every role")
+    stop_switch_severities: tuple[Severity, ...] = Field(default=("block",), description="alert severities on "
+                                                         "which the stop switch stops an opted-in run")
     detectors: DetectorSettings = Field(default_factory=DetectorSettings, description="rule thresholds: "
                                         "[detectors.<rule>] and [detectors.experiments.\"<name>\".<rule>]")
 

@@ -1,10 +1,11 @@
 """Trainer-side producers: the SDK (`Run`, `init`), the Hugging Face callback and the GPU sampler."""
 
+from .control import TrainingStopped
 from .gpu import GpuSampler, NvmlSource
 from .run import Run
 from .session import init
 
-__all__ = ["GpuSampler", "NvmlSource", "Run", "TrainwireCallback", "init"]
+__all__ = ["GpuSampler", "NvmlSource", "Run", "TrainingStopped", "TrainwireCallback", "init"]
 
 
 def __getattr__(name: str):

@@ -101,13 +101,15 @@ class TrainwireCallback(TrainerCallback):
     """Records a Trainer run: run started with its lineage, steps, evals, checkpoints, run ended.
 
     `dataset`: a path (file or directory, hashed) or map-style rows (hashed row by row); by default the Trainer's
-    train dataset. `config_file`: by default `sys.argv[1]` when it is a .yaml/.yml/.json file. Any other keyword
-    is a RunStarted field for what the Trainer cannot know (`dataset_source`, `dataset_license`, `tags`, …)."""
+    train dataset. `config_file`: by default `sys.argv[1]` when it is a .yaml/.yml/.json file. `stop_on_block`:
+    opt in to the stop switch: a block-severity alert (e.g. a NaN loss) ends training after a final checkpoint
+    (docs/stop-switch.md). Any other keyword is a RunStarted field for what the Trainer cannot know
+    (`dataset_source`, `dataset_license`, `tags`, …)."""
 
     def __init__(self, experiment: str | None = None, run_name: str | None = None, *,
                  settings: Settings | None = None, team: str | None = None, sample_gpus: bool = True,
                  config_file: str | Path | None = None, dataset: Any = None, run_id: str | None = None,
-                 **run_started: Any):
+                 stop_on_block: bool = False, **run_started: Any):
         unknown = sorted(set(run_started) - (set(RunStarted.model_fields) - set(Event.model_fields)))
         if unknown:
             raise TypeError(f"TrainwireCallback got unknown run started fields: {', '.join(unknown)}")
@@ -119,6 +121,7 @@ class TrainwireCallback(TrainerCallback):
         self.config_file = Path(config_file) if config_file else _config_from_argv()
         self.dataset = dataset
         self.run_id = run_id
+        self.stop_on_block = stop_on_block
         self.overrides = run_started
         self.run: Run | None = None
         self._main = True  # until training begins, this process may be the one that owns the run
@@ -146,8 +149,22 @@ class TrainwireCallback(TrainerCallback):
             self._experiment(args), self.run_name or args.run_name or "",
             {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
             settings=self.settings, team=self.team, run_id=run_id, sample_gpus=self.sample_gpus,
-            rank=args.process_index, **self._run_started(args, state, model, train_dataloader),
+            rank=args.process_index, stop_on_block=self._stop_switch(args),
+            **self._run_started(args, state, model, train_dataloader),
         )
+
+    def _stop_switch(self, args: TrainingArguments) -> bool:
+        if not self.stop_on_block:
+            return False
+        if args.world_size > 1:
+            # only rank 0 would hear the command: stopping it alone would leave the other ranks hanging
+            log.warning("trainwire: the stop switch is not available in multi-process training; run not opted in")
+            return False
+        if args.logging_nan_inf_filter:
+            log.warning("trainwire: TrainingArguments.logging_nan_inf_filter (on by default) logs a NaN/Inf loss as "
+                        "the mean of earlier losses, so loss_not_finite cannot fire; set it to False for the stop "
+                        "switch to act on a diverging loss")
+        return True
 
     def _experiment(self, args: TrainingArguments) -> str:
         return self.experiment or Path(args.output_dir).name
@@ -186,7 +203,20 @@ class TrainwireCallback(TrainerCallback):
             sampler.stop()
             emitter.flush(timeout)
 
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self._stop_if_told(state, control)
+
+    def _stop_if_told(self, state: TrainerState, control: TrainerControl) -> None:
+        """Told to stop: save a final checkpoint (the Trainer saves before it checks for the stop), then stop."""
+        if self.run is None or not self.run.should_stop or control.should_training_stop:
+            return
+        log.warning("trainwire: stopping training at step %d after a final checkpoint: %s", state.global_step,
+                    self.run.stop_reason)
+        control.should_save = True
+        control.should_training_stop = True
+
     def on_log(self, args, state: TrainerState, control, logs: dict | None = None, **kwargs) -> None:
+        self._stop_if_told(state, control)
         if self.run is None or not logs or "loss" not in logs:
             return
         extra = {k: v for k, v in ((k, _numeric(v)) for k, v in logs.items()

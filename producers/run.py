@@ -12,8 +12,11 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from trainwire.schemas import Checkpoint, Eval, GpuSample, Heartbeat, RunEnded, RunStarted, Step
+from trainwire.schemas import (
+    STOP_ON_BLOCK_TAG, Checkpoint, Eval, GpuSample, Heartbeat, RunEnded, RunStarted, Step, StopCommand,
+)
 
+from .control import StopListener, TrainingStopped
 from .emitter import Emitter
 from .environment import hostname, sha256_file
 from .gpu import GpuSampler, GpuSource
@@ -37,6 +40,7 @@ class Run:
         gpu_source: GpuSource | None = None,
         gpu_interval: float = 5.0,
         rank: int = 0,
+        stop_listener: StopListener | None = None,
     ):
         self.run_id = run_id or str(uuid.uuid4())
         self.experiment = experiment
@@ -57,6 +61,9 @@ class Run:
             target=self._beat, args=(heartbeat_seconds,), name=f"trainwire-heartbeat-{self.run_id[:8]}", daemon=True
         )
         self._gpu = GpuSampler(self.log_gpu, gpu_interval, rank, gpu_source) if sample_gpus else None
+        self._stop_listener = stop_listener
+        self._stop_requested = threading.Event()
+        self._stop_reason: str | None = None
         self.events_emitted = 0
 
     def _emit(self, event_type: type, fields: dict[str, Any]) -> None:
@@ -75,6 +82,9 @@ class Run:
         elif config:
             fields["hyperparameters_json"] = json.dumps(config, default=str, sort_keys=True)
         fields.setdefault("run_name", self.run_name)
+        if self._stop_listener is not None:
+            fields["tags"] = {**(fields.get("tags") or {}), STOP_ON_BLOCK_TAG: "true"}
+            self._stop_listener.start(time.time_ns() // 1_000_000, self._stop_commanded)
         self._emit(RunStarted, fields)
         self._heartbeat.start()
         if self._gpu is not None:
@@ -137,6 +147,30 @@ class Run:
     def log_gpu(self, **sample: Any) -> None:
         self._emit(GpuSample, sample)
 
+    @property
+    def should_stop(self) -> bool:
+        """True once the stop switch (or `request_stop`) asked this run to stop: end the training loop."""
+        return self._stop_requested.is_set()
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def check_stop(self) -> None:
+        """Raise `TrainingStopped(reason)` if the run was asked to stop; `with trainwire.init(...)` ends it stopped."""
+        if self._stop_requested.is_set():
+            raise TrainingStopped(self._stop_reason or "stop requested")
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the run to stop; the first reason is kept and becomes the run's error when it ends."""
+        if not self._stop_requested.is_set():
+            self._stop_reason = reason
+            self._stop_requested.set()
+
+    def _stop_commanded(self, command: StopCommand) -> None:
+        log.warning("trainwire: run %s told to stop by the stop switch: %s", self.run_id, command.reason)
+        self.request_stop(command.reason)
+
     def _beat(self, interval: float) -> None:
         while not self._stop_heartbeat.wait(interval):
             self._emit(Heartbeat, {"step": self._last_step})
@@ -145,13 +179,18 @@ class Run:
                epochs: float | None = None, completed_steps: int | None = None) -> bool:
         """Emit run ended and wait (bounded) until the run's events are delivered. Idempotent.
 
-        `completed_steps` defaults to the last logged step; a trainer knows better (steps after the last log)."""
+        `completed_steps` defaults to the last logged step; a trainer knows better (steps after the last log).
+        A run asked to stop that did not fail ends `stopped`, with the stop reason as its error."""
         if self._finished:
             return True
         self._finished = True
         self._stop_heartbeat.set()
         if self._gpu is not None:
             self._gpu.stop()
+        if self._stop_listener is not None:
+            self._stop_listener.stop()
+        if self._stop_requested.is_set() and status != "failed":
+            status, error = "stopped", error or self._stop_reason
         self._emit(RunEnded, {
             "status": status, "error": error, "duration_s": time.monotonic() - self._started,
             "completed_steps": self._last_step if completed_steps is None else completed_steps, "epochs": epochs,
@@ -171,6 +210,8 @@ class Run:
     def __exit__(self, exc_type, exc, _tb) -> None:
         if exc is None:
             self.finish("completed")
+        elif isinstance(exc, TrainingStopped):
+            self.finish("stopped", error=exc.reason)
         elif isinstance(exc, KeyboardInterrupt):
             self.finish("stopped", error="KeyboardInterrupt")
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings, load_settings
 from trainwire.infra.log import open_producer
 
+from .control import StopListener
 from .emitter import Emitter
 from .gpu import GpuSource
 from .run import Run
@@ -48,10 +50,15 @@ def init(
     sample_gpus: bool = True,
     gpu_source: GpuSource | None = None,
     rank: int = 0,
+    stop_on_block: bool = False,
     **run_started: Any,
 ) -> Run:
-    """Start a run: emits run started and returns the `Run` to log with (also a context manager)."""
+    """Start a run: emits run started and returns the `Run` to log with (also a context manager).
+
+    `stop_on_block`: opt in to the stop switch: a block-severity alert on this run (e.g. a NaN loss) makes
+    `run.should_stop` true and `run.check_stop()` raise `TrainingStopped` (docs/stop-switch.md)."""
     settings = settings or load_settings()
+    run_id = run_id or str(uuid.uuid4())
     run = Run(
         emitter_for(settings),
         experiment=experiment,
@@ -64,5 +71,6 @@ def init(
         gpu_source=gpu_source,
         gpu_interval=settings.gpu_sample_seconds,
         rank=rank,
+        stop_listener=StopListener(settings, run_id) if stop_on_block else None,
     )
     return run.start(config, **run_started)

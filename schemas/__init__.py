@@ -15,6 +15,7 @@ from .codec import (
 )
 from .events import (
     EVENT_TYPES,
+    STOP_ON_BLOCK_TAG,
     Alert,
     Checkpoint,
     Eval,
@@ -25,10 +26,12 @@ from .events import (
     RunEnded,
     RunStarted,
     Step,
+    StopCommand,
 )
 
 __all__ = [
     "EVENT_TYPES", "Alert", "Checkpoint", "Codec", "CodecUnavailableError", "CorruptPayloadError", "Eval", "Event",
     "FileDigest", "GpuSample", "Heartbeat", "InvalidEventError", "RunEnded", "RunStarted", "SchemaError", "SingleObjectCodec", "Step",
+    "STOP_ON_BLOCK_TAG", "StopCommand",
     "UnknownSchemaError", "decode", "decode_record", "encode", "validate",
 ]

@@ -200,6 +200,27 @@ class Alert(BaseModel):
     dedup_key: str
 
 
+# The run started tag by which a run opts in to the stop switch (docs/stop-switch.md).
+STOP_ON_BLOCK_TAG = "trainwire.stop_on_block"
+
+
+class StopCommand(BaseModel):
+    """Issued by the stop switch on the control topic: the run it names stops training gracefully."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str] = "stop_command"
+
+    event_id: str = Field(default_factory=new_id)
+    run_id: str
+    experiment: str
+    team: str = ""
+    ts_ms: int = Field(default_factory=now_ms, ge=0)
+    rule: str
+    step: int | None = None
+    reason: str
+    dedup_key: str
+
+
 EVENT_TYPES: dict[str, type[BaseModel]] = {
-    cls.kind: cls for cls in (RunStarted, Step, Eval, GpuSample, Heartbeat, Checkpoint, RunEnded, Alert)
+    cls.kind: cls for cls in (RunStarted, Step, Eval, GpuSample, Heartbeat, Checkpoint, RunEnded, Alert, StopCommand)
 }

@@ -1,6 +1,7 @@
 """The transport: one producer/consumer interface over Kafka and over the embedded SQLite log."""
 
-from .base import LogConsumer, LogProducer, Record, TransportError
-from .factory import open_consumer, open_producer, ensure_topics
+from .base import LogConsumer, LogProducer, LogTail, Record, TransportError
+from .factory import open_consumer, open_producer, open_tail, ensure_topics
 
-__all__ = ["LogConsumer", "LogProducer", "Record", "TransportError", "ensure_topics", "open_consumer", "open_producer"]
+__all__ = ["LogConsumer", "LogProducer", "LogTail", "Record", "TransportError", "ensure_topics", "open_consumer",
+           "open_producer", "open_tail"]

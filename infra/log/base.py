@@ -59,6 +59,19 @@ class LogConsumer(ABC):
         pass
 
 
+class LogTail(ABC):
+    """Reads one topic from a point in time on, with no consumer group: nothing committed, nothing shared.
+
+    For a process that wants what is published after it started (a run listening for its stop command)."""
+
+    @abstractmethod
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        """Next records whose log timestamp is at or after the starting time, in order per partition."""
+
+    def close(self) -> None:
+        pass
+
+
 def next_positions(records: list[Record]) -> dict[TopicPartition, int]:
     positions: dict[TopicPartition, int] = {}
     for record in records:

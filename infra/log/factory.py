@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..config import Settings
-from .base import LogConsumer, LogProducer
-from .sqlite import SqliteLogConsumer, SqliteLogProducer
+from .base import LogConsumer, LogProducer, LogTail
+from .sqlite import SqliteLogConsumer, SqliteLogProducer, SqliteLogTail
 
 DEFAULT_PARTITIONS = 8
 
@@ -28,6 +28,16 @@ def open_consumer(settings: Settings, group: str, topics: list[str]) -> LogConsu
 
         return KafkaLogConsumer(settings.kafka, group, topics)
     return SqliteLogConsumer(settings.local_log_path, group, topics)
+
+
+def open_tail(settings: Settings, topic: str, since_ms: int, group: str) -> LogTail:
+    """What is published on `topic` from `since_ms` on, read by this process alone (`group`: a unique name that
+    Kafka requires but no member joins; nothing is ever committed)."""
+    if settings.kafka:
+        from .kafka import KafkaLogTail
+
+        return KafkaLogTail(settings.kafka, topic, since_ms, group)
+    return SqliteLogTail(settings.local_log_path, topic, since_ms)
 
 
 def ensure_topics(settings: Settings, topics: list[str], partitions: int = DEFAULT_PARTITIONS) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .base import LogConsumer, LogProducer, Record, TransportError
+from .base import LogConsumer, LogProducer, LogTail, Record, TransportError
 from .base import TopicPartition as TP
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,71 @@ class KafkaLogConsumer(LogConsumer):
             log.debug("lag unknown: %s", err)
             return None
         return total
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class KafkaLogTail(LogTail):
+    """One topic from `since_ms` on (the records' CreateTime), every partition, assigned: no group membership.
+
+    Partitions are looked up again at every poll until the topic exists, then now and then, so a topic created
+    (or grown) after the tail started is read from `since_ms` too.
+    """
+
+    REFRESH_SECONDS = 30.0
+
+    def __init__(self, bootstrap: str, topic: str, since_ms: int, group: str):
+        config = consumer_config(bootstrap, group) | {"enable.partition.eof": False}
+        self._consumer = Consumer(config, logger=librdkafka_log)
+        self._topic = topic
+        self._since_ms = since_ms
+        self._assigned: set[int] = set()
+        self._refreshed = float("-inf")
+
+    def _refresh(self) -> None:
+        self._refreshed = time.monotonic()
+        metadata = self._consumer.list_topics(self._topic, timeout=5)
+        topic = metadata.topics.get(self._topic)
+        if topic is None or topic.error is not None:
+            return  # not created yet
+        new = sorted(set(topic.partitions) - self._assigned)
+        if not new:
+            return
+        # the end first, then the first offset at or after since_ms: a record written in between is behind the
+        # end, so it is either found by time or read from the end
+        ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=5)[1] for p in new}
+        found = self._consumer.offsets_for_times([TopicPartition(self._topic, p, self._since_ms) for p in new],
+                                                 timeout=5)
+        starts = [TopicPartition(self._topic, tp.partition, tp.offset if tp.offset >= 0 else ends[tp.partition])
+                  for tp in found]
+        self._consumer.incremental_assign(starts)
+        self._assigned.update(new)
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        if not self._assigned or time.monotonic() - self._refreshed >= self.REFRESH_SECONDS:
+            try:
+                self._refresh()
+            except KafkaException as err:
+                raise TransportError(f"kafka tail of {self._topic}: {err}") from err
+        if not self._assigned:
+            time.sleep(timeout)  # the topic does not exist yet
+            return []
+        first = self._consumer.poll(timeout)  # consume() would wait out its timeout for a full batch
+        if first is None:
+            return []
+        out: list[Record] = []
+        rest = self._consumer.consume(max_records - 1, 0) if max_records > 1 else []
+        for msg in [first, *rest]:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise TransportError(f"kafka tail of {self._topic}: {err}")
+                continue
+            _, ts = msg.timestamp()
+            if ts >= self._since_ms:
+                out.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), ts))
+        return out
 
     def close(self) -> None:
         self._consumer.close()

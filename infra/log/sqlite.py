@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .base import LogConsumer, LogProducer, Record, TopicPartition, TransportError
+from .base import LogConsumer, LogProducer, LogTail, Record, TopicPartition, TransportError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -129,6 +129,40 @@ class SqliteLogConsumer(LogConsumer):
             ).fetchone()
             total += count
         return total
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SqliteLogTail(LogTail):
+    """One topic of the local log from `since_ms` on (the append time, one clock: the machine's)."""
+
+    def __init__(self, path: Path, topic: str, since_ms: int, poll_interval: float = 0.2):
+        self._conn = connect(path)
+        self._topic = topic
+        self._since_ms = since_ms
+        self._poll_interval = poll_interval
+        # a row's time is its append time, taken before the commit that gives its offset: times are not in offset
+        # order, so start at the first row at or after since_ms and keep filtering by time
+        (self._position,) = self._conn.execute(
+            "SELECT coalesce(min(offset), (SELECT coalesce(max(offset), 0) + 1 FROM records)) FROM records "
+            "WHERE topic = ? AND ts_ms >= ?", (topic, since_ms)).fetchone()
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self._conn.execute(
+                "SELECT offset, key, value, ts_ms FROM records WHERE topic = ? AND offset >= ? ORDER BY offset "
+                "LIMIT ?", (self._topic, self._position, max_records)).fetchall()
+            if rows:
+                self._position = rows[-1][0] + 1
+                records = [Record(self._topic, 0, o, k, v, ts) for o, k, v, ts in rows if ts >= self._since_ms]
+                if records:
+                    return records
+                continue
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(self._poll_interval)
 
     def close(self) -> None:
         self._conn.close()

@@ -36,7 +36,8 @@ _RUN_SUMMARY = """
 WITH {run_id:String} AS rid
 SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team,
        if(e.run_id = '', 'running', e.status) AS status, s.ts AS started_at,
-       if(e.run_id = '', NULL, e.ts) AS ended_at, s.total_steps AS total_steps,
+       if(e.run_id = '', NULL, e.ts) AS ended_at, if(e.run_id = '', NULL, e.error) AS error,
+       s.total_steps AS total_steps,
        (SELECT count() FROM steps FINAL WHERE run_id = rid) AS steps_logged,
        (SELECT count() FROM evals FINAL WHERE run_id = rid) AS evals_logged,
        (SELECT count() FROM checkpoints FINAL WHERE run_id = rid) AS checkpoints,

@@ -8,7 +8,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from trainwire.schemas import (
     EVENT_TYPES, Alert, Checkpoint, CorruptPayloadError, Eval, GpuSample, Heartbeat, InvalidEventError, RunEnded,
-    RunStarted, Step, UnknownSchemaError, decode, encode,
+    RunStarted, Step, StopCommand, UnknownSchemaError, decode, encode,
 )
 from trainwire.schemas.codec import MAGIC, latest
 
@@ -25,6 +25,8 @@ EXAMPLES = [
     Checkpoint(**ENV, step=500, path="/out/checkpoint-500", files=[DIGEST], eval_loss=0.4, is_best=True),
     RunEnded(**ENV, status="completed", duration_s=11700.0, final_loss=0.35, artifacts=[DIGEST]),
     Alert(run_id="r-1", experiment="exp", rule="loss_spike", severity="critical", state="firing", dedup_key="k"),
+    StopCommand(run_id="r-1", experiment="exp", rule="loss_not_finite", step=40, reason="loss_not_finite: loss nan",
+                dedup_key="k"),
 ]
 
 
