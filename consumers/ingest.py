@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 RETRYABLE = (TransportError, StoreWriteError, CodecUnavailableError, HistoryUnavailableError)
 MAX_BACKOFF_SECONDS = 10.0
 TICK_SECONDS = 1.0  # how often time-based detectors (run_stalled) are judged
+PAGE_NOW = frozenset({"critical", "block"})  # a batch holding such a firing alert is flushed at once: someone waits
 
 
 @dataclass
@@ -42,6 +43,11 @@ class _Batch:
     dead_letter_keys: list[bytes | None] = field(default_factory=list)
     ended_runs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    urgent: bool = False
+
+    def add_alerts(self, alerts: list[Alert]) -> None:
+        self.alerts.extend(alerts)
+        self.urgent = self.urgent or any(a.state == "firing" and a.severity in PAGE_NOW for a in alerts)
 
 
 @dataclass
@@ -106,7 +112,7 @@ class IngestPipeline:
                 self._tick()
             batch = self._batch
             if (batch.records or batch.alerts) and (
-                    force_flush or len(batch.records) >= self._settings.batch_max_rows
+                    force_flush or batch.urgent or len(batch.records) >= self._settings.batch_max_rows
                     or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
                 self.flush()
         except RETRYABLE as err:
@@ -134,7 +140,7 @@ class IngestPipeline:
         if alerts:
             if not self._batch.records and not self._batch.alerts:
                 self._batch.started = time.monotonic()
-            self._batch.alerts.extend(alerts)
+            self._batch.add_alerts(alerts)
 
     def _retry_after(self, err: Exception) -> None:
         self._backoff = min(MAX_BACKOFF_SECONDS, max(0.1, self._backoff * 2))
@@ -168,7 +174,8 @@ class IngestPipeline:
             return
         kind, fields = event
         batch.rows[kind].append(to_row(kind, fields))
-        batch.alerts.extend(self._detectors.observe(kind, fields, (record.topic, record.partition)))
+        if alerts := self._detectors.observe(kind, fields, (record.topic, record.partition)):
+            batch.add_alerts(alerts)
         if kind == "run_ended":
             batch.ended_runs.append(fields["run_id"])
 

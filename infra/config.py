@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettin
 
 from trainwire.schemas.events import Severity
 
+from .alerting_settings import AlertingSettings
 from .detector_settings import DetectorSettings
 
 ENV_PREFIX = "TRAINWIRE_"
@@ -55,6 +56,8 @@ class Settings(BaseSettings):
                                                          "which the stop switch stops an opted-in run")
     detectors: DetectorSettings = Field(default_factory=DetectorSettings, description="rule thresholds: "
                                         "[detectors.<rule>] and [detectors.experiments.\"<name>\".<rule>]")
+    alerting: AlertingSettings = Field(default_factory=AlertingSettings, description="where alerts page: "
+                                       "[[alerting.sinks]] (docs/alerting.md)")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

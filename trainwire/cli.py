@@ -63,6 +63,85 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.action == "status":
+        return _alerts_status(args, settings)
+    if args.action == "test":
+        return _alerts_test(args, settings)
+    from trainwire.consumers.alerting.service import build_alerting, run_alerting
+    from trainwire.infra.store.api import running_api
+
+    if settings.embedded_store and running_api(settings.home):
+        raise ValueError("on the embedded defaults `trainwire up` runs the alert consumer itself; "
+                         "`trainwire alerts status` shows what it delivered")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    consumer = build_alerting(settings)
+    print(f"paging through {', '.join(s.name for s in consumer.sinks)}", file=sys.stderr)
+    settled = True
+    if args.drain:
+        try:
+            settled = consumer.drain(args.idle_seconds, stop)
+        finally:
+            consumer.close()
+    else:
+        print("consuming alerts; Ctrl-C or SIGTERM to stop", file=sys.stderr)
+        run_alerting(consumer, stop)
+    result = {"read": consumer.read, "deliveries_enqueued": consumer.enqueued, "undecodable": consumer.undecodable,
+              "sinks": consumer.dispatcher.counts()}
+    _emit(args, result, f"read {consumer.read} alerts, {consumer.enqueued} new deliveries; " + ", ".join(
+        f"{name}: {c['delivered']} delivered, {c['failed']} failed" for name, c in result["sinks"].items()))
+    return 0 if settled else 1
+
+
+def _alerts_status(args: argparse.Namespace, settings: Settings) -> int:
+    from trainwire.consumers.alerting.outbox import Outbox
+    from trainwire.consumers.alerting.service import outbox_path
+
+    path = outbox_path(settings)
+    if not path.exists():
+        _emit(args, {"outbox": str(path), "sinks": [], "failures": []}, f"no alert delivered yet ({path})")
+        return 0
+    outbox = Outbox(path)
+    try:
+        result = {"outbox": str(path), "sinks": outbox.summary(), "failures": outbox.failures()}
+    finally:
+        outbox.close()
+    lines = [f"{r['sink']:<16} pending {r['pending']:>4}  delivered {r['delivered']:>6}  failed {r['failed']:>4}"
+             + (f"  oldest pending {r['oldest_pending_seconds']}s" if r["pending"] else "")
+             + (f"  last error: {r['last_error']}" if r["last_error"] else "") for r in result["sinks"]]
+    lines += [f"  FAILED {f['sink']} {f['dedup_key']} ({f['state']}) after {f['attempts']} attempts: {f['error']}"
+              for f in result["failures"]]
+    _emit(args, result, "\n".join(lines))
+    return 1 if any(r["failed"] for r in result["sinks"]) else 0
+
+
+def _alerts_test(args: argparse.Namespace, settings: Settings) -> int:
+    """Send one made-up alert straight to each configured sink (not through Kafka), to check the wiring."""
+    import uuid
+
+    from trainwire.consumers.alerting.sinks import SinkError, build_sinks
+    from trainwire.schemas import Alert
+
+    alert = Alert(run_id="trainwire-test", experiment="trainwire-test", team=settings.team, rule="test_page",
+                  severity=args.severity, state="firing", message="a test page from `trainwire alerts test`",
+                  dedup_key=f"trainwire-test/{uuid.uuid4()}")
+    results = []
+    for sink in build_sinks(settings.alerting):
+        if not sink.accepts(alert):
+            results.append({"sink": sink.name, "result": f"not routed ({args.severity} is not in its route)"})
+            continue
+        try:
+            sink.deliver(alert)
+            results.append({"sink": sink.name, "result": "delivered"})
+        except SinkError as err:
+            results.append({"sink": sink.name, "result": f"FAILED: {err}"})
+    _emit(args, results, "\n".join(f"{r['sink']:<16} {r['result']}" for r in results))
+    return 1 if any(r["result"].startswith("FAILED") for r in results) else 0
+
+
 def _reader(settings: Settings):
     """The store's read API: directly, or through the running `trainwire up` that owns the embedded store."""
     from trainwire.infra.store.api import RemoteReader, running_api
@@ -267,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
     consume.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     consume.set_defaults(func=cmd_consume)
+
+    alerts = command("alerts", "the alert consumer: page through the configured sinks (docs/alerting.md); "
+                     "`status`: deliveries per sink; `test`: send a test page to each sink")
+    alerts.add_argument("action", nargs="?", choices=["run", "status", "test"], default="run")
+    alerts.add_argument("--drain", action="store_true", help="run: exit once caught up and every page is settled")
+    alerts.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
+    alerts.add_argument("--severity", choices=["info", "warning", "critical", "block"], default="critical",
+                        help="test: the test page's severity")
+    alerts.set_defaults(func=cmd_alerts)
 
     command("runs", "list stored runs").set_defaults(func=cmd_runs)
 

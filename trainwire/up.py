@@ -1,8 +1,9 @@
 """`trainwire up`: every consumer-side component the configuration calls for.
 
-On the embedded defaults (local log, chdb) the store belongs to one process, so ingest, the read API and the
-dashboard run here together. With a ClickHouse server each component is a process of its own, as it would be
-deployed: `trainwire consume` (scale it out: one per partition at most) and `trainwire dashboard`.
+On the embedded defaults (local log, chdb) the store belongs to one process, so ingest, the alert consumer, the read
+API and the dashboard run here together. With a ClickHouse server each component is a process of its own, as it
+would be deployed: `trainwire consume` (scale it out: one per partition at most), `trainwire alerts` and
+`trainwire dashboard`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 
+from trainwire.consumers.alerting.service import build_alerting, run_alerting
 from trainwire.consumers.governance import Governance, roles_for
 from trainwire.consumers.service import build_ingest, run_ingest
 from trainwire.infra.config import Settings
@@ -33,14 +35,18 @@ def _wait_for_signal() -> None:
 
 
 def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
-    pipeline = build_ingest(settings)
+    pipeline = build_ingest(settings, on_alert=lambda alert: None)  # the alert consumer's sinks say it
+    alerting = build_alerting(settings)
     stop = threading.Event()
-    ingest = threading.Thread(target=run_ingest, args=(pipeline, stop), name="ingest", daemon=True)
-    ingest.start()
+    threads = [threading.Thread(target=run_ingest, args=(pipeline, stop), name="ingest", daemon=True),
+               threading.Thread(target=run_alerting, args=(alerting, stop), name="alerts", daemon=True)]
+    for thread in threads:
+        thread.start()
     client = connect_store(settings.store_dsn)
     governance = Governance(client, roles_for(settings))  # registry and audit commands of other processes
     api = ReadApiServer(StoreReader(client), settings.home, actions=governance.actions()).start()
     _say(f"trainwire up (embedded): ingest from {settings.local_log_path} into {settings.store_dsn}")
+    _say(f"alerts page through: {', '.join(sink.name for sink in alerting.sinks)}")
     _say(f"read API for other trainwire commands on {api.url}")
     try:
         if dashboard:
@@ -54,11 +60,12 @@ def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
     finally:
         api.stop()
         stop.set()
-        ingest.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
 
 
 def up_services(settings: Settings, port: int, dashboard: bool) -> int:
-    commands = [[sys.executable, "-m", "trainwire", "consume"]]
+    commands = [[sys.executable, "-m", "trainwire", "consume"], [sys.executable, "-m", "trainwire", "alerts"]]
     if dashboard:
         commands.append([sys.executable, "-m", "trainwire", "dashboard", "--port", str(port)])
     processes = [subprocess.Popen(command) for command in commands]

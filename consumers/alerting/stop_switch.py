@@ -21,15 +21,10 @@ from trainwire.infra.store import connect_store
 from trainwire.infra.store.read import StoreReader
 from trainwire.schemas import STOP_ON_BLOCK_TAG, Alert, StopCommand
 
+from .sinks import SinkError
+
 log = logging.getLogger(__name__)
 _COMMAND_IDS = uuid.UUID("3b0f7f3e-5a7c-4f5e-9d51-2c7b8e0a4d61")
-
-
-class SinkError(RuntimeError):
-    """Delivery failed in a way worth retrying.
-
-    Defined here until the alert consumer's `consumers/alerting/sinks.py` (another branch) provides the shared one.
-    """
 
 
 OptedIn = Callable[[str], bool | None]  # run id → opted in? None: the run is not stored

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from trainwire import TrainingStopped
-from trainwire.consumers.alerting.stop_switch import SinkError, StopSwitchSink, stop_command
+from trainwire.consumers.alerting.sinks import SinkError
+from trainwire.consumers.alerting.stop_switch import StopSwitchSink, stop_command
 from trainwire.consumers.ingest import event_topics
 from trainwire.infra.config import Settings
 from trainwire.infra.log import open_consumer, open_producer, open_tail

@@ -1,0 +1,199 @@
+"""Where alerts go: the console, a generic JSON webhook, PagerDuty (Events API v2), Slack (incoming webhooks) and
+Prometheus Alertmanager (`/api/v2/alerts`). Each sink routes the alerts its settings select and delivers one alert
+at a time; a failure raises `SinkError`, and the dispatcher retries the retryable ones with back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from trainwire.infra.alerting_settings import AlertingSettings, SinkSettings
+from trainwire.schemas import Alert
+
+log = logging.getLogger(__name__)
+USER_AGENT = "trainwire-alerts/1"
+RETRYABLE_HTTP = frozenset({408, 425, 429})  # and every 5xx
+PAGERDUTY_SEVERITY = {"block": "critical", "critical": "critical", "warning": "warning", "info": "info"}
+SLACK_ICON = {"block": ":rotating_light:", "critical": ":red_circle:", "warning": ":warning:", "info": ":information_source:"}
+# Alertmanager resolves an alert that is not sent again within its resolve_timeout unless endsAt says otherwise;
+# a firing incident is sent once, so it is sent with an endsAt this far ahead (its resolution sets the real one).
+ALERTMANAGER_FIRING_FOR = timedelta(hours=24)
+
+
+class SinkError(RuntimeError):
+    """Delivery failed. `retryable`: worth trying again later (endpoint down, rate limited, timed out); otherwise the
+    endpoint refused the page itself (bad key, bad payload) and retrying would not help."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Sink(Protocol):
+    name: str
+
+    def accepts(self, alert: Alert) -> bool: ...
+
+    def deliver(self, alert: Alert) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def describe(alert: Alert) -> str:
+    """One line a person reads first: what, where, how bad."""
+    step = f" at step {alert.step}" if alert.step is not None else ""
+    verb = "RESOLVED" if alert.state == "resolved" else alert.severity.upper()
+    return f"[{verb}] {alert.rule} on run {alert.run_id} ({alert.experiment}){step}: {alert.message}"
+
+
+def alert_time(alert: Alert) -> datetime:
+    return datetime.fromtimestamp(alert.ts_ms / 1000, UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _finite(value: float | None) -> float | str | None:
+    """JSON has no NaN or Infinity: a non-finite value is sent as its name."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
+def run_link(dashboard_url: str, alert: Alert) -> str:
+    return f"{dashboard_url.rstrip('/')}/?run={alert.run_id}" if dashboard_url else ""
+
+
+class RoutedSink:
+    """The routing every sink shares: severities, teams and states from its settings."""
+
+    def __init__(self, settings: SinkSettings):
+        self.settings = settings
+        self.name = settings.sink_name
+
+    def accepts(self, alert: Alert) -> bool:
+        s = self.settings
+        return alert.severity in s.severities and alert.state in s.states and (not s.teams or alert.team in s.teams)
+
+    def deliver(self, alert: Alert) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleSink(RoutedSink):
+    def deliver(self, alert: Alert) -> None:
+        print(f"ALERT {describe(alert)}", file=sys.stderr, flush=True)
+
+
+class HttpSink(RoutedSink):
+    """POSTs one JSON document per alert; 2xx is delivered."""
+
+    def __init__(self, settings: SinkSettings, dashboard_url: str = ""):
+        super().__init__(settings)
+        self.dashboard_url = dashboard_url
+
+    def url(self) -> str:
+        return self.settings.endpoint
+
+    def payload(self, alert: Alert) -> object:
+        raise NotImplementedError
+
+    def deliver(self, alert: Alert) -> None:
+        body = json.dumps(self.payload(alert), allow_nan=False).encode()
+        request = urllib.request.Request(self.url(), data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": USER_AGENT, **dict(self.settings.headers)})
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.timeout_seconds) as response:
+                response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read(500).decode(errors="replace").strip()
+            retryable = err.code in RETRYABLE_HTTP or err.code >= 500
+            raise SinkError(f"{self.name}: {self.url()} answered HTTP {err.code} {detail}", retryable) from None
+        except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
+            reason = getattr(err, "reason", err)
+            raise SinkError(f"{self.name}: cannot reach {self.url()}: {reason}") from None
+
+
+class WebhookSink(HttpSink):
+    """The alert's fields as they are, plus an ISO time and a dashboard link."""
+
+    def payload(self, alert: Alert) -> dict:
+        fields = alert.model_dump()
+        fields.update(value=_finite(alert.value), threshold=_finite(alert.threshold), source="trainwire",
+                      time=_iso(alert_time(alert)), summary=describe(alert), link=run_link(self.dashboard_url, alert))
+        return fields
+
+
+class PagerDutySink(HttpSink):
+    """Events API v2: a trigger when the incident fires, a resolve when it clears, both with its dedup key."""
+
+    def payload(self, alert: Alert) -> dict:
+        event = {"routing_key": self.settings.routing_key, "dedup_key": alert.dedup_key,
+                 "event_action": "resolve" if alert.state == "resolved" else "trigger"}
+        if alert.state == "resolved":
+            return event
+        link = run_link(self.dashboard_url, alert)
+        event["payload"] = {
+            "summary": describe(alert)[:1024], "source": alert.run_id, "severity": PAGERDUTY_SEVERITY[alert.severity],
+            "timestamp": _iso(alert_time(alert)), "component": alert.experiment, "group": alert.team or "unassigned",
+            "class": alert.rule, "custom_details": {
+                "step": alert.step, "value": _finite(alert.value), "threshold": _finite(alert.threshold),
+                "message": alert.message, "trainwire_severity": alert.severity},
+        }
+        event["client"] = "trainwire"
+        if link:
+            event["client_url"] = link
+            event["links"] = [{"href": link, "text": f"run {alert.run_id} in trainwire"}]
+        return event
+
+
+class SlackSink(HttpSink):
+    def payload(self, alert: Alert) -> dict:
+        icon = ":white_check_mark:" if alert.state == "resolved" else SLACK_ICON[alert.severity]
+        text = f"{icon} {describe(alert)}"
+        details = [f"*value* {_finite(alert.value)}", f"*threshold* {_finite(alert.threshold)}",
+                   f"*team* {alert.team or 'unassigned'}"]
+        if link := run_link(self.dashboard_url, alert):
+            details.append(f"<{link}|open the run>")
+        return {"text": text, "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": "  ·  ".join(details)}]},
+        ]}
+
+
+class AlertmanagerSink(HttpSink):
+    def url(self) -> str:
+        return f"{self.settings.endpoint.rstrip('/')}/api/v2/alerts"
+
+    def payload(self, alert: Alert) -> list[dict]:
+        at = alert_time(alert)
+        labels = {"alertname": alert.rule, "run_id": alert.run_id, "experiment": alert.experiment,
+                  "severity": alert.severity, "team": alert.team or "unassigned", "dedup_key": alert.dedup_key,
+                  "source": "trainwire"}
+        annotations = {"summary": describe(alert), "description": alert.message,
+                       "value": str(alert.value), "threshold": str(alert.threshold), "step": str(alert.step)}
+        ends = at if alert.state == "resolved" else at + ALERTMANAGER_FIRING_FOR
+        document = {"labels": labels, "annotations": annotations, "startsAt": _iso(at), "endsAt": _iso(ends)}
+        if link := run_link(self.dashboard_url, alert):
+            document["generatorURL"] = link
+        return [document]
+
+
+_KINDS = {"console": ConsoleSink, "webhook": WebhookSink, "pagerduty": PagerDutySink, "slack": SlackSink,
+          "alertmanager": AlertmanagerSink}
+
+
+def build_sinks(settings: AlertingSettings) -> list[RoutedSink]:
+    sinks: list[RoutedSink] = []
+    for sink in settings.sinks:
+        cls = _KINDS[sink.kind]
+        sinks.append(cls(sink) if cls is ConsoleSink else cls(sink, settings.dashboard_url))
+    return sinks
