@@ -1,5 +1,6 @@
 """The stop switch end to end: a real tiny LoRA fine-tune whose loss turns NaN, the real ingest pipeline and detectors
-on the local log and chdb, the stop switch sink, and the run's listener; plus the round trip on the real broker."""
+on the local log and chdb, the real alert consumer paging a webhook and driving the stop switch, and the run's
+listener; plus the round trip on the real broker."""
 
 import math
 import threading
@@ -14,61 +15,48 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from tests.integration.test_hf_callback import TokenDataset, tiny_lora_model  # noqa: E402
-from trainwire.consumers.alerting.stop_switch import StopSwitchSink  # noqa: E402
+from tests.recording_server import RecordingServer  # noqa: E402
+from trainwire.consumers.alerting.service import build_alerting, run_alerting  # noqa: E402
 from trainwire.consumers.service import build_ingest, run_ingest  # noqa: E402
+from trainwire.infra.alerting_settings import AlertingSettings, SinkSettings  # noqa: E402
 from trainwire.infra.log import open_consumer  # noqa: E402
-from trainwire.infra.log.base import next_positions  # noqa: E402
-from trainwire.infra.log.topics import ALERTS, CONTROL  # noqa: E402
+from trainwire.infra.log.topics import CONTROL  # noqa: E402
 from trainwire.infra.store import connect_store  # noqa: E402
 from trainwire.infra.store.read import StoreReader  # noqa: E402
 from trainwire.producers import TrainingStopped, TrainwireCallback, init  # noqa: E402
-from trainwire.schemas import Alert, decode  # noqa: E402
+from trainwire.schemas import decode  # noqa: E402
 
 NAN_FROM_STEP = 5
 STEP_SECONDS = 0.2  # a real step takes seconds; the tiny model's takes milliseconds
 WAIT = 20.0
 
 
-def route_alerts(settings, sink: StopSwitchSink, seen: list[Alert], stop: threading.Event) -> None:
-    """Stand-in for the alert consumer (consumers/alerting, another branch): the alerts topic → the sink."""
-    consumer = open_consumer(settings, settings.topic("test-alert-router"), [settings.topic(ALERTS)])
-    try:
-        while not stop.is_set():
-            records = consumer.poll(100, 0.1)
-            for record in records:
-                alert = decode(record.value)
-                if sink.accepts(alert):
-                    sink.deliver(alert)
-                seen.append(alert)
-            consumer.commit(next_positions(records))
-    finally:
-        consumer.close()
-
-
 @contextmanager
 def alerts_routed_in(settings):
-    """Ingest (detectors included) and the alert router running in threads; yields the alerts routed so far."""
-    pipeline = build_ingest(settings, on_alert=lambda alert: None)
-    sink = StopSwitchSink(settings)
-    seen: list[Alert] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=run_ingest, args=(pipeline, stop)),
-               threading.Thread(target=route_alerts, args=(settings, sink, seen, stop))]
-    for thread in threads:
-        thread.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
+    """Ingest (detectors included) and the real alert consumer (the stop switch and a webhook sink) in threads;
+    yields the webhook receiver, a real HTTP server that records every page."""
+    with RecordingServer() as pager:
+        paging = settings.model_copy(update={"alerting": AlertingSettings(
+            sinks=[SinkSettings(kind="webhook", url=pager.url, severities=("block",))])})
+        pipeline = build_ingest(paging, on_alert=lambda alert: None)
+        alerting = build_alerting(paging, group="test-alerts")
+        stop = threading.Event()
+        threads = [threading.Thread(target=run_ingest, args=(pipeline, stop)),
+                   threading.Thread(target=run_alerting, args=(alerting, stop))]
         for thread in threads:
-            thread.join(WAIT)
-        sink.close()
+            thread.start()
+        try:
+            yield pager
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(WAIT)
 
 
 @pytest.fixture
-def alerts_routed(local_settings):
-    with alerts_routed_in(local_settings) as seen:
-        yield seen
+def pages(local_settings):
+    with alerts_routed_in(local_settings) as pager:
+        yield pager
 
 
 class NanLossTrainer(transformers.Trainer):
@@ -119,7 +107,7 @@ def stored_summary(settings, run_id: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_nan_loss_stops_an_opted_in_fine_tune_after_a_final_checkpoint(local_settings, alerts_routed, tmp_path):
+def test_a_nan_loss_stops_an_opted_in_fine_tune_after_a_final_checkpoint(local_settings, pages, tmp_path):
     callback = TrainwireCallback(experiment="nan-lora", settings=local_settings, sample_gpus=False,
                                  stop_on_block=True)
     trainer = train(tmp_path, callback, max_steps=100)
@@ -134,19 +122,16 @@ def test_a_nan_loss_stops_an_opted_in_fine_tune_after_a_final_checkpoint(local_s
     assert summary["error"].startswith(f"loss_not_finite: ") and "nan" in summary["error"]
     assert summary["last_step"] == stopped_at
     assert [c["path"] for c in summary["checkpoints_stored"]] == [str(final)]
-    (block,) = [a for a in alerts_routed if a.run_id == callback.run.run_id and a.severity == "block"]
-    assert block.rule == "loss_not_finite" and block.step == NAN_FROM_STEP
+    (page,) = [p for p in pages.bodies() if p["run_id"] == callback.run.run_id]  # on-call was paged, once
+    assert (page["rule"], page["severity"], page["step"]) == ("loss_not_finite", "block", NAN_FROM_STEP)
 
 
 @pytest.mark.slow
-def test_a_fine_tune_that_did_not_opt_in_is_not_stopped_by_the_same_alert(local_settings, alerts_routed, tmp_path):
+def test_a_fine_tune_that_did_not_opt_in_is_not_stopped_by_the_same_alert(local_settings, pages, tmp_path):
     callback = TrainwireCallback(experiment="nan-lora", settings=local_settings, sample_gpus=False)
 
-    def wait_for_the_alert():  # the block alert reaches the stop switch while the run is still training
-        deadline = time.monotonic() + WAIT
-        while not any(a.run_id == callback.run.run_id and a.severity == "block" for a in alerts_routed):
-            assert time.monotonic() < deadline, "no block alert routed"
-            time.sleep(0.05)
+    def wait_for_the_alert():  # the block alert reaches the alert consumer while the run is still training
+        pages.wait_for(1, WAIT)
 
     trainer = train(tmp_path, callback, max_steps=NAN_FROM_STEP + 6, after_nan=wait_for_the_alert)
 
@@ -160,7 +145,7 @@ def test_a_fine_tune_that_did_not_opt_in_is_not_stopped_by_the_same_alert(local_
 
 
 def test_a_training_loop_on_either_transport_is_stopped_through_the_sdk(any_settings):
-    with alerts_routed_in(any_settings):
+    with alerts_routed_in(any_settings) as pager:
         run = init("nan-sdk", settings=any_settings, sample_gpus=False, stop_on_block=True)
         with pytest.raises(TrainingStopped) as stopped:
             with run:
@@ -170,5 +155,6 @@ def test_a_training_loop_on_either_transport_is_stopped_through_the_sdk(any_sett
                     time.sleep(0.05)
         assert step > NAN_FROM_STEP and stopped.value.reason == run.stop_reason
         summary = stored_summary(any_settings, run.run_id)
+        assert [p["run_id"] for p in pager.wait_for(1)] == [run.run_id]
     assert (summary["status"], summary["error"]) == ("stopped", run.stop_reason)
     assert run.stop_reason.startswith("loss_not_finite: ")

@@ -1,6 +1,7 @@
 """Alert sinks against a real local HTTP server: the payload each service expects, routing, retries with back-off,
 no duplicate pages, a sink that stays down not holding up the others, and configuration errors."""
 
+import json
 import math
 import time
 
@@ -264,3 +265,26 @@ def test_sinks_are_configured_in_the_config_file(tmp_path, monkeypatch):
     names = [s.name for s in build_sinks(settings.alerting)]
     assert names == ["pagerduty", "slack"] and settings.alerting.dashboard_url == "http://ops:8501"
     assert settings.alerting.sinks[0].severities == ("critical", "block")
+
+
+def test_cli_sends_a_test_page_and_shows_delivery_status(tmp_path, monkeypatch, server, capsys):
+    from trainwire.cli import main
+    from trainwire.consumers.alerting.service import outbox_path
+
+    config = tmp_path / "trainwire.toml"
+    config.write_text(f'home = "{tmp_path / "home"}"\n[[alerting.sinks]]\nkind = "webhook"\nurl = "{server.url}"\n'
+                      f'[[alerting.sinks]]\nkind = "slack"\nurl = "{server.url}/slack"\nseverities = ["block"]\n')
+    monkeypatch.setenv("TRAINWIRE_CONFIG", str(config))
+    assert main(["alerts", "test", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results == [{"sink": "webhook", "result": "delivered"},
+                       {"sink": "slack", "result": "not routed (critical is not in its route)"}]
+    assert server.bodies()[0]["rule"] == "test_page"
+
+    outbox = Outbox(outbox_path(load_settings()))
+    outbox.enqueue([("webhook", alert())])
+    outbox.failed(outbox.claim("webhook", 10)[0], "HTTP 400 bad payload")
+    outbox.close()
+    assert main(["alerts", "status"]) == 1  # a failed page is worth a non-zero exit
+    human = capsys.readouterr().out
+    assert "webhook" in human and "failed    1" in human and "HTTP 400 bad payload" in human
