@@ -121,7 +121,7 @@ class IngestPipeline:
         self._backoff = 0.0
         if time.monotonic() - self._lag_checked > 1.0:
             self._lag_checked = time.monotonic()
-            self.metrics.lag.set(self.lag() or 0)
+            self.metrics.lag.set(self.lag(fresh=False) or 0)
         return len(records)
 
     def _on_revoke(self, partitions: list) -> None:
@@ -233,9 +233,9 @@ class IngestPipeline:
         if undelivered:
             raise TransportError(f"{undelivered} alerts or dead letters not delivered")
 
-    def lag(self) -> int | None:
+    def lag(self, fresh: bool = True) -> int | None:
         """Records in the transport not yet stored (polled-but-unflushed ones included)."""
-        lag = self._consumer.lag()
+        lag = self._consumer.lag(fresh)
         return None if lag is None else lag + len(self._batch.records)
 
     def close(self) -> None:

@@ -52,8 +52,9 @@ class LogConsumer(ABC):
         """Go back to the committed positions: what was polled but not committed will be polled again."""
 
     @abstractmethod
-    def lag(self) -> int | None:
-        """Records not yet polled on the assigned partitions (None if unknown)."""
+    def lag(self, fresh: bool = True) -> int | None:
+        """Records not yet polled on the assigned partitions (None if unknown). `fresh=False` may answer from what
+        the transport last heard (no round trip: a metric read in the hot loop must not stall it)."""
 
     def close(self) -> None:
         pass

@@ -78,8 +78,14 @@ class KafkaLogConsumer(LogConsumer):
             self.on_revoke([(tp.topic, tp.partition) for tp in partitions])
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:
+        # Wait for the first record only, then take what is already fetched: consume(n, timeout) would wait out
+        # its timeout for n records whenever traffic is light, and a page waits on every hop.
+        first = self._consumer.poll(timeout)
+        if first is None:
+            return []
+        rest = self._consumer.consume(max_records - 1, 0) if max_records > 1 else []
         out: list[Record] = []
-        for msg in self._consumer.consume(max_records, timeout):
+        for msg in (first, *rest):
             err = msg.error()
             if err is not None:
                 if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
@@ -110,11 +116,15 @@ class KafkaLogConsumer(LogConsumer):
                 tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[0]
             self._consumer.seek(tp)
 
-    def lag(self) -> int | None:
+    def lag(self, fresh: bool = True) -> int | None:
+        # A fresh answer costs a broker round trip per partition, each queued behind the pending fetch (up to
+        # fetch.wait.max.ms): over many partitions, long enough to hold up the loop that asks.
         total = 0
         try:
             for tp in self._consumer.assignment():
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=not fresh)
+                if high < 0:  # cached, and nothing heard from this partition yet
+                    continue
                 (pos,) = self._consumer.position([tp])
                 total += high - (pos.offset if pos.offset >= 0 else low)
         except KafkaException as err:  # e.g. a leader moving: lag is a metric, unknown for a moment

@@ -121,7 +121,7 @@ class SqliteLogConsumer(LogConsumer):
                 rows,
             )
 
-    def lag(self) -> int:
+    def lag(self, fresh: bool = True) -> int:
         total = 0
         for topic in self._topics:
             (count,) = self._conn.execute(
