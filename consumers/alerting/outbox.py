@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainwire.infra.log.sqlite import use_wal
 from trainwire.schemas import Alert
 
 KEEP_SECONDS = 30 * 24 * 3600.0  # delivered and failed rows, for `trainwire alerts status` and audits
@@ -45,7 +46,7 @@ class Outbox:
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()  # one connection shared by the consumer and the sink workers
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(self._conn)
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
             self._conn.execute("DELETE FROM outbox WHERE status != 'pending' AND enqueued_at < ?",

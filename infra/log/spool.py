@@ -24,6 +24,7 @@ from confluent_kafka import KafkaError, Producer
 
 from .base import LogProducer
 from .kafka import librdkafka_log, producer_config
+from .sqlite import use_wal
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS rejected (id INTEGER PRIMARY KEY, topic TEXT, key BLO
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    use_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
     return conn

@@ -36,10 +36,27 @@ _POLL_INTERVAL = 0.02
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    use_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
     return conn
+
+
+def use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+    # Switching to WAL needs an exclusive lock and SQLite's busy timeout does not cover it, so a process
+    # opening the log while another holds it open can get "database is locked"; WAL persists in the file,
+    # so once any process has switched, the rest only need to see that it is already on.
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class SqliteLogProducer(LogProducer):
