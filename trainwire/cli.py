@@ -43,12 +43,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from trainwire.consumers.service import build_ingest, run_ingest
+    from trainwire.consumers.service import build_ingest, run_ingest, tune_gc_for_ingest
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # store and commit what is held, leave the group, exit
         signal.signal(sig, lambda *_: stop.set())
     pipeline = build_ingest(_settings(args))
+    tune_gc_for_ingest()
     if args.metrics_port:
         pipeline.metrics.serve(args.metrics_port)
         print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", file=sys.stderr)

@@ -59,17 +59,19 @@ class Rolling:
 
     def __init__(self, window: int):
         self.window = window
-        self.values: deque[float] = deque()
+        self.values: deque[float] = deque(maxlen=window)
         self.total = 0.0
 
     def add(self, value: float) -> float | None:
-        self.values.append(value)
-        self.total += value
-        if len(self.values) > self.window:
-            dropped = self.values.popleft()
-            self.total -= dropped
-            return dropped
-        return None
+        values = self.values
+        if len(values) < self.window:
+            values.append(value)
+            self.total += value
+            return None
+        dropped = values[0]
+        values.append(value)  # pushes `dropped` out
+        self.total += value - dropped
+        return dropped
 
     @property
     def full(self) -> bool:

@@ -63,6 +63,11 @@ class _RunState:
     last_ts: int | None = None
     spoke: bool = True  # an event came since the last tick
     quiet_since: int = 0  # the first tick after its latest event
+    checks: dict[str, tuple[tuple[Rule, Any], ...]] = field(default_factory=dict)  # per kind: (rule, its state)
+
+    def __post_init__(self) -> None:
+        self.checks = {kind: tuple((rule, self.rule_state[rule.rule_id]) for rule in rules)
+                       for kind, rules in self.rules.by_kind.items()}
 
 
 class DetectorEngine:
@@ -192,9 +197,9 @@ class DetectorEngine:
             loss = record.get("loss")
             if loss is not None and math.isfinite(loss):
                 facts.recent_losses.add(loss)
-        firing, rule_state, facts = run.firing, run.rule_state, run.facts
-        for rule in run.rules.by_kind.get(kind, ()):
-            finding = rule.check(record, rule_state[rule.rule_id], facts)
+        firing, facts = run.firing, run.facts
+        for rule, state in run.checks.get(kind, ()):
+            finding = rule.check(record, state, facts)
             if finding is None or alerts is None:
                 continue
             if finding.active:

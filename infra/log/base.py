@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 TopicPartition = tuple[str, int]
 
@@ -11,8 +11,7 @@ class TransportError(RuntimeError):
     """The transport failed in a way worth retrying (broker unreachable, database locked too long)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):  # not a frozen dataclass: built once per message, a third of the cost
     topic: str
     partition: int
     offset: int
