@@ -47,7 +47,11 @@ class Run:
         self.run_name = run_name
         self._emitter = emitter
         self._envelope = {"run_id": self.run_id, "experiment": experiment, "team": team, "host": host or hostname()}
-        self._seq = count()
+        # From the start time in µs, not from 0: a run resumed under the same id by a new process (an elastic
+        # restart, a resume with a fixed run id) keeps numbering upwards, so its events never look like redeliveries
+        # of the first process's (ingest keeps the highest stored seq per run). One process emits far fewer than
+        # a million events a second, so it never catches up with the clock.
+        self._seq = count(time.time_ns() // 1_000)
         self._flush_timeout = flush_timeout
         self._started = time.monotonic()
         self._finished = False

@@ -71,6 +71,27 @@ def test_redelivered_events_still_count_once(local_settings):
     assert len([a for a in reader.incidents() if a["rule"] == "loss_not_finite"]) == 1
 
 
+def test_a_run_resumed_under_its_id_by_a_new_process_keeps_every_event(local_settings):
+    """An elastic restart or a resume with a fixed run id: a second process logs under the same run id. Its events
+    must not read as redeliveries of the first process's (ingest keeps the highest stored seq per run)."""
+    def attempt(steps, status):
+        run = init("it", "resumed", {"lr": 1e-4}, settings=local_settings, run_id="r-resumed", sample_gpus=False)
+        for step in steps:
+            run.log_step(step, loss=1.0 / step)
+        run.finish(status)
+        return run
+
+    first = attempt(range(1, 31), "failed")
+    drain(local_settings)  # stored before the second process starts, as when a crashed job is restarted
+    second = attempt(range(21, 61), "completed")  # resumed from the step-20 checkpoint
+    pipeline = drain(local_settings)
+    reader = StoreReader(connect_store(local_settings.store_dsn))
+    assert pipeline.stats.redeliveries_skipped == 0
+    assert reader.events_stored(["r-resumed"]) == first.events_emitted + second.events_emitted
+    assert reader.event_counts(["r-resumed"])["steps"] == 30 + 40
+    assert reader.run_summary("r-resumed")["status"] == "completed"
+
+
 def test_poison_messages_go_to_dead_letters_and_the_rest_is_stored(any_settings):
     producer = open_producer(any_settings)
     topic = any_settings.topic(EVENTS)
