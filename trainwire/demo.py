@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from trainwire.consumers.alerting.service import AlertConsumer, build_alerting
 from trainwire.consumers.service import build_ingest, run_ingest
 from trainwire.infra.config import Settings
 from trainwire.infra.store import connect_store
@@ -82,10 +83,13 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
     # a demo is short: sample GPUs and beat often enough to be seen
     settings = settings.model_copy(update={"gpu_sample_seconds": min(settings.gpu_sample_seconds, 1.0),
                                            "heartbeat_seconds": min(settings.heartbeat_seconds, 2.0)})
-    pipeline = build_ingest(settings)
-    stop_ingest, stop_jobs = threading.Event(), threading.Event()
+    pipeline = build_ingest(settings, on_alert=lambda alert: None)  # alerts page through the alert consumer
+    alerting = build_alerting(settings)
+    stop_ingest, stop_alerts, stop_jobs = threading.Event(), threading.Event(), threading.Event()
     ingest = threading.Thread(target=run_ingest, args=(pipeline, stop_ingest), name="ingest", daemon=True)
+    paging = threading.Thread(target=_page, args=(alerting, stop_alerts), name="alerts", daemon=True)
     ingest.start()
+    paging.start()
     runs, threads = start_jobs(settings, jobs, steps, faults, step_seconds, stop_jobs)
     transport = f"kafka://{settings.kafka}" if settings.kafka else f"sqlite://{settings.local_log_path}"
     _progress(f"trainwire demo: {jobs} jobs × {steps} steps → {transport} → {settings.store_dsn}")
@@ -107,7 +111,20 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
     stored = wait_stored(reader, run_ids, produced, timeout=120)
     stop_ingest.set()
     ingest.join(timeout=30)
+    stop_alerts.set()
+    paging.join(timeout=60)
     alerts = [{"run_id": a["run_id"], "rule": a["rule"], "severity": a["severity"], "step": a["step"],
                "state": a["state"]} for a in reader.incidents(run_ids)]
     return DemoReport(produced, stored, run_ids, alerts, settings.store_dsn, transport,
                       pipeline.stats.dead_lettered, round(time.monotonic() - started, 2))
+
+
+def _page(alerting: AlertConsumer, stop: threading.Event) -> None:
+    """Page while the demo runs; once told to stop, deliver what ingest published last, then close."""
+    try:
+        while not stop.is_set():
+            alerting.run_once()
+        alerting.drain(idle_seconds=1.0, stop=threading.Event(), settle_seconds=30.0)
+    finally:
+        alerting.close()
+

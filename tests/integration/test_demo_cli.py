@@ -29,7 +29,7 @@ def test_demo_on_embedded_defaults(tmp_path):
     report, stderr = demo(tmp_path, "--inject", "nan")
     check_report(report)
     assert report["store"] == f"chdb://{tmp_path.resolve()}/chdb"
-    assert "ALERT firing   block    loss_not_finite" in stderr
+    assert f"ALERT [BLOCK] loss_not_finite on run {report['runs'][0]} (demo-sft) at step 120" in stderr  # paged
 
 
 @pytest.mark.kafka
