@@ -6,12 +6,12 @@ timestamps ISO 8601 UTC, the run id a UUID and the experiment id a UUID derived 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import uuid
-from datetime import datetime, timezone
 from typing import Any
+
+from trainwire.infra.store.audit_chain import iso_utc, sha256_of
 
 SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 SECTIONS = ("input_artifacts", "training_record", "output_artifacts", "reproducibility")
@@ -20,23 +20,6 @@ _EXPERIMENT_NAMESPACE = uuid.UUID("0b7d4a52-3c1e-4f8e-9d6a-1e2f3a4b5c6d")
 _TRAINING_ARGS = ("training_args.bin", "training_args.json")
 
 Row = dict[str, Any]
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def sha256_of(value: Any) -> str:
-    """`sha256:<hex>` of a string's UTF-8 bytes, or of anything else's canonical JSON."""
-    text = value if isinstance(value, str) else canonical_json(value)
-    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
-
-
-def iso_utc(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def experiment_id(experiment: str) -> str:

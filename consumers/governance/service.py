@@ -8,7 +8,6 @@ serves them unchanged as POST actions (`actions()`) for CLI calls made while it 
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,16 +19,15 @@ from trainwire.infra.config import Settings
 from trainwire.infra.store.api import to_json
 from trainwire.infra.store.read import StoreReader
 
-from .audit import build_audit_record, canonical_json, iso_utc, sha256_of
-from .chain import Entry, Verification, next_entry, verify_chain
+from trainwire.infra.store.audit_chain import (Entry, Verification, append_entry, append_lock, canonical_json,
+                                              iso_utc, sha256_of, verify_chain)
+
+from .audit import build_audit_record
 from .gates import EXIT_CODES, EvalPoint, GatePolicy, GateReport, RunEvidence, evaluate, g6_audit_completeness
 from .registry import SYSTEM_ACTOR, ApprovalEvidence, Roles, Transition, check_transition, current_stage
 
-ENTRY_COLUMNS = ["seq", "ts", "actor", "action", "run_id", "details", "prev_hash", "entry_hash"]
 GATE_COLUMNS = ["evaluation_id", "run_id", "evaluated_at", "trigger", "actor", "baseline", "overall", "gates_json",
                 "inputs_json", "audit_json", "result_sha256"]
-# One appender at a time in a process (ingest hook, read API, CLI): an entry must link to the true last entry.
-_append_lock = threading.RLock()
 
 
 def roles_for(settings: Settings) -> Roles:
@@ -73,13 +71,7 @@ class Governance:
         return [Entry(**row) for row in self.reader.audit_log()]
 
     def _append(self, actor: str, action: str, run_id: str, details: dict[str, Any]) -> Entry:
-        if not actor or not actor.strip():
-            raise ValueError(f"{action}: no actor (pass --actor or set $USER)")
-        with _append_lock:
-            head = self.reader.audit_head()
-            entry = next_entry(Entry(**head) if head else None, actor, action, run_id, to_json(details))
-            self._client.insert("audit_log", [[getattr(entry, c) for c in ENTRY_COLUMNS]], column_names=ENTRY_COLUMNS)
-            return entry
+        return append_entry(self._client, actor, action, run_id, to_json(details))
 
     def _check_trail(self, head: str | None = None) -> Verification:
         """The chain, and every stored gate evaluation against the log entry that vouches for it."""
@@ -162,7 +154,7 @@ class Governance:
                "gates_json": canonical_json(to_json(report.to_dict()["gates"])),
                "inputs_json": canonical_json(to_json(inputs)), "audit_json": canonical_json(to_json(audit))}
         row["result_sha256"] = _result_sha256(row)
-        with _append_lock:
+        with append_lock:
             self._client.insert("gate_results", [[row[c] for c in GATE_COLUMNS]], column_names=GATE_COLUMNS)
             self._append(actor, "gates.evaluated", run_id, {
                 "evaluation_id": evaluation_id, "overall": report.overall, "trigger": trigger,
@@ -207,7 +199,7 @@ class Governance:
 
     def _transition(self, run_id: str, to_stage: str, actor: str, reason: str | None) -> dict[str, Any]:
         self._started(run_id)
-        with _append_lock:
+        with append_lock:
             transitions = self._transitions(run_id)
             transition = Transition(run_id, current_stage(transitions), to_stage, actor, (reason or "").strip())
             approval = self._approval(run_id, transitions) if to_stage == "Production" else None

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from trainwire.consumers.governance.chain import GENESIS, next_entry, verify_chain
+from trainwire.infra.store.audit_chain import GENESIS, next_entry, verify_chain
 from trainwire.consumers.governance.registry import (
     SYSTEM_ACTOR, ApprovalEvidence, RegistryError, Roles, Transition, check_transition, current_stage,
 )

@@ -1,5 +1,8 @@
 """The audit log as a hash chain: each entry's hash covers its fields and the previous entry's hash.
 
+Here, below every stage that writes it: governance (gates, registry, audit commands) and the dashboard (who viewed
+what) append through `append_entry`.
+
 Altering an entry breaks its own hash; deleting or inserting one breaks the sequence and the next entry's link.
 Rewriting every entry after the altered one is only caught against a head hash noted earlier (`verify(head=…)`):
 auditors keep the head that `trainwire audit verify` prints.
@@ -7,13 +10,41 @@ auditors keep the head that `trainwire audit verify` prints.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .audit import canonical_json, iso_utc, sha256_of
+from clickhouse_connect.driver.client import Client
+
+from .read import StoreReader
 
 GENESIS = "sha256:" + "0" * 64
+ENTRY_COLUMNS = ["seq", "ts", "actor", "action", "run_id", "details", "prev_hash", "entry_hash"]
+# One appender at a time in a process (ingest hook, read API, CLI, dashboard): an entry must link to the true last
+# entry. Re-entrant, so an operation that appends holds it across its own reads and writes.
+append_lock = threading.RLock()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_of(value: Any) -> str:
+    """`sha256:<hex>` of a string's UTF-8 bytes, or of anything else's canonical JSON."""
+    text = value if isinstance(value, str) else canonical_json(value)
+    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 
 
 @dataclass(frozen=True)
@@ -81,3 +112,15 @@ def verify_chain(entries: list[Entry], head: str | None = None) -> Verification:
     if head is not None and head not in {e.entry_hash for e in entries}:
         problems.append(f"head {head} noted earlier is not in the log (entries after it rewritten or removed)")
     return Verification(len(entries), problems, last)
+
+
+def append_entry(client: Client, actor: str, action: str, run_id: str, details: dict[str, Any]) -> Entry:
+    """Append one entry, linked to the current last one. `details` must be JSON-ready."""
+    if not actor or not actor.strip():
+        raise ValueError(f"{action}: no actor (pass --actor or set $USER)")
+    with append_lock:
+        head = StoreReader(client).audit_head()
+        entry = next_entry(Entry(**head) if head else None, actor, action, run_id, details)
+        client.insert("audit_log", [[getattr(entry, c) for c in ENTRY_COLUMNS]], column_names=ENTRY_COLUMNS)
+        return entry
+
