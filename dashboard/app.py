@@ -11,7 +11,8 @@ from datetime import datetime, timedelta, timezone
 
 import streamlit as st
 
-from trainwire.dashboard.shared import (DEFAULT_RANGE, RANGE_LABELS, RANGES, from_url, kept, labels, reader,
+from trainwire.dashboard.access import log_view
+from trainwire.dashboard.shared import (DEFAULT_RANGE, RANGE_LABELS, RANGES, client, from_url, kept, labels, reader,
                                         time_range, to_url)
 from trainwire.infra.config import ConfigError
 from trainwire.infra.store.read import StoreReader
@@ -24,6 +25,7 @@ VIEWS = [
     st.Page("views/alerts.py", title="Alerts", icon=":material/notifications:"),
     st.Page("views/audit.py", title="Audit", icon=":material/verified:"),
 ]
+ONE_RUN_VIEWS = {"Training", "Resources", "Audit"}  # the views that show the sidebar's run
 WATCH_SECONDS = 2.0
 
 
@@ -72,6 +74,8 @@ def main() -> None:
     to_url(run=st.session_state.get("run"), range=st.session_state.get("range"))
     with st.sidebar:
         watch_runs(store, tuple(store.runs_digest().values()) if store.migrated() else ())
+    if store.migrated():  # an empty store has shown nothing to log
+        log_view(client(), page.title, st.session_state.get("run") if page.title in ONE_RUN_VIEWS else None)
     page.run()
 
 

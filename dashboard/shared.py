@@ -33,8 +33,12 @@ def store_client(dsn: str) -> Client:
     return connect_store(dsn)
 
 
+def client() -> Client:
+    return store_client(load_settings().store_dsn)
+
+
 def reader() -> StoreReader:
-    return StoreReader(store_client(load_settings().store_dsn))
+    return StoreReader(client())
 
 
 # --- State kept across reruns and pages ------------------------------------------------------------------------

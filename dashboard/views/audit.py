@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from trainwire.dashboard.access import logged_download
 from trainwire.dashboard.audit_data import audit_export, governance
-from trainwire.dashboard.shared import live, reader, require_run
+from trainwire.dashboard.shared import client, live, reader, require_run
 
 REFRESH_SECONDS = 5.0  # lineage is written once; gates and the registry change at run end and on review
 NOT_EVALUATED = "not evaluated yet"
@@ -112,7 +113,8 @@ def body(run_id: str) -> None:
     checkpoints, ended, record = store.checkpoints(run_id), store.run_ended(run_id), governance(store, run_id)
     st.caption(f"{started['experiment']} · {started['run_name']} · {run_id} · started "
                f"{started['ts']:%Y-%m-%d %H:%M:%S} UTC by {started['user'] or 'unknown user'}")
-    st.download_button("Download audit JSON", lambda: json.dumps(audit_export(store, run_id), indent=2),
+    st.download_button("Download audit JSON",
+                       logged_download(client(), run_id, lambda: json.dumps(audit_export(store, run_id), indent=2)),
                        file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
                        icon=":material/download:", on_click="ignore")
     st.subheader("Lineage")

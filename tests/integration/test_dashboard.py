@@ -25,6 +25,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from trainwire.consumers.governance import Governance
 from trainwire.dashboard.audit_data import GOVERNANCE_READS, audit_export
 from trainwire.infra.config import Settings
 from trainwire.infra.store import connect_store, migrate
@@ -252,6 +253,37 @@ def test_audit_without_governance_says_not_evaluated_yet(app_test, demo, monkeyp
     assert "sha256:" in "".join(str(frame.value.to_dict()) for frame in at.dataframe)
 
 
+def audit_log_after(dsn: str, seq: int) -> list[dict]:
+    client = connect_store(dsn)
+    try:
+        return [e for e in StoreReader(client).audit_log() if e["seq"] > seq]
+    finally:
+        client.close()
+
+
+def test_each_sessions_first_view_of_a_page_and_run_goes_to_the_audit_log(app_test, demo):
+    home, report = demo
+    dsn = f"chdb://{home}/chdb"
+    before = max((e["seq"] for e in audit_log_after(dsn, -1)), default=-1)
+    bad = nan_run(report)
+    at = app_test(dsn)
+    at = at.selectbox(key="run").select(bad).run()
+    for name in ("audit", "fleet", "audit"):  # a page seen again in the session, and live refreshes, log nothing
+        at = view(at, name)
+        at.run()
+    st.cache_resource.clear()  # let go of the store
+    viewed = [(e["actor"], e["run_id"], json.loads(e["details"])["page"]) for e in audit_log_after(dsn, before)]
+    client = connect_store(dsn)
+    try:
+        verified = Governance(client).verify(actor="test")
+    finally:
+        client.close()
+    first_run = sorted(report["runs"], key=lambda r: r != viewed[0][1])[0]
+    assert viewed == [("anonymous", first_run, "Training"), ("anonymous", bad, "Training"),
+                      ("anonymous", bad, "Audit"), ("anonymous", "", "Fleet")]
+    assert verified["ok"], verified["problems"]
+
+
 def test_every_view_on_an_empty_store_says_so(app_test, tmp_path):
     at = app_test(f"chdb://{tmp_path}/chdb")
     assert not at.exception
@@ -346,7 +378,8 @@ def test_every_view_in_a_browser(demo, browser):
     bad = nan_run(report)
     ARTIFACTS.mkdir(exist_ok=True)
     with serving(home, "dashboard") as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000},
+                                extra_http_headers={"X-Forwarded-User": "auditor@example.com"})  # as a proxy sets
         page.goto(f"{url}?run={bad}")  # a shared link picks the run
         page.get_by_role("heading", name="Training").wait_for(timeout=30_000)
         page.get_by_text(f"last step {STEPS} of {STEPS}").wait_for(timeout=30_000)
@@ -368,7 +401,16 @@ def test_every_view_in_a_browser(demo, browser):
             assert bad[:8] in sidebar_run(page), f"the chosen run was lost on {title}"
             assert f"run={bad}" in page.url
             page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
-        assert page.get_by_role("button", name="Download audit JSON").is_visible()
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download audit JSON").click()
+        exported = json.loads(Path(download.value.path()).read_text())
+        assert exported["run_id"] == bad and exported["lineage"]["dataset_sha256"].startswith("sha256:")
+    log = [e for e in audit_log_after(f"chdb://{home}/chdb", -1) if e["actor"] == "auditor@example.com"]
+    assert {(e["actor"], e["action"]) for e in log} == {("auditor@example.com", "dashboard.viewed"),
+                                                         ("auditor@example.com", "dashboard.audit_downloaded")}
+    assert {(json.loads(e["details"]).get("page"), e["run_id"]) for e in log} == {
+        ("Training", bad), ("Fleet", ""), ("Experiment comparison", ""), ("Resources", bad), ("Alerts", ""),
+        ("Audit", bad), (None, bad)}  # the last: the download
 
 
 def test_new_steps_appear_live_without_a_reload(tmp_path, browser):
