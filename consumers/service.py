@@ -52,4 +52,3 @@ def tune_gc_for_ingest() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
-

@@ -45,8 +45,6 @@ def iso_utc(value: datetime | None) -> str | None:
     return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-
-
 @dataclass(frozen=True)
 class Entry:
     seq: int
