@@ -381,7 +381,7 @@ def test_every_view_in_a_browser(demo, browser):
         page = browser.new_page(viewport={"width": 1400, "height": 1000},
                                 extra_http_headers={"X-Forwarded-User": "auditor@example.com"})  # as a proxy sets
         page.goto(f"{url}?run={bad}")  # a shared link picks the run
-        page.get_by_role("heading", name="Training").wait_for(timeout=30_000)
+        page.get_by_role("heading", name="Training", exact=True).wait_for(timeout=30_000)
         page.get_by_text(f"last step {STEPS} of {STEPS}").wait_for(timeout=30_000)
         page.locator('.st-key-chart-loss [aria-roledescription="point"]').first.wait_for(timeout=30_000)
         assert points(page) == list(range(1, NAN_FROM)), "the loss chart draws the run's finite steps"
@@ -394,7 +394,7 @@ def test_every_view_in_a_browser(demo, browser):
 
         for name, title in list(VIEWS.items())[1:]:
             page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
-            page.get_by_role("heading", name=title).wait_for(timeout=30_000)
+            page.get_by_role("heading", name=title, exact=True).wait_for(timeout=30_000)
             page.wait_for_load_state("networkidle")
             page.wait_for_timeout(1_500)
             no_exception(page)
