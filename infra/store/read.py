@@ -32,19 +32,23 @@ ORDER BY started_at DESC
 """
 
 
+# A run resumed by a new process under its id has a run started (and maybe a run ended) per process: the summary
+# is the latest process's, started when the first one started, under way unless it ended after its latest start.
 _RUN_SUMMARY = """
 WITH {run_id:String} AS rid
 SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team,
-       if(e.run_id = '', 'running', e.status) AS status, s.ts AS started_at,
-       if(e.run_id = '', NULL, e.ts) AS ended_at, if(e.run_id = '', NULL, e.error) AS error,
+       e.run_id = '' OR e.ts < s.ts AS under_way,
+       if(under_way, 'running', e.status) AS status,
+       (SELECT min(ts) FROM run_started FINAL WHERE run_id = rid) AS started_at,
+       if(under_way, NULL, e.ts) AS ended_at, if(under_way, NULL, e.error) AS error,
        s.total_steps AS total_steps,
        (SELECT count() FROM steps FINAL WHERE run_id = rid) AS steps_logged,
        (SELECT count() FROM evals FINAL WHERE run_id = rid) AS evals_logged,
        (SELECT count() FROM checkpoints FINAL WHERE run_id = rid) AS checkpoints,
        (SELECT max(step) FROM steps FINAL WHERE run_id = rid) AS last_step,
-       if(e.run_id = '', (SELECT argMax(loss, step) FROM steps FINAL WHERE run_id = rid), e.final_loss) AS final_loss
-FROM (SELECT * FROM run_started FINAL WHERE run_id = rid) AS s
-LEFT JOIN (SELECT * FROM run_ended FINAL WHERE run_id = rid) AS e ON e.run_id = s.run_id
+       if(under_way, (SELECT argMax(loss, step) FROM steps FINAL WHERE run_id = rid), e.final_loss) AS final_loss
+FROM (SELECT * FROM run_started FINAL WHERE run_id = rid ORDER BY ts DESC LIMIT 1) AS s
+LEFT JOIN (SELECT * FROM run_ended FINAL WHERE run_id = rid ORDER BY ts DESC LIMIT 1) AS e ON e.run_id = s.run_id
 """
 
 
@@ -65,7 +69,10 @@ class StoreReader(GovernanceReads, ViewReads):
     def run_summary(self, run_id: str) -> Row | None:
         """One run: identity, status, how much it logged, where it got to. None for an unknown run."""
         rows = self._rows(_RUN_SUMMARY, run_id=run_id)
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        rows[0].pop("under_way")
+        return rows[0]
 
     def run_started(self, run_id: str) -> Row | None:
         rows = self._rows("SELECT * FROM run_started FINAL WHERE run_id = {run_id:String} LIMIT 1", run_id=run_id)

@@ -81,15 +81,26 @@ def test_a_run_resumed_under_its_id_by_a_new_process_keeps_every_event(local_set
         run.finish(status)
         return run
 
+    def summary():
+        client = connect_store(local_settings.store_dsn)
+        try:
+            reader = StoreReader(client)
+            return reader.run_summary("r-resumed"), reader.events_stored(["r-resumed"])
+        finally:
+            client.close()
+
     first = attempt(range(1, 31), "failed")
     drain(local_settings)  # stored before the second process starts, as when a crashed job is restarted
+    failed, _ = summary()
+    assert failed["status"] == "failed" and failed["last_step"] == 30
     second = attempt(range(21, 61), "completed")  # resumed from the step-20 checkpoint
     pipeline = drain(local_settings)
-    reader = StoreReader(connect_store(local_settings.store_dsn))
+    completed, stored = summary()
     assert pipeline.stats.redeliveries_skipped == 0
-    assert reader.events_stored(["r-resumed"]) == first.events_emitted + second.events_emitted
-    assert reader.event_counts(["r-resumed"])["steps"] == 30 + 40
-    assert reader.run_summary("r-resumed")["status"] == "completed"
+    assert stored == first.events_emitted + second.events_emitted
+    assert completed["steps_logged"] == 30 + 40 and completed["last_step"] == 60
+    assert completed["status"] == "completed" and completed["ended_at"] > failed["ended_at"]
+    assert completed["started_at"] == failed["started_at"], "the run started when its first process did"
 
 
 def test_poison_messages_go_to_dead_letters_and_the_rest_is_stored(any_settings):
