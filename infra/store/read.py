@@ -12,18 +12,20 @@ from .views import ViewReads
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
 
-# `runs` holds each run's latest state, kept by materialized views (migration 003): no scan of raw steps.
+# `runs` holds each run's latest state, kept by materialized views (migration 003): no scan of raw steps. A run is
+# under way while it has not ended since its latest start (a run resumed by a new process starts again).
 _RUNS = """
 WITH firing AS (SELECT run_id, countIf(state = 'firing') AS firing_alerts
                 FROM (SELECT run_id, argMax(state, ts) AS state FROM alerts FINAL GROUP BY run_id, dedup_key)
                 GROUP BY run_id)
 SELECT r.run_id AS run_id, r.exp AS experiment, r.name AS run_name, r.tm AS team, r.hst AS host,
-       r.started AS started_at, r.st AS status, r.ended AS ended_at, r.total AS total_steps,
+       r.started AS started_at, if(r.ended < r.started, 'running', r.st) AS status,
+       if(r.ended < r.started, NULL, r.ended) AS ended_at, r.total AS total_steps,
        if(r.n = 0, NULL, r.last) AS last_step, r.n AS steps_logged, r.seen AS last_event_at,
-       if(r.st = 'running', r.last_loss_now, r.final_loss_at_end) AS final_loss, f.firing_alerts AS firing_alerts
+       if(r.ended < r.started, r.last_loss_now, r.final_loss_at_end) AS final_loss, f.firing_alerts AS firing_alerts
 FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS tm, max(host) AS hst,
              max(started_at) AS started, argMaxMerge(status) AS st,
-             nullIf(max(ended_at), toDateTime64(0, 3, 'UTC')) AS ended, nullIf(max(total_steps), 0) AS total,
+             max(ended_at) AS ended, nullIf(max(total_steps), 0) AS total,
              max(last_step) AS last, sum(steps_logged) AS n, max(last_event_at) AS seen,
              argMaxMerge(last_loss) AS last_loss_now, argMaxMerge(final_loss) AS final_loss_at_end
       FROM runs GROUP BY run_id HAVING started > toDateTime64(0, 3, 'UTC')) AS r

@@ -85,7 +85,10 @@ def test_a_run_resumed_under_its_id_by_a_new_process_keeps_every_event(local_set
         client = connect_store(local_settings.store_dsn)
         try:
             reader = StoreReader(client)
-            return reader.run_summary("r-resumed"), reader.events_stored(["r-resumed"])
+            listed = next(run for run in reader.runs() if run["run_id"] == "r-resumed")
+            summary = reader.run_summary("r-resumed")
+            assert (listed["status"], listed["ended_at"]) == (summary["status"], summary["ended_at"])
+            return summary, reader.events_stored(["r-resumed"])
         finally:
             client.close()
 
