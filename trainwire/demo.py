@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from trainwire.consumers.alerting.service import AlertConsumer, build_alerting
+from trainwire.consumers.alerting.service import build_alerting, run_alerting
 from trainwire.consumers.service import build_ingest, run_ingest
 from trainwire.infra.config import Settings
 from trainwire.infra.store import connect_store
@@ -87,7 +87,7 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
     alerting = build_alerting(settings)
     stop_ingest, stop_alerts, stop_jobs = threading.Event(), threading.Event(), threading.Event()
     ingest = threading.Thread(target=run_ingest, args=(pipeline, stop_ingest), name="ingest", daemon=True)
-    paging = threading.Thread(target=_page, args=(alerting, stop_alerts), name="alerts", daemon=True)
+    paging = threading.Thread(target=run_alerting, args=(alerting, stop_alerts, 30.0), name="alerts", daemon=True)
     ingest.start()
     paging.start()
     runs, threads = start_jobs(settings, jobs, steps, faults, step_seconds, stop_jobs)
@@ -117,14 +117,4 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
                "state": a["state"]} for a in reader.incidents(run_ids)]
     return DemoReport(produced, stored, run_ids, alerts, settings.store_dsn, transport,
                       pipeline.stats.dead_lettered, round(time.monotonic() - started, 2))
-
-
-def _page(alerting: AlertConsumer, stop: threading.Event) -> None:
-    """Page while the demo runs; once told to stop, deliver what ingest published last, then close."""
-    try:
-        while not stop.is_set():
-            alerting.run_once()
-        alerting.drain(idle_seconds=1.0, stop=threading.Event(), settle_seconds=30.0)
-    finally:
-        alerting.close()
 

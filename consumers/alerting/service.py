@@ -106,9 +106,13 @@ def build_alerting(settings: Settings, group: str = ALERTS_GROUP, on_delivered=N
     return AlertConsumer(consumer, sinks, outbox, dispatcher, codec_for(settings))
 
 
-def run_alerting(consumer: AlertConsumer, stop: threading.Event) -> None:
+def run_alerting(consumer: AlertConsumer, stop: threading.Event, settle_seconds: float = 0.0) -> None:
+    """Page until `stop`; then, given `settle_seconds`, read what was published last and wait that long at most for
+    the pages still pending (a short-lived process that must not exit with its last pages unsent)."""
     try:
         while not stop.is_set():
             consumer.run_once()
+        if settle_seconds > 0:
+            consumer.drain(idle_seconds=1.0, stop=threading.Event(), settle_seconds=settle_seconds)
     finally:
         consumer.close()

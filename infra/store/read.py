@@ -17,12 +17,13 @@ Row = dict[str, Any]
 _RUNS = """
 WITH firing AS (SELECT run_id, countIf(state = 'firing') AS firing_alerts
                 FROM (SELECT run_id, argMax(state, ts) AS state FROM alerts FINAL GROUP BY run_id, dedup_key)
-                GROUP BY run_id)
+                GROUP BY run_id),
+     r.ended < r.started AS under_way
 SELECT r.run_id AS run_id, r.exp AS experiment, r.name AS run_name, r.tm AS team, r.hst AS host,
-       r.started AS started_at, if(r.ended < r.started, 'running', r.st) AS status,
-       if(r.ended < r.started, NULL, r.ended) AS ended_at, r.total AS total_steps,
+       r.started AS started_at, if(under_way, 'running', r.st) AS status,
+       if(under_way, NULL, r.ended) AS ended_at, r.total AS total_steps,
        if(r.n = 0, NULL, r.last) AS last_step, r.n AS steps_logged, r.seen AS last_event_at,
-       if(r.ended < r.started, r.last_loss_now, r.final_loss_at_end) AS final_loss, f.firing_alerts AS firing_alerts
+       if(under_way, r.last_loss_now, r.final_loss_at_end) AS final_loss, f.firing_alerts AS firing_alerts
 FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS tm, max(host) AS hst,
              max(started_at) AS started, argMaxMerge(status) AS st,
              max(ended_at) AS ended, nullIf(max(total_steps), 0) AS total,
@@ -37,9 +38,8 @@ ORDER BY started_at DESC
 # A run resumed by a new process under its id has a run started (and maybe a run ended) per process: the summary
 # is the latest process's, started when the first one started, under way unless it ended after its latest start.
 _RUN_SUMMARY = """
-WITH {run_id:String} AS rid
+WITH {run_id:String} AS rid, e.run_id = '' OR e.ts < s.ts AS under_way
 SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team,
-       e.run_id = '' OR e.ts < s.ts AS under_way,
        if(under_way, 'running', e.status) AS status,
        (SELECT min(ts) FROM run_started FINAL WHERE run_id = rid) AS started_at,
        if(under_way, NULL, e.ts) AS ended_at, if(under_way, NULL, e.error) AS error,
@@ -71,10 +71,7 @@ class StoreReader(GovernanceReads, ViewReads):
     def run_summary(self, run_id: str) -> Row | None:
         """One run: identity, status, how much it logged, where it got to. None for an unknown run."""
         rows = self._rows(_RUN_SUMMARY, run_id=run_id)
-        if not rows:
-            return None
-        rows[0].pop("under_way")
-        return rows[0]
+        return rows[0] if rows else None
 
     def run_started(self, run_id: str) -> Row | None:
         rows = self._rows("SELECT * FROM run_started FINAL WHERE run_id = {run_id:String} LIMIT 1", run_id=run_id)
