@@ -176,8 +176,6 @@ def main() -> None:
 
     print(f"encoding {args.events} step events of {args.runs} runs …", file=sys.stderr)
     messages = step_messages(args.events, args.runs)
-    print("per-event Python cost of each hot-path step …", file=sys.stderr)
-    stages = stage_costs(messages)
     drains, produced, bare = [], [], []
     for attempt in range(args.repeat):
         with tempfile.TemporaryDirectory() as home:
@@ -202,6 +200,8 @@ def main() -> None:
                   f"{drain['sustained_events_per_s']} sustained", file=sys.stderr)
     print("columnar insert …", file=sys.stderr)
     insert = columnar_insert(messages)
+    print("per-event Python cost of each hot-path step …", file=sys.stderr)
+    stages = stage_costs(messages)  # last: it sets this process's GC as `trainwire consume` does
     ingest = {"median_events_per_s": statistics.median(d["events_per_s"] for d in drains),
               "median_sustained_events_per_s": statistics.median(d["sustained_events_per_s"] for d in drains),
               "max_peak_rss_mb": max(d["peak_rss_mb"] for d in drains), "drains": drains}
