@@ -7,23 +7,37 @@ NaN and ±Inf are legal metric values: they are carried, stored and detected, ne
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# The largest value each integer column holds. Avro's `long` is signed 64-bit, so UInt64 columns hold what an Avro
+# long can (2**63 - 1); a value past its column's range would be refused by ClickHouse, so the models refuse it first.
+UINT16_MAX = 2**16 - 1
+UINT32_MAX = 2**32 - 1
+LONG_MAX = 2**63 - 1
+LONG_MIN = -(2**63)
+
 RunStatus = Literal["completed", "failed", "stopped"]
 Severity = Literal["info", "warning", "critical", "block"]
 AlertState = Literal["firing", "resolved"]
 
 
+# A generator of trainwire's own: training scripts seed the global `random` (random.seed(42)), and two processes
+# seeded alike would then make the same ids. Seeded from os.urandom, and again in every forked child.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def new_id() -> str:
     """A random (version 4) UUID string, about 3× faster than str(uuid.uuid4()): ids are made per event.
 
-    `random` is seeded from os.urandom and re-seeded in forked children; ids need uniqueness, not secrecy.
+    Ids need uniqueness, not secrecy, so a Mersenne Twister seeded from os.urandom that no user code seeds.
     """
-    h = "%032x" % random.getrandbits(128)
+    h = "%032x" % _ids.getrandbits(128)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
@@ -42,8 +56,8 @@ class Event(BaseModel):
     experiment: str
     team: str = ""
     host: str = ""
-    seq: int = Field(ge=0)
-    ts_ms: int = Field(default_factory=now_ms, ge=0)
+    seq: int = Field(ge=0, le=LONG_MAX)
+    ts_ms: int = Field(default_factory=now_ms, ge=0, le=LONG_MAX)
 
     @field_validator("run_id", "experiment")
     @classmethod
@@ -56,7 +70,7 @@ class Event(BaseModel):
 class FileDigest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=LONG_MAX)
     sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
 
 
@@ -77,20 +91,20 @@ class RunStarted(Event):
     dataset_path: str | None = None
     dataset_version: str | None = None
     dataset_sha256: str | None = None
-    dataset_samples: int | None = Field(default=None, ge=0)
-    seed: int | None = None
-    data_seed: int | None = None
+    dataset_samples: int | None = Field(default=None, ge=0, le=LONG_MAX)
+    seed: int | None = Field(default=None, ge=LONG_MIN, le=LONG_MAX)
+    data_seed: int | None = Field(default=None, ge=LONG_MIN, le=LONG_MAX)
     environment: dict[str, str] = Field(default_factory=dict)
     gpu_type: str | None = None
-    gpu_count: int | None = Field(default=None, ge=0)
-    total_steps: int | None = Field(default=None, ge=0)
+    gpu_count: int | None = Field(default=None, ge=0, le=UINT32_MAX)
+    total_steps: int | None = Field(default=None, ge=0, le=LONG_MAX)
     total_epochs: float | None = None
     # v2: the rest of the lineage an auditor needs (spec §3, §7)
     dataset_source: str | None = None
     dataset_license: str | None = None
     dataset_format: str | None = None
     dataset_preprocessing: list[str] = Field(default_factory=list)
-    numpy_seed: int | None = None
+    numpy_seed: int | None = Field(default=None, ge=LONG_MIN, le=LONG_MAX)
     cudnn_deterministic: bool | None = None
     cudnn_benchmark: bool | None = None
     deterministic_algorithms: bool | None = None
@@ -98,13 +112,13 @@ class RunStarted(Event):
     cuda_version: str | None = None
     container_image_digest: str | None = None
     packages_sha256: str | None = None
-    world_size: int | None = Field(default=None, ge=1)
+    world_size: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     adapter_json: str | None = None
 
 
 class Step(Event):
     kind: ClassVar[str] = "step"
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=LONG_MAX)
     epoch: float | None = None
     loss: float | None = None
     learning_rate: float | None = None
@@ -112,13 +126,13 @@ class Step(Event):
     tokens_per_s: float | None = None
     samples_per_s: float | None = None
     batch_time_s: float | None = None
-    tokens: int | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0, le=LONG_MAX)
     extra: dict[str, float] = Field(default_factory=dict)
 
 
 class Eval(Event):
     kind: ClassVar[str] = "eval"
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=LONG_MAX)
     epoch: float | None = None
     eval_loss: float | None = None
     eval_accuracy: float | None = None
@@ -138,8 +152,8 @@ class Eval(Event):
 
 class GpuSample(Event):
     kind: ClassVar[str] = "gpu_sample"
-    rank: int = Field(default=0, ge=0)
-    gpu_index: int = Field(ge=0)
+    rank: int = Field(default=0, ge=0, le=UINT16_MAX)
+    gpu_index: int = Field(ge=0, le=UINT16_MAX)
     gpu_uuid: str
     gpu_name: str = ""
     utilization_pct: float | None = None
@@ -153,12 +167,12 @@ class GpuSample(Event):
 
 class Heartbeat(Event):
     kind: ClassVar[str] = "heartbeat"
-    step: int | None = Field(default=None, ge=0)
+    step: int | None = Field(default=None, ge=0, le=LONG_MAX)
 
 
 class Checkpoint(Event):
     kind: ClassVar[str] = "checkpoint"
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=LONG_MAX)
     path: str
     files: list[FileDigest] = Field(default_factory=list)
     eval_loss: float | None = None
@@ -170,7 +184,7 @@ class RunEnded(Event):
     status: RunStatus
     error: str | None = None
     duration_s: float | None = Field(default=None, ge=0)
-    completed_steps: int | None = Field(default=None, ge=0)
+    completed_steps: int | None = Field(default=None, ge=0, le=LONG_MAX)
     epochs: float | None = None
     initial_loss: float | None = None
     final_loss: float | None = None
@@ -189,11 +203,11 @@ class Alert(BaseModel):
     run_id: str
     experiment: str
     team: str = ""
-    ts_ms: int = Field(default_factory=now_ms, ge=0)
+    ts_ms: int = Field(default_factory=now_ms, ge=0, le=LONG_MAX)
     rule: str
     severity: Severity
     state: AlertState
-    step: int | None = None
+    step: int | None = Field(default=None, ge=0, le=LONG_MAX)
     value: float | None = None
     threshold: float | None = None
     message: str = ""
@@ -214,9 +228,9 @@ class StopCommand(BaseModel):
     run_id: str
     experiment: str
     team: str = ""
-    ts_ms: int = Field(default_factory=now_ms, ge=0)
+    ts_ms: int = Field(default_factory=now_ms, ge=0, le=LONG_MAX)
     rule: str
-    step: int | None = None
+    step: int | None = Field(default=None, ge=0, le=LONG_MAX)
     reason: str
     dedup_key: str
 
