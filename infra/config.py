@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     gpu_sample_seconds: float = Field(default=5.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     flush_timeout_seconds: float = Field(default=10.0, ge=0)
+    accept_days_back: float = Field(default=30.0, gt=0, le=3650, description="ingest dead-letters events dated "
+                                    "further back than this (ClickHouse partitions by day; TTLs drop old rows)")
+    accept_days_ahead: float = Field(default=1.0, gt=0, le=3650, description="…or further ahead (a clock gone wrong)")
+    dead_letter_max_consecutive: int = Field(default=1_000, ge=1, description="ingest stops, committing nothing "
+                                             "more, after this many records in a row went to the dead letters")
+    dead_letter_max_ratio: float = Field(default=0.5, gt=0, le=1, description="…or when more than this share of "
+                                         "its last 10,000 records (at least 1,000 seen) did")
     metrics_retention_days: int = Field(default=90, ge=30, le=90, description="per-step metrics and evals")
     gpu_retention_days: int = Field(default=30, ge=1, le=365, description="GPU samples and heartbeats")
     roles: Path | None = Field(default=None, description="TOML file of registry roles; unset: $home/roles.toml "
