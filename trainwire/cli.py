@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from trainwire.infra.config import ConfigError, Settings, load_settings
@@ -306,6 +309,111 @@ def cmd_spool_replay(args: argparse.Namespace) -> int:
     return 0 if remaining == 0 else 1
 
 
+_SECONDS_PER = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _since(value: str | None) -> datetime | None:
+    """--since: a duration back from now (90s, 15m, 2h, 7d, 1w) or an ISO 8601 time (UTC unless it names a zone)."""
+    if value is None:
+        return None
+    if (match := re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", value.strip())):
+        return datetime.now(timezone.utc) - timedelta(seconds=float(match[1]) * _SECONDS_PER[match[2]])
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"--since {value!r}: expected a duration back from now (30s, 15m, 2h, 7d, 1w) "
+                         "or an ISO 8601 time such as 2025-06-01T12:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@contextlib.contextmanager
+def _dead_letter_store(settings: Settings) -> Iterator[tuple[Any, Callable[..., Any]]]:
+    """(reader, record replays) where the store is: the running `trainwire up` that owns the embedded store, over
+    its API (as `runs` reads and `registry` writes), or the store opened here."""
+    from trainwire.infra.store.api import RemoteReader, running_api
+
+    if settings.embedded_store and (url := running_api(settings.home)):
+        remote = RemoteReader(url)
+        yield remote, lambda letters, replayed_by: remote.act("record_dead_letter_replays", letters=letters,
+                                                              replayed_by=replayed_by)
+        return
+    from trainwire.infra.store import connect_store, migrate
+    from trainwire.infra.store.read import StoreReader
+
+    client = connect_store(settings.store_dsn)
+    try:
+        migrate(client, cluster=settings.store_cluster)  # a store from before migration 006 gets its replays table
+        reader = StoreReader(client)
+        yield reader, reader.record_dead_letter_replays
+    finally:
+        client.close()
+
+
+def _dead_letter_line(letter: dict[str, Any]) -> str:
+    ts = datetime.fromisoformat(letter["ts"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    reason = letter["reason"] if len(letter["reason"]) <= 160 else letter["reason"][:159] + "…"
+    replayed = (f"  (replayed {letter['replayed_at'][:19].replace('T', ' ')} by {letter['replayed_by']})"
+                if letter["replayed_at"] else "")
+    return f"{ts}  {letter['topic']}[{letter['partition']}]@{letter['offset']}  {reason}{replayed}"
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from trainwire.infra.store.api import to_json
+
+    settings = _settings(args)
+    if args.limit is not None and args.limit < 0:
+        raise ValueError("--limit must be 0 (all) or more")
+    filters = {"since": _since(args.since), "topic": args.topic, "reason_contains": args.reason_contains}
+    try:
+        with _dead_letter_store(settings) as (reader, record):
+            if args.action == "list":
+                limit = args.limit or None
+                letters = to_json(reader.list_dead_letters(**filters, limit=limit and limit + 1))
+                return _list_dead_letters(args, letters, limit)
+            letters = to_json(reader.list_dead_letters(**filters))
+            return _replay_dead_letters(args, settings, letters, lambda done: record(done, _actor(args)))
+    except RuntimeError as err:  # the transport, a schema registry or `up`'s API failed: one line, no traceback
+        print(f"trainwire: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _list_dead_letters(args: argparse.Namespace, letters: list[dict[str, Any]], limit: int | None) -> int:
+    more = limit is not None and len(letters) > limit
+    letters = letters[:limit]
+    human = "\n".join([f"{'time (UTC)':<23}  topic[partition]@offset  reason", *map(_dead_letter_line, letters)]
+                      ) if letters else "no dead letters"
+    if more:
+        human += f"\n(the newest {limit}; --limit N for more, 0 for all)"
+    _emit(args, letters, human)
+    return 0
+
+
+def _replay_dead_letters(args: argparse.Namespace, settings: Settings, letters: list[dict[str, Any]],
+                         record: Callable[[list[dict[str, Any]]], Any]) -> int:
+    from trainwire.consumers.dead_letter_replay import replay_dead_letters
+    from trainwire.infra.codecs import codec_for
+    from trainwire.infra.log import open_producer
+
+    producer = None if args.dry_run else open_producer(settings)
+    try:
+        result = replay_dead_letters(letters, producer, codec_for(settings), record, again=args.again,
+                                     flush_timeout=settings.flush_timeout_seconds)
+    finally:
+        if producer is not None:
+            producer.close()
+    brief = [{k: d[k] for k in ("ts", "topic", "partition", "offset", "reason", "replayed_at")} for d in result.replayed]
+    payload = {"dry_run": result.dry_run, "replayed": len(result.replayed), "skipped": len(result.skipped),
+               "letters": brief, "skipped_letters": [{k: d[k] for k in ("topic", "partition", "offset", "replayed_at")}
+                                                     for d in result.skipped]}
+    lines = [f"  {d['topic']}[{d['partition']}]@{d['offset']}  {d['reason'][:120]}" for d in result.replayed]
+    lines.append(f"{'would replay' if result.dry_run else 'replayed'} {len(result.replayed)} dead letter(s)"
+                 + (" (dry run: nothing injected)" if result.dry_run else " into the topics they were read from")
+                 + (f"; skipped {len(result.skipped)} replayed before (--again to replay them too)"
+                    if result.skipped else ""))
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from trainwire.dashboard.serve import serve_dashboard
 
@@ -375,6 +483,27 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true")
     replay.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the broker")
     replay.set_defaults(func=cmd_spool_replay)
+
+    dead = sub.add_parser("dead-letters", help="records ingest could not store: list them, replay them once fixed")
+    dead_sub = dead.add_subparsers(dest="dead_letters_command", required=True)
+    dead_list = dead_sub.add_parser("list", help="dead letters, newest first: time, topic[partition]@offset, reason")
+    dead_list.add_argument("--limit", type=int, default=100, metavar="N", help="the newest N (default 100; 0: all)")
+    dead_list.set_defaults(func=cmd_dead_letters, action="list")
+    dead_replay = dead_sub.add_parser("replay", help="re-inject dead letters' original bytes into the topics they "
+                                      "were read from (each once: a second replay skips it unless --again)")
+    dead_replay.add_argument("--dry-run", action="store_true", help="say what would be replayed; inject nothing")
+    dead_replay.add_argument("--again", action="store_true", help="also replay dead letters replayed before")
+    dead_replay.add_argument("--actor", help="who replays, recorded with each replay (default: $USER)")
+    dead_replay.set_defaults(func=cmd_dead_letters, action="replay", limit=None)
+    for p in (dead_list, dead_replay):
+        p.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers (default: the local log)")
+        p.add_argument("--store", metavar="DSN", help="clickhouse-connect DSN (default: chdb under TRAINWIRE_HOME)")
+        p.add_argument("--json", action="store_true", help="print one JSON object" + (
+            " (payloads in base64)" if p is dead_list else ""))
+        p.add_argument("--since", metavar="DURATION|ISO-TIME", help="only dead letters since then (15m, 2h, 7d, "
+                       "or a time such as 2025-06-01T12:00, UTC unless it names a zone)")
+        p.add_argument("--topic", metavar="T", help="only those read from this topic (its full, prefixed name)")
+        p.add_argument("--reason-contains", metavar="S", help="only those whose reason contains S (any case)")
 
     store = sub.add_parser("store", help="the ClickHouse schema")
     store_sub = store.add_subparsers(dest="store_command", required=True)

@@ -31,6 +31,7 @@ METHODS: dict[str, dict[str, type]] = {
     "incidents": {},
     "checkpoints": {"run_id": str},
     "dead_letters": {},
+    "list_dead_letters": {"since": datetime.fromisoformat, "topic": str, "reason_contains": str, "limit": int},
     # governance (infra/store/governance.py)
     "gate_results": {"run_id": str},
     "latest_gates": {"run_id": str},
@@ -88,7 +89,8 @@ class ReadApiServer:
 
     def __init__(self, reader: StoreReader, home: Path, actions: dict[str, Callable[..., Any]] | None = None):
         self._reader = reader
-        self.actions = actions or {}
+        # A replay beside `up` records what it replayed here, like every other write to the store `up` owns.
+        self.actions = {"record_dead_letter_replays": reader.record_dead_letter_replays, **(actions or {})}
         self._lock = threading.Lock()  # one query at a time through the shared client
         self._home = home
         handler = type("Handler", (_Handler,), {"api": self})

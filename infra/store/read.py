@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -129,3 +130,38 @@ class StoreReader(GovernanceReads, ViewReads):
 
     def dead_letters(self) -> list[Row]:
         return self._rows("SELECT ts, topic, partition, offset, reason FROM dead_letters FINAL ORDER BY ts")
+
+    def list_dead_letters(self, since: datetime | None = None, topic: str | None = None,
+                          reason_contains: str | None = None, limit: int | None = None) -> list[Row]:
+        """Dead letters newest first, with their original bytes (base64) and their latest replay, if any."""
+        return self._rows(_DEAD_LETTERS, since=since or _EPOCH, topic=topic or "",
+                          reason_contains=reason_contains or "", limit=_NO_LIMIT if limit is None else limit)
+
+    def record_dead_letter_replays(self, letters: list[Row], replayed_by: str) -> int:
+        """Note each dead letter (by topic, partition and offset) as replayed now. The one write of the read API
+        that is not governance: `trainwire up`'s API serves it, so a replay beside `up` records through it too."""
+        now = datetime.now(timezone.utc)
+        rows = [[letter["topic"], int(letter["partition"]), int(letter["offset"]), now, replayed_by]
+                for letter in letters]
+        if rows:
+            self._client.insert("dead_letter_replays", rows, column_names=_REPLAY_COLUMNS)
+        return len(rows)
+
+
+# Newest first; `GLOBAL` so that on a cluster each shard joins the replays gathered once (migration 006).
+_DEAD_LETTERS = """
+SELECT d.ts AS ts, d.topic AS topic, d.partition AS partition, d.offset AS offset, d.reason AS reason,
+       base64Encode(d.payload) AS payload_base64, r.replayed_at AS replayed_at, r.replayed_by AS replayed_by
+FROM (SELECT * FROM dead_letters FINAL
+      WHERE ts >= {since:DateTime64(3, 'UTC')} AND ({topic:String} = '' OR topic = {topic:String})
+        AND positionCaseInsensitiveUTF8(reason, {reason_contains:String}) > 0
+      ORDER BY ts DESC, topic, partition, offset DESC LIMIT {limit:UInt64}) AS d
+GLOBAL LEFT JOIN (SELECT topic, partition, offset, replayed_at, replayed_by FROM dead_letter_replays FINAL) AS r
+  ON r.topic = d.topic AND r.partition = d.partition AND r.offset = d.offset
+ORDER BY ts DESC, topic, partition, offset DESC
+SETTINGS join_use_nulls = 1
+"""
+_REPLAY_COLUMNS = ["topic", "partition", "offset", "replayed_at", "replayed_by"]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NO_LIMIT = 2**63
+
