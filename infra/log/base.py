@@ -50,6 +50,10 @@ class LogConsumer(ABC):
     def rewind(self) -> None:
         """Go back to the committed positions: what was polled but not committed will be polled again."""
 
+    def assigned(self) -> bool:
+        """Whether this member has been given partitions to read yet (a group member waits for its assignment)."""
+        return True
+
     @abstractmethod
     def lag(self, fresh: bool = True) -> int | None:
         """Records not yet polled on the assigned partitions (None if unknown). `fresh=False` may answer from what

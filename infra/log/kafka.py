@@ -116,6 +116,12 @@ class KafkaLogConsumer(LogConsumer):
                 tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[0]
             self._consumer.seek(tp)
 
+    def assigned(self) -> bool:
+        try:
+            return bool(self._consumer.assignment())
+        except KafkaException:
+            return False
+
     def lag(self, fresh: bool = True) -> int | None:
         # A fresh answer costs a broker round trip per partition, each queued behind the pending fetch (up to
         # fetch.wait.max.ms): over many partitions, long enough to hold up the loop that asks.
