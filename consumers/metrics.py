@@ -19,7 +19,10 @@ class IngestMetrics:
         self.alerts = Counter("trainwire_ingest_alerts", "Alerts raised or resolved", registry=r)
         self.retries = Counter("trainwire_ingest_retries", "Batches dropped and re-read after a failure",
                                registry=r)
-        self.lag = Gauge("trainwire_ingest_lag", "Records in the transport not yet stored", registry=r)
+        self.lag = Gauge("trainwire_ingest_lag", "Records in the transport not yet stored; NaN while unknown "
+                         "(no partitions assigned yet, or the broker does not answer)", registry=r)
+        self.since_stored = Gauge("trainwire_ingest_seconds_since_stored", "Seconds since a batch was last stored "
+                                  "and committed (or since start): grows while ingest is stalled", registry=r)
         self.batch_rows = Histogram("trainwire_ingest_batch_rows", "Records per flushed batch", registry=r,
                                     buckets=(10, 100, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000))
         self.insert_seconds = Histogram("trainwire_ingest_insert_seconds", "Time to insert one batch", registry=r,

@@ -46,6 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
+    from trainwire.consumers.admission import DeadLetterLimitError
     from trainwire.consumers.service import build_ingest, run_ingest, tune_gc_for_ingest
 
     stop = threading.Event()
@@ -56,14 +57,24 @@ def cmd_consume(args: argparse.Namespace) -> int:
     if args.metrics_port:
         pipeline.metrics.serve(args.metrics_port)
         print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", file=sys.stderr)
-    if args.drain:
-        pipeline.drain(idle_seconds=args.idle_seconds, stop=stop)
-        pipeline.close()
-    else:
-        print("consuming; Ctrl-C or SIGTERM to stop", file=sys.stderr)
-        run_ingest(pipeline, stop)
+    caught_up = True
+    try:
+        if args.drain:
+            try:
+                caught_up = pipeline.drain(idle_seconds=args.idle_seconds, stop=stop)
+            finally:
+                pipeline.close()
+        else:
+            print("consuming; Ctrl-C or SIGTERM to stop", file=sys.stderr)
+            run_ingest(pipeline, stop)
+    except DeadLetterLimitError as err:  # the uncommitted records wait in the transport for the fix
+        print(f"trainwire: ingest stopped: {err}", file=sys.stderr)
+        return 3
     stats = pipeline.stats.__dict__
     _emit(args, stats, ", ".join(f"{k} {v}" for k, v in stats.items()))
+    if not caught_up:
+        print("trainwire: stopped before catching up: records may still be pending", file=sys.stderr)
+        return 1
     return 0
 
 

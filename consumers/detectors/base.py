@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
+
+# Alert ids derive from the incident, so an event replayed after a crash re-creates the same alert row, and an
+# incident found in the store can be told for one the detectors raised.
+_ALERT_NAMESPACE = uuid.UUID("6f1c0b1e-7d0a-4d53-9a55-2f3b8b7e2a10")
+
+
+def alert_id(dedup_key: str, state: str) -> str:
+    return str(uuid.uuid5(_ALERT_NAMESPACE, f"{dedup_key}/{state}"))
+
+
+def raised_by_detectors(run_id: str, rule: str, dedup_key: str, firing_id: str) -> bool:
+    """True for an incident the detectors opened: its key names its run and rule, and its firing alert has the id
+    the detectors give it. Anything else in the alerts table (forged, or written by hand) is never adopted."""
+    return dedup_key.startswith(f"{run_id}/{rule}/") and firing_id == alert_id(dedup_key, "firing")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ an open incident neither fires again nor stays open forever.
 from __future__ import annotations
 
 import math
-import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,14 +23,12 @@ from typing import Any
 from trainwire.infra.detector_settings import DetectorParameters, DetectorSettings
 from trainwire.schemas import Alert
 
-from .base import Finding, Rule, RunFacts
+from .base import Finding, Rule, RunFacts, alert_id
 from .catalog import rules_from
 from .eval_rules import REMEMBERED_CHECKPOINTS
 from .history import HistoryLoader, HistoryRequest, RunHistory
 from .stall import RunStalled
 
-# Alert ids derive from the incident, so an event replayed after a crash re-creates the same alert row.
-_ALERT_NAMESPACE = uuid.UUID("6f1c0b1e-7d0a-4d53-9a55-2f3b8b7e2a10")
 STALLED = RunStalled.rule_id
 _EVALS_REMEMBERED = 100  # evals read back on a rebuild: the rising streak and the best eval so far
 _EVENTS_AGAIN = Finding(False, None, None, "the run sends events again")
@@ -217,7 +214,7 @@ class DetectorEngine:
         if value is None and not finding.active and rule.field:
             value = record.get(rule.field)
         return Alert(
-            event_id=str(uuid.uuid5(_ALERT_NAMESPACE, f"{key}/{state}")),
+            event_id=alert_id(key, state),
             run_id=record["run_id"], experiment=record["experiment"], team=record.get("team", ""),
             ts_ms=record["ts_ms"], rule=rule.rule_id, severity=rule.severity, state=state,
             step=record.get("step"), value=value, threshold=finding.threshold,

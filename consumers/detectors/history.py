@@ -16,6 +16,8 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from .base import raised_by_detectors
+
 
 @dataclass(frozen=True)
 class HistoryRequest:
@@ -87,9 +89,10 @@ ORDER BY ts_ms DESC, seq DESC LIMIT {{gpu_samples:UInt32}} BY run_id, host, gpu_
 # since an incident resolves after it fires.
 _OPEN_INCIDENTS = f"""
 WITH {_ASKED}
-SELECT run_id, rule, dedup_key FROM (
+SELECT run_id, rule, dedup_key, firing_id FROM (
   SELECT x.run_id AS run_id, x.rule AS rule, x.dedup_key AS dedup_key,
-         argMax(x.state, (x.ts, x.state = 'resolved')) AS latest, max(x.ts) AS updated
+         argMax(x.state, (x.ts, x.state = 'resolved')) AS latest, max(x.ts) AS updated,
+         argMaxIf(x.event_id, x.ts, x.state = 'firing') AS firing_id
   FROM alerts AS x FINAL INNER JOIN asked ON x.run_id = q_run
   WHERE x.run_id IN {{run_ids:Array(String)}} AND x.ts < fromUnixTimestamp64Milli(q_ts)
   GROUP BY run_id, rule, dedup_key)
@@ -129,6 +132,7 @@ class StoreHistory:
         histories = {r.run_id: RunHistory() for r in requests}
         for (run_id, *_), (ts_ms, kind, row) in sorted(events.items(), key=lambda e: (e[1][0], e[1][2]["seq"])):
             histories[run_id].events.append((kind, row))
-        for run_id, rule, key in incidents:
-            histories[run_id].open_incidents[rule] = key
+        for run_id, rule, key, firing_id in incidents:
+            if raised_by_detectors(run_id, rule, key, firing_id):
+                histories[run_id].open_incidents[rule] = key
         return histories

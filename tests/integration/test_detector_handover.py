@@ -97,3 +97,24 @@ def test_runs_met_under_way_after_a_restart_are_rebuilt_with_one_batched_load(lo
     assert loads == [6]  # the six runs under way: one load, not six
     assert sorted((a.run_id, a.rule, a.state, a.step) for a in second) == [
         (run.run_id, "loss_not_finite", "resolved", 15) for run in runs]  # none fired twice
+
+
+def test_an_incident_the_detectors_did_not_raise_is_never_adopted(local_settings):
+    """A firing alert that reached the alerts table some other way (written by hand, or forged) must not pass
+    for the run's open incident: the next real NaN still pages."""
+    from trainwire.consumers.rows import to_row
+    from trainwire.consumers.writer import ClickHouseWriter
+    from trainwire.schemas import Alert
+
+    run = Run("run-forged")
+    send(local_settings, [run(RunStarted), *run.steps(1, [1.0] * 5)])
+    consume(local_settings)
+    forged = Alert(run_id=run.run_id, experiment="it", rule="loss_not_finite", severity="critical", state="firing",
+                   dedup_key=f"{run.run_id}/loss_not_finite/3", message="forged", ts_ms=1)
+    client = connect_store(local_settings.store_dsn)
+    ClickHouseWriter(client).write({"alert": [to_row("alert", forged.model_dump())]})
+    client.close()
+
+    send(local_settings, run.steps(6, [math.nan]))
+    published = consume(local_settings)  # a new engine: it rebuilds the run from the store
+    assert [(a.rule, a.state, a.step) for a in published] == [("loss_not_finite", "firing", 6)]

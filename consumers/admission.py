@@ -1,0 +1,102 @@
+"""What ingest admits beyond the schema: each topic carries only the kinds producers publish on it, and every
+event is dated within a window the store can hold. The columns' value ranges are the models' bounds
+(schemas/events.py), checked by `check_record`; what fails here or there becomes a dead letter with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from datetime import datetime, timezone
+
+from trainwire.infra.config import Settings
+from trainwire.infra.log.topics import CONSUMER_TOPICS, topic_for
+from trainwire.schemas import EVENT_TYPES, SchemaError
+
+DAY_MS = 86_400_000
+RATIO_WINDOW = 10_000  # records over which the dead-letter ratio is judged…
+RATIO_MIN_SEEN = 1_000  # …once this many have been seen
+
+
+class RejectedEventError(SchemaError):
+    """A well-formed event that ingest does not accept here or now."""
+
+
+class DeadLetterLimitError(RuntimeError):
+    """So many records became dead letters that something upstream is broken: stop rather than bury them all."""
+
+
+def accepted_kinds(settings: Settings) -> dict[str, frozenset[str]]:
+    """Full topic name → the kinds producers publish on it (alerts and stop commands are made by consumers)."""
+    by_topic: dict[str, set[str]] = {}
+    for kind in EVENT_TYPES:
+        if topic_for(kind) not in CONSUMER_TOPICS:
+            by_topic.setdefault(settings.topic(topic_for(kind)), set()).add(kind)
+    return {topic: frozenset(kinds) for topic, kinds in by_topic.items()}
+
+
+def _iso(ts_ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts_ms} ms"
+
+
+class Admission:
+    def __init__(self, settings: Settings):
+        self._kinds = accepted_kinds(settings)
+        self._back_ms = int(settings.accept_days_back * DAY_MS)
+        self._ahead_ms = int(settings.accept_days_ahead * DAY_MS)
+        self._settings = settings
+
+    def check(self, topic: str, kind: str, fields: dict, now_ms: int | None = None) -> None:
+        """Raise RejectedEventError unless a `kind` event may arrive on `topic`, dated as `fields` says."""
+        kinds = self._kinds.get(topic)
+        if kinds is not None and kind not in kinds:
+            raise RejectedEventError(f"{kind} events are not accepted on topic {topic} (it carries "
+                                     f"{', '.join(sorted(kinds))})")
+        ts_ms = fields.get("ts_ms")
+        if ts_ms is None:
+            return
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        if not now_ms - self._back_ms <= ts_ms <= now_ms + self._ahead_ms:
+            raise RejectedEventError(
+                f"ts_ms {ts_ms} ({_iso(ts_ms)}) is outside the accepted window of {self._settings.accept_days_back:g} "
+                f"days back to {self._settings.accept_days_ahead:g} days ahead (TRAINWIRE_ACCEPT_DAYS_BACK, "
+                f"TRAINWIRE_ACCEPT_DAYS_AHEAD)")
+
+
+class DeadLetterBudget:
+    """Counts dead letters in a row and their share of recent records; `commit`/`rollback` follow the batch, so a
+    batch dropped and read again is not counted twice."""
+
+    def __init__(self, max_consecutive: int, max_ratio: float):
+        self._max_consecutive = max_consecutive
+        self._max_ratio = max_ratio
+        self._recent: deque[bool] = deque(maxlen=RATIO_WINDOW)
+        self._bad_recent = 0
+        self._consecutive = 0
+        self._saved = (0, deque(maxlen=RATIO_WINDOW), 0)
+
+    def observe(self, dead: bool, reason: str = "") -> None:
+        if len(self._recent) == RATIO_WINDOW:
+            self._bad_recent -= self._recent[0]
+        self._recent.append(dead)
+        self._bad_recent += dead
+        self._consecutive = self._consecutive + 1 if dead else 0
+        if self._consecutive >= self._max_consecutive:
+            raise DeadLetterLimitError(
+                f"{self._consecutive} records in a row went to the dead letters (last: {reason[:300]}); stopped "
+                f"without committing them: fix the cause and restart, or raise TRAINWIRE_DEAD_LETTER_MAX_CONSECUTIVE")
+        if dead and len(self._recent) >= RATIO_MIN_SEEN and self._bad_recent > self._max_ratio * len(self._recent):
+            raise DeadLetterLimitError(
+                f"{self._bad_recent} of the last {len(self._recent)} records went to the dead letters (last: "
+                f"{reason[:300]}); stopped without committing them: fix the cause and restart, or raise "
+                f"TRAINWIRE_DEAD_LETTER_MAX_RATIO")
+
+    def commit(self) -> None:
+        self._saved = (self._consecutive, self._recent.copy(), self._bad_recent)
+
+    def rollback(self) -> None:
+        consecutive, recent, bad = self._saved
+        self._consecutive, self._recent, self._bad_recent = consecutive, recent.copy(), bad
