@@ -12,8 +12,10 @@ import uuid
 import pytest
 
 from tests.conftest import ROOT, _unavailable
+from trainwire.consumers.service import build_ingest
 from trainwire.infra.config import Settings
 from trainwire.infra.log import ensure_topics, open_consumer
+from trainwire.infra.store import connect_store
 from trainwire.producers import init
 from trainwire.producers.session import close_all
 from trainwire.schemas import decode
@@ -135,3 +137,61 @@ def test_a_crash_while_the_broker_is_down_loses_nothing_spooled(settings):
     assert {e.run_id for e in events} == {run_id}
     assert [e.seq for e in events] == list(range(events[0].seq, events[0].seq + 301))
     assert not list(settings.spool_dir.glob("*.db"))
+
+
+RESUMABLE_CHILD = """
+import os, signal, sys
+from trainwire.infra.config import Settings
+from trainwire.producers import init
+settings = Settings.model_validate_json(sys.argv[1])
+run = init("outage", "preempted", settings=settings, sample_gpus=False, run_id=sys.argv[2])
+for step in range(1, 301):
+    run.log_step(step, loss=1.0, learning_rate=1e-4)
+run._emitter.flush(1.0)  # spooled, not delivered: the broker is down
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_preempted_run_resumed_on_another_machine_keeps_both_machines_events(settings, tmp_path):
+    """Machine A logs while the broker is down and is preempted; machine B resumes the run under its id and
+    finishes while A's events still sit in A's spool; A's spool is replayed last. Every step of both is stored
+    once, though A's events are older than B's already stored ones."""
+    run_id = f"preempted-{uuid.uuid4().hex[:8]}"
+    machine_a = settings.model_copy(update={"home": tmp_path / "machine-a"})
+    machine_b = settings.model_copy(update={"home": tmp_path / "machine-b"})
+    ingest_settings = settings.model_copy(update={"home": tmp_path / "ingest", "batch_max_seconds": 0.2})
+    broker("down")
+    try:
+        child = subprocess.run([sys.executable, "-c", RESUMABLE_CHILD, machine_a.model_dump_json(), run_id],
+                               capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert child.returncode == -9, child.stderr[-2000:]
+    finally:
+        broker("up")
+
+    resumed = init("outage", "preempted", settings=machine_b, sample_gpus=False, run_id=run_id)
+    for step in range(301, 401):
+        resumed.log_step(step, loss=0.5, learning_rate=1e-4)
+    assert resumed.finish()
+    close_all()
+
+    def drain():
+        pipeline = build_ingest(ingest_settings, on_alert=lambda alert: None)
+        pipeline.drain(idle_seconds=2.0, deadline=time.monotonic() + 120)
+        pipeline.close()
+        return pipeline
+
+    drain()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
+           "TRAINWIRE_HOME": str(machine_a.home), "TRAINWIRE_TOPIC_PREFIX": settings.topic_prefix}
+    replay = subprocess.run([sys.executable, "-m", "trainwire", "spool", "replay", "--kafka", settings.kafka,
+                             "--json"], env=env, capture_output=True, text=True, timeout=180)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert json.loads(replay.stdout)["sent"] == 301  # run started and 300 steps
+    late = drain()
+    assert late.stats.redeliveries_skipped == 0 and late.stats.stored == 301
+
+    client = connect_store(ingest_settings.store_dsn)
+    steps = [s for (s,) in client.query("SELECT step FROM steps FINAL WHERE run_id = {r:String} ORDER BY step",
+                                        parameters={"r": run_id}).result_rows]
+    client.close()
+    assert steps == list(range(1, 401))
