@@ -44,6 +44,7 @@ def _field(name: str, annotation, metadata: list, avro_type) -> st.SearchStrateg
         (inner,) = [a for a in args if a is not type(None)]
         return st.none() | _field(name, inner, metadata, _without_null(avro_type))
     ge = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    le = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
     pattern = next((m.pattern for m in metadata if getattr(m, "pattern", None)), None)
     if origin is typing.Literal:
         return st.sampled_from(args)
@@ -51,7 +52,7 @@ def _field(name: str, annotation, metadata: list, avro_type) -> st.SearchStrateg
         return st.booleans()
     if annotation is int:
         bits = INT_BITS[avro_type]
-        return st.integers(-(2 ** (bits - 1)) if ge is None else ge, 2 ** (bits - 1) - 1)
+        return st.integers(-(2 ** (bits - 1)) if ge is None else ge, min(2 ** (bits - 1) - 1, le or math.inf))
     if annotation is float:  # NaN and ±Inf are legal metric values (drawn often), except where a bound excludes them
         finite = st.floats(allow_nan=False, allow_infinity=False, min_value=ge)
         return (NON_FINITE if ge is None else st.just(math.inf)) | finite
