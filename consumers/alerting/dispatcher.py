@@ -1,6 +1,9 @@
 """One worker thread per sink delivers that sink's pages from the outbox, so a sink that is slow or down delays only
 its own pages. A retryable failure backs off exponentially (with jitter) up to a cap; a page still undelivered after
-`give_up_after_seconds`, or refused outright by its endpoint, is marked failed and logged."""
+`give_up_after_seconds`, or refused outright by its endpoint, is marked failed and logged.
+
+A worker claims one page at a time, the one it is about to send, so a process that dies holds at most one page per
+sink, and a successor takes it over at once (see outbox.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import time
 
 from trainwire.infra.alerting_settings import AlertingSettings
 
+from . import holders
 from .outbox import Delivery, Outbox
 from .sinks import Sink, SinkError
 
@@ -19,15 +23,14 @@ IDLE_CHECK_SECONDS = 1.0  # how often an idle worker looks for pages another pro
 
 
 class SinkWorker:
-    def __init__(self, sink: Sink, outbox: Outbox, settings: AlertingSettings, lease_seconds: float,
-                 on_delivered=None):
+    def __init__(self, sink: Sink, outbox: Outbox, settings: AlertingSettings, on_delivered=None):
         self.sink = sink
         self._outbox = outbox
         self._settings = settings
-        self._lease = lease_seconds
         self._on_delivered = on_delivered
         self.wake = threading.Event()
         self._stop = threading.Event()
+        self._unrecorded: set[tuple[str, str]] = set()  # delivered, but the outbox could not record it then
         self._thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
         self.delivered = self.retried = self.failed = 0
 
@@ -44,9 +47,7 @@ class SinkWorker:
         while not self._stop.is_set():
             self.wake.clear()
             try:
-                for delivery in self._outbox.claim(self.sink.name, self._lease):
-                    if self._stop.is_set():
-                        break  # its lease runs out and it is delivered next time
+                while not self._stop.is_set() and (delivery := self._outbox.claim(self.sink.name)):
                     self._deliver(delivery)
                 due = self._outbox.next_due(self.sink.name)
             except Exception:  # the outbox itself (disk full, locked too long): keep trying
@@ -57,13 +58,27 @@ class SinkWorker:
                 self.wake.wait(wait)
 
     def _deliver(self, delivery: Delivery) -> None:
+        page = (delivery.alert.dedup_key, delivery.alert.state)
+        if page in self._unrecorded:  # it went out: record that now instead of sending it again
+            self._outbox.delivered(delivery)
+            self._unrecorded.discard(page)
+            return
+        if delivery.unsettled_attempt_by:
+            log.warning("alerting: %s sends %s (%s) again: %s was sending it and stopped before it knew the "
+                        "outcome, so it may have reached the receiver already (which can de-duplicate it by its "
+                        "key)", self.sink.name, delivery.alert.dedup_key, delivery.alert.state,
+                        holders.describe(delivery.unsettled_attempt_by))
         try:
             self.sink.deliver(delivery.alert)
         except Exception as err:  # a sink's bug must not stop its worker: treat it as a retryable failure
             self._failed(delivery, err)
             return
-        self._outbox.delivered(delivery)
         self.delivered += 1
+        try:
+            self._outbox.delivered(delivery)
+        except Exception:
+            self._unrecorded.add(page)
+            raise
         if self._on_delivered is not None:
             self._on_delivered(self.sink.name, delivery.alert)
 
@@ -88,10 +103,7 @@ class SinkWorker:
 
 class Dispatcher:
     def __init__(self, sinks: list[Sink], outbox: Outbox, settings: AlertingSettings, on_delivered=None):
-        timeout = max((getattr(getattr(s, "settings", None), "timeout_seconds", 5.0) for s in sinks), default=5.0)
-        # A lease outlives a claimed batch's deliveries, so another process does not send them at the same time.
-        lease = 20 * timeout + 10
-        self.workers = {sink.name: SinkWorker(sink, outbox, settings, lease, on_delivered) for sink in sinks}
+        self.workers = {sink.name: SinkWorker(sink, outbox, settings, on_delivered) for sink in sinks}
 
     def start(self) -> Dispatcher:
         for worker in self.workers.values():

@@ -5,6 +5,7 @@ at a time; a failure raises `SinkError`, and the dispatcher retries the retryabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +67,13 @@ def _finite(value: float | None) -> float | str | None:
     return value if value is None or math.isfinite(value) else str(value)
 
 
+def idempotency_key(sink_name: str, alert: Alert) -> str:
+    """The same for every attempt at one page (sink, de-duplication key, state), so a receiver can drop a re-send:
+    the alert consumer sends a page again when the process sending it died before it knew the outcome."""
+    page = "\n".join((sink_name, alert.dedup_key, alert.state)).encode()
+    return f"trainwire-{hashlib.sha256(page).hexdigest()[:32]}"
+
+
 def run_link(dashboard_url: str, alert: Alert) -> str:
     return f"{dashboard_url.rstrip('/')}/?run={alert.run_id}" if dashboard_url else ""
 
@@ -94,7 +102,7 @@ class ConsoleSink(RoutedSink):
 
 
 class HttpSink(RoutedSink):
-    """POSTs one JSON document per alert; 2xx is delivered."""
+    """POSTs one JSON document per alert, with an `Idempotency-Key` header; 2xx is delivered."""
 
     def __init__(self, settings: SinkSettings, dashboard_url: str = ""):
         super().__init__(settings)
@@ -109,7 +117,8 @@ class HttpSink(RoutedSink):
     def deliver(self, alert: Alert) -> None:
         body = json.dumps(self.payload(alert), allow_nan=False).encode()
         request = urllib.request.Request(self.url(), data=body, method="POST", headers={
-            "Content-Type": "application/json", "User-Agent": USER_AGENT, **dict(self.settings.headers)})
+            "Content-Type": "application/json", "User-Agent": USER_AGENT,
+            "Idempotency-Key": idempotency_key(self.name, alert), **dict(self.settings.headers)})
         try:
             with urllib.request.urlopen(request, timeout=self.settings.timeout_seconds) as response:
                 response.read()

@@ -48,6 +48,18 @@ def test_webhook_posts_the_alert_as_json_with_non_finite_values_named(server):
     assert body["time"] == "2023-11-14T22:13:20.000Z" and body["link"] == "http://ops:8501/?run=run-1"
 
 
+def test_every_http_sink_sends_an_idempotency_key_that_names_the_page(server):
+    """A page sent again (its sender died before it knew the outcome) carries the key it carried the first time."""
+    webhook, other = sink("webhook", server), sink("webhook", server, name="other")
+    webhook.deliver(alert())
+    webhook.deliver(alert())  # the same page, another attempt (another event id, even)
+    webhook.deliver(alert(state="resolved"))
+    other.deliver(alert())
+    sink("pagerduty", server, routing_key="k").deliver(alert())
+    keys = [{k.lower(): v for k, v in r.headers.items()}["idempotency-key"] for r in server.received]
+    assert keys[0] == keys[1] and len(set(keys)) == 4
+
+
 def test_pagerduty_triggers_and_resolves_by_dedup_key(server):
     pagerduty = sink("pagerduty", server, routing_key="R0UT1NG")
     pagerduty.deliver(alert())
@@ -283,7 +295,7 @@ def test_cli_sends_a_test_page_and_shows_delivery_status(tmp_path, monkeypatch, 
 
     outbox = Outbox(outbox_path(load_settings()))
     outbox.enqueue([("webhook", alert())])
-    outbox.failed(outbox.claim("webhook", 10)[0], "HTTP 400 bad payload")
+    outbox.failed(outbox.claim("webhook"), "HTTP 400 bad payload")
     outbox.close()
     assert main(["alerts", "status"]) == 1  # a failed page is worth a non-zero exit
     human = capsys.readouterr().out
