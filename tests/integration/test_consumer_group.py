@@ -126,3 +126,22 @@ def test_poison_messages_reach_the_dead_letter_topic(kafka_settings):
     import base64
 
     assert base64.b64decode(letter["payload_base64"]) == b"\x07 not avro"
+
+
+def test_drain_reports_success_only_once_caught_up(kafka_settings):
+    """`consume --drain` started before its partitions are assigned must wait for them, not report
+    `consumed 0` with exit 0 while every record is still pending."""
+    ensure_topics(kafka_settings, [kafka_settings.topic(t) for t in (EVENTS, GPU, DEAD_LETTERS)])
+    producer = open_producer(kafka_settings)
+    for seq in range(500):
+        producer.append(kafka_settings.topic(EVENTS), b"pending", encode(Step(run_id="pending", experiment="e",
+                                                                              seq=seq, step=seq)))
+    assert producer.flush(30) == 0
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
+           "TRAINWIRE_KAFKA": kafka_settings.kafka, "TRAINWIRE_TOPIC_PREFIX": kafka_settings.topic_prefix,
+           "TRAINWIRE_HOME": str(kafka_settings.home)}
+    result = subprocess.run([sys.executable, "-m", "trainwire", "consume", "--drain", "--idle-seconds", "0.1",
+                             "--json"], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["stored"] == 500
+    assert group_lag(kafka_settings) == 0
