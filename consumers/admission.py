@@ -67,36 +67,45 @@ class Admission:
 
 
 class DeadLetterBudget:
-    """Counts dead letters in a row and their share of recent records; `commit`/`rollback` follow the batch, so a
-    batch dropped and read again is not counted twice."""
+    """Counts dead letters in a row (per record) and their share of the last RATIO_WINDOW records (per batch, judged
+    before the batch is committed). A batch dropped and read again is not counted twice: `rollback` forgets the
+    records seen since the last `commit`."""
 
     def __init__(self, max_consecutive: int, max_ratio: float):
         self._max_consecutive = max_consecutive
         self._max_ratio = max_ratio
-        self._recent: deque[bool] = deque(maxlen=RATIO_WINDOW)
-        self._bad_recent = 0
-        self._consecutive = 0
-        self._saved = (0, deque(maxlen=RATIO_WINDOW), 0)
+        self._consecutive = self._committed_consecutive = 0
+        self._batches: deque[tuple[int, int]] = deque()  # (records, dead letters) of committed batches
+        self._records = self._dead = 0  # their sums
 
     def observe(self, dead: bool, reason: str = "") -> None:
-        if len(self._recent) == RATIO_WINDOW:
-            self._bad_recent -= self._recent[0]
-        self._recent.append(dead)
-        self._bad_recent += dead
-        self._consecutive = self._consecutive + 1 if dead else 0
+        if not dead:
+            self._consecutive = 0
+            return
+        self._consecutive += 1
         if self._consecutive >= self._max_consecutive:
             raise DeadLetterLimitError(
                 f"{self._consecutive} records in a row went to the dead letters (last: {reason[:300]}); stopped "
                 f"without committing them: fix the cause and restart, or raise TRAINWIRE_DEAD_LETTER_MAX_CONSECUTIVE")
-        if dead and len(self._recent) >= RATIO_MIN_SEEN and self._bad_recent > self._max_ratio * len(self._recent):
-            raise DeadLetterLimitError(
-                f"{self._bad_recent} of the last {len(self._recent)} records went to the dead letters (last: "
-                f"{reason[:300]}); stopped without committing them: fix the cause and restart, or raise "
-                f"TRAINWIRE_DEAD_LETTER_MAX_RATIO")
 
-    def commit(self) -> None:
-        self._saved = (self._consecutive, self._recent.copy(), self._bad_recent)
+    def judge(self, records: int, dead: int, reason: str = "") -> None:
+        """Before committing a batch of `records` of which `dead` are dead letters: raise if, with it, too many
+        of the recent records were."""
+        total, bad = self._records + records, self._dead + dead
+        if dead and total >= RATIO_MIN_SEEN and bad > self._max_ratio * total:
+            raise DeadLetterLimitError(
+                f"{bad} of the last {total} records went to the dead letters (last: {reason[:300]}); stopped "
+                f"without committing them: fix the cause and restart, or raise TRAINWIRE_DEAD_LETTER_MAX_RATIO")
+
+    def commit(self, records: int, dead: int) -> None:
+        self._batches.append((records, dead))
+        self._records += records
+        self._dead += dead
+        while self._batches and self._records - self._batches[0][0] >= RATIO_WINDOW:
+            old_records, old_dead = self._batches.popleft()
+            self._records -= old_records
+            self._dead -= old_dead
+        self._committed_consecutive = self._consecutive
 
     def rollback(self) -> None:
-        consecutive, recent, bad = self._saved
-        self._consecutive, self._recent, self._bad_recent = consecutive, recent.copy(), bad
+        self._consecutive = self._committed_consecutive

@@ -239,6 +239,8 @@ class IngestPipeline:
         batch, self._batch = self._batch, _Batch()
         if not batch.records and not batch.alerts:
             return
+        if batch.dead_letters:  # before anything is stored: a tripped limit leaves the whole batch to be read again
+            self._dead_letter_budget.judge(len(batch.records), len(batch.dead_letters), batch.dead_letters[-1][3])
         if batch.alerts:
             batch.rows["alert"] = [to_row("alert", a.model_dump()) for a in batch.alerts]
         written = self._writer.write(batch.rows, batch.sources)
@@ -253,7 +255,7 @@ class IngestPipeline:
         self._publish(batch)
         if batch.records:  # a batch of only run_stalled alerts has nothing to commit
             self._consumer.commit(next_positions(batch.records))
-            self._dead_letter_budget.commit()
+            self._dead_letter_budget.commit(len(batch.records), len(batch.dead_letters))
             self.last_stored = time.monotonic()
             self._backoff = 0.0  # progress: the next failure starts its back-off afresh
         for alert in batch.alerts:

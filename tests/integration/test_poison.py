@@ -180,7 +180,11 @@ def test_a_burst_of_dead_letters_stops_the_consumer_with_one_line(kafka_settings
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "10 records in a row" in result.stderr and "TRAINWIRE_DEAD_LETTER_MAX_CONSECUTIVE" in result.stderr
-    # Nothing of the poisoned stretch was committed: raised limits, the same records are read again.
+    # What tripped the limit was not committed: with the limit raised, it is read again and nothing is lost.
     again = consume_drain(kafka_settings, ("TRAINWIRE_DEAD_LETTER_MAX_CONSECUTIVE", "100"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["dead_lettered"] == 30
+    assert json.loads(again.stdout)["dead_lettered"] >= 10
+    client = connect_store(kafka_settings.store_dsn)
+    assert client.query("SELECT count() FROM dead_letters FINAL").result_rows[0][0] == 30
+    assert client.query("SELECT count() FROM steps FINAL").result_rows[0][0] == 1
+    client.close()

@@ -96,3 +96,27 @@ def test_a_failed_rewind_is_retried_not_fatal(settings, monkeypatch):
         under_test.run_once(poll_timeout=0, force_flush=True)
     assert RewindTimesOut.failed
     assert under_test.stats.stored == 5 and under_test.stats.retries == 2
+
+
+def test_the_dead_letter_budget_trips_on_a_run_or_a_share_and_forgets_a_dropped_batch():
+    from trainwire.consumers.admission import DeadLetterBudget, DeadLetterLimitError
+
+    budget = DeadLetterBudget(max_consecutive=5, max_ratio=0.5)
+    for _ in range(4):
+        budget.observe(True, "bad")
+    budget.rollback()  # the batch was dropped: its dead letters will be seen again
+    for _ in range(4):
+        budget.observe(True, "bad")
+    budget.observe(False)
+    with pytest.raises(DeadLetterLimitError, match="5 records in a row"):
+        for _ in range(5):
+            budget.observe(True, "bad")
+
+    share = DeadLetterBudget(max_consecutive=1_000, max_ratio=0.5)
+    share.judge(400, 300)  # too few seen to judge a share
+    share.commit(400, 300)
+    share.judge(600, 0)
+    share.commit(600, 0)
+    with pytest.raises(DeadLetterLimitError, match="TRAINWIRE_DEAD_LETTER_MAX_RATIO"):
+        share.judge(1_000, 900)
+    share.judge(20_000, 10)  # a healthy stretch: the old dead letters age out of the window
