@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, TransportError, ensure_topics, open_consumer
 from trainwire.infra.log.base import next_positions
 from trainwire.infra.log.topics import ALERTS
-from trainwire.schemas import Alert, Codec, SchemaError
+from trainwire.schemas import Alert, Codec, CodecUnavailableError, SchemaError
 
 from .dispatcher import Dispatcher
 from .outbox import Outbox
@@ -39,9 +40,13 @@ class AlertConsumer:
         self.dispatcher = dispatcher
         self._codec = codec
         self.read = self.enqueued = self.undecodable = 0
+        self._must_rewind = False
 
     def run_once(self, timeout: float = 0.2) -> int:
         try:
+            if self._must_rewind:
+                self._consumer.rewind()
+                self._must_rewind = False
             records = self._consumer.poll(POLL_RECORDS, timeout)
             if not records:
                 return 0
@@ -49,9 +54,10 @@ class AlertConsumer:
                           for sink in self.sinks if sink.accepts(alert)]
             new = self.outbox.enqueue(deliveries)
             self._consumer.commit(next_positions(records))
-        except TransportError as err:  # read again from the last commit; the outbox ignores what it already has
-            log.warning("alerting: %s; rewinding to the last commit", err)
-            self._consumer.rewind()
+        except (TransportError, CodecUnavailableError) as err:  # read again from the last commit; the outbox
+            log.warning("alerting: %s; rewinding to the last commit", err)  # ignores what it already has
+            time.sleep(0.5)
+            self._must_rewind = True  # at the next poll, where a failed rewind is retried like any failure
             return 0
         self.read += len(records)
         self.enqueued += new
@@ -62,28 +68,40 @@ class AlertConsumer:
         alerts = []
         for record in records:
             try:
+                if record.value is None:
+                    raise SchemaError("null value (a tombstone)")
                 kind, fields = self._codec.decode_record(record.value)
                 if kind != "alert":
                     raise SchemaError(f"a {kind} event on the alerts topic")
                 alerts.append(Alert.model_validate(fields))
-            except (SchemaError, ValueError) as err:  # the ingest tier writes this topic; say so and go on
+            except CodecUnavailableError:
+                raise
+            except Exception as err:  # the ingest tier writes this topic; a record that is no alert: say so, go on
                 self.undecodable += 1
                 log.error("alerting: skipped %s[%d]@%d, not an alert: %s", record.topic, record.partition,
                           record.offset, err)
         return alerts
 
     def drain(self, idle_seconds: float, stop: threading.Event, settle_seconds: float = 30.0) -> bool:
-        """Read until the topic has been quiet for `idle_seconds`, then wait up to `settle_seconds` for the pages
-        still pending; returns whether none is left pending."""
+        """Read until caught up (partitions assigned, nothing pending, quiet for `idle_seconds`), then wait up to
+        `settle_seconds` for the pages still pending; returns whether none is left pending."""
         quiet = 0.0
-        while quiet < idle_seconds and not stop.is_set():
+        while not stop.is_set():
             quiet = 0.0 if self.run_once(0.2) else quiet + 0.2
+            if quiet >= idle_seconds and self._caught_up():
+                break
         waited = 0.0
         while (pending := sum(row["pending"] for row in self.outbox.summary())) and waited < settle_seconds:
             if stop.wait(0.2):
                 break
             waited += 0.2
         return not pending
+
+    def _caught_up(self) -> bool:
+        try:
+            return self._consumer.assigned() and self._consumer.lag(fresh=True) == 0
+        except TransportError:
+            return False
 
     def close(self) -> None:
         self.dispatcher.stop()

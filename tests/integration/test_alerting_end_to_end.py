@@ -108,3 +108,33 @@ def test_pages_wait_out_a_sink_outage_and_arrive_once_it_is_back(kafka_settings)
             received = settled(server, 8)
             assert len(received) == 8
             assert {row["sink"]: row["delivered"] for row in consumer.outbox.summary()}["webhook"] == 4
+
+
+def test_records_that_are_no_alert_on_the_alerts_topic_are_skipped_and_paging_goes_on(kafka_settings):
+    """A tombstone, garbage and a step on the alerts topic: each is skipped with a line, the alert after them
+    pages, and `--drain` finishes."""
+    from confluent_kafka import Producer
+
+    from trainwire.infra.log import ensure_topics
+    from trainwire.schemas import Alert, Step, encode
+
+    with RecordingServer() as server:
+        settings = kafka_settings.model_copy(update={"alerting": AlertingSettings(sinks=[
+            SinkSettings(kind="webhook", url=f"{server.url}/hook")])})
+        topic = settings.topic("alerts")
+        ensure_topics(settings, [topic])
+        producer = Producer({"bootstrap.servers": settings.kafka})
+        producer.produce(topic, key=b"r", value=None)
+        producer.produce(topic, key=b"r", value=b"\x00garbage")
+        producer.produce(topic, key=b"r", value=encode(Step(run_id="r", experiment="e", seq=0, step=0)))
+        producer.produce(topic, key=b"r", value=encode(Alert(
+            run_id="r", experiment="e", rule="loss_not_finite", severity="critical", state="firing",
+            dedup_key="r/loss_not_finite/1", message="loss is NaN")))
+        assert producer.flush(30) == 0
+        consumer = build_alerting(settings, stop_switch=False)
+        try:
+            assert consumer.drain(idle_seconds=1.0, stop=threading.Event())
+        finally:
+            consumer.close()
+        assert consumer.undecodable == 3 and consumer.read == 4
+        assert [request.path for request in server.received] == ["/hook"]
