@@ -412,10 +412,10 @@ def _replay_dead_letters(args: argparse.Namespace, settings: Settings, letters: 
     finally:
         if producer is not None:
             producer.close()
-    brief = [{k: d[k] for k in ("ts", "topic", "partition", "offset", "reason", "replayed_at")} for d in result.replayed]
+    fields = ("ts", "topic", "partition", "offset", "reason")
     payload = {"dry_run": result.dry_run, "replayed": len(result.replayed), "skipped": len(result.skipped),
-               "letters": brief, "skipped_letters": [{k: d[k] for k in ("topic", "partition", "offset", "replayed_at")}
-                                                     for d in result.skipped]}
+               "letters": [{k: d[k] for k in fields} for d in result.replayed],
+               "skipped_letters": [{k: d[k] for k in (*fields, "replayed_at", "replayed_by")} for d in result.skipped]}
     lines = [f"  {d['topic']}[{d['partition']}]@{d['offset']}  {d['reason'][:120]}" for d in result.replayed]
     lines.append(f"{'would replay' if result.dry_run else 'replayed'} {len(result.replayed)} dead letter(s)"
                  + (" (dry run: nothing injected)" if result.dry_run else " into the topics they were read from")
