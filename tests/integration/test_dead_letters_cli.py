@@ -160,6 +160,20 @@ def test_a_replay_after_the_fix_stores_what_ingest_refused(any_settings):
         client.close()
 
 
+def test_a_replay_the_transport_does_not_take_is_not_recorded(local_settings):
+    settings = local_settings
+    bad = poison(settings)
+    trainwire(settings, "consume", "--drain")
+    unreachable = {**env_for(settings), "TRAINWIRE_KAFKA": "127.0.0.1:1", "TRAINWIRE_FLUSH_TIMEOUT_SECONDS": "1"}
+    failed = subprocess.run([sys.executable, "-m", "trainwire", "dead-letters", "replay"], env=unreachable,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "dead letters not delivered to the transport; none recorded as replayed" in failed.stderr
+    letters = as_json(settings, "dead-letters", "list")
+    assert payloads(letters) == sorted(bad) and not any(d["replayed_at"] for d in letters)
+    assert as_json(settings, "dead-letters", "replay")["replayed"] == 2  # once the transport takes them
+
+
 def test_beside_up_list_and_replay_go_through_its_api(tmp_path):
     settings = Settings(home=tmp_path / "home")
     with running_up(settings.home):
