@@ -30,6 +30,7 @@ from .history import HistoryLoader, HistoryRequest, RunHistory
 from .stall import RunStalled
 
 STALLED = RunStalled.rule_id
+ENDED_RUNS_KEPT = 1_000  # ended runs whose state is kept for their post-training events; older ones are rebuilt
 _EVALS_REMEMBERED = 100  # evals read back on a rebuild: the rising streak and the best eval so far
 _EVENTS_AGAIN = Finding(False, None, None, "the run sends events again")
 
@@ -61,6 +62,7 @@ class _RunState:
     spoke: bool = True  # an event came since the last tick
     quiet_since: int = 0  # the first tick after its latest event
     checks: dict[str, tuple[tuple[Rule, Any], ...]] = field(default_factory=dict)  # per kind: (rule, its state)
+    ended: bool = False  # its run ended arrived: never stalled; later events (a final eval) are post-training
 
     def __post_init__(self) -> None:
         self.checks = {kind: tuple((rule, self.rule_state[rule.rule_id]) for rule in rules)
@@ -75,6 +77,7 @@ class DetectorEngine:
         self._experiment_rules = {name: _RuleSet.of(rules_from(self.settings.for_experiment(name)))
                                   for name in self.settings.experiments}
         self._runs: dict[str, _RunState] = {}
+        self._ended: dict[str, None] = {}  # ended runs still in _runs, oldest first
         self._prefetched: dict[str, RunHistory] = {}
         self._history_sizes = _history_sizes(
             [self.settings.deployment, *(self.settings.for_experiment(name) for name in self.settings.experiments)])
@@ -88,8 +91,11 @@ class DetectorEngine:
             run = self._start(kind, record, source)
         elif source is not None and source not in run.sources:
             run.sources.add(source)
+        if kind == "run_started" and run.ended:  # resumed by a new process: alive again
+            run.ended = False
+            self._ended.pop(record["run_id"], None)
         alerts: list[Alert] = []
-        if kind != "gpu_sample":  # liveness: see stall.py
+        if kind != "gpu_sample" and not run.ended:  # liveness: see stall.py
             ts, last = record["ts_ms"], run.last_ts
             if last is None or ts > last:
                 if last is not None:
@@ -107,7 +113,7 @@ class DetectorEngine:
         alerts = []
         for run_id, run in self._runs.items():
             stall = run.rules.stall
-            if stall is None:
+            if stall is None or run.ended:
                 continue
             if run.spoke:
                 run.spoke, run.quiet_since = False, now_ms
@@ -130,10 +136,12 @@ class DetectorEngine:
         gone = set(sources)
         for run_id in [run_id for run_id, run in self._runs.items() if run.sources & gone]:
             del self._runs[run_id]
+            self._ended.pop(run_id, None)
 
     def forget_all(self) -> None:
         """Drop every run's state: each is rebuilt from history when its next event comes (after a rewind)."""
         self._runs.clear()
+        self._ended.clear()
         self._prefetched.clear()
 
     def prefetch(self, events: Iterable[tuple[str, dict]]) -> None:
@@ -172,19 +180,29 @@ class DetectorEngine:
                 self._detect(run, past_kind, past, None)
             run.firing.update((rule_id, key) for rule_id, key in history.open_incidents.items()
                               if rule_id in run.rule_state)
+            run.ended = history.ended
         if source is not None:
             run.sources.add(source)
         self._runs[record["run_id"]] = run
         return run
 
     def _end(self, record: dict, source: Any) -> list[Alert]:
-        run = self._runs.pop(record["run_id"], None)
-        if run is None and self._history is not None:  # a stall incident opened before a restart still closes
+        """The run is over: it is never stalled again, and events after this one (an evaluation or a save after
+        training, as LLaMA-Factory and `trainer.evaluate()` after `train()` make) are judged as post-training."""
+        run_id = record["run_id"]
+        run = self._runs.get(run_id)
+        if run is None:  # a stall incident opened before a restart still closes
             run = self._start("run_ended", record, source)
-            del self._runs[record["run_id"]]
-        if run is None or STALLED not in run.firing:
+        run.ended = True
+        self._ended.pop(run_id, None)
+        self._ended[run_id] = None
+        if len(self._ended) > ENDED_RUNS_KEPT:  # the oldest is rebuilt from the store if it ever speaks again
+            oldest = next(iter(self._ended))
+            del self._ended[oldest], self._runs[oldest]
+        if STALLED not in run.firing:
             return []
-        return [self._alert(run.rules.stall or RunStalled, record, _EVENTS_AGAIN, run.firing[STALLED], "resolved")]
+        return [self._alert(run.rules.stall or RunStalled, record, _EVENTS_AGAIN, run.firing.pop(STALLED),
+                            "resolved")]
 
     def _detect(self, run: _RunState, kind: str, record: dict, alerts: list[Alert] | None) -> None:
         """Run the kind's rules; append the alerts, or only update state when replaying history (None)."""

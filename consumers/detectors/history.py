@@ -36,6 +36,7 @@ class HistoryRequest:
 class RunHistory:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (kind, record), oldest first
     open_incidents: dict[str, str] = field(default_factory=dict)  # rule id → dedup key of its firing incident
+    ended: bool = False  # a run ended precedes the event, with no run started (a resumed process) after it
 
 
 HistoryLoader = Callable[[HistoryRequest], RunHistory]
@@ -98,6 +99,18 @@ SELECT run_id, rule, dedup_key, firing_id FROM (
   GROUP BY run_id, rule, dedup_key)
 WHERE latest = 'firing' ORDER BY updated
 """
+# Runs whose latest run ended (up to the event) is not followed by a run started: over, unless resumed.
+_ENDED = f"""
+WITH {_ASKED}
+SELECT e.run_id FROM
+  (SELECT x.run_id AS run_id, max(x.ts) AS ended FROM run_ended AS x INNER JOIN asked ON x.run_id = q_run
+   WHERE x.run_id IN {{run_ids:Array(String)}} AND x.ts <= fromUnixTimestamp64Milli(q_ts) GROUP BY run_id) AS e
+  LEFT JOIN
+  (SELECT x.run_id AS run_id, max(x.ts) AS started FROM run_started AS x INNER JOIN asked ON x.run_id = q_run
+   WHERE x.run_id IN {{run_ids:Array(String)}} AND x.ts <= fromUnixTimestamp64Milli(q_ts) GROUP BY run_id) AS s
+  ON e.run_id = s.run_id
+WHERE s.run_id = '' OR e.ended >= s.started
+"""
 _QUERIES = (("step", _STEPS), ("eval", _EVALS), ("checkpoint", _CHECKPOINTS), ("gpu_sample", _GPU_SAMPLES))
 
 
@@ -126,12 +139,15 @@ class StoreHistory:
                     # keyed by identity: the first and last steps of a short run overlap
                     events[(row["run_id"], kind, row["host"], row["seq"])] = (row["ts_ms"], kind, row)
             incidents = self._client.query(_OPEN_INCIDENTS, parameters=parameters).result_rows
+            ended = {row[0] for row in self._client.query(_ENDED, parameters=parameters).result_rows}
         except Exception as err:
             runs = ", ".join(r.run_id for r in requests[:3]) + (" …" if len(requests) > 3 else "")
             raise HistoryUnavailableError(f"reading the history of runs {runs} failed: {err}") from err
         histories = {r.run_id: RunHistory() for r in requests}
         for (run_id, *_), (ts_ms, kind, row) in sorted(events.items(), key=lambda e: (e[1][0], e[1][2]["seq"])):
             histories[run_id].events.append((kind, row))
+        for run_id in ended:
+            histories[run_id].ended = True
         for run_id, rule, key, firing_id in incidents:
             if raised_by_detectors(run_id, rule, key, firing_id):
                 histories[run_id].open_incidents[rule] = key

@@ -118,3 +118,27 @@ def test_an_incident_the_detectors_did_not_raise_is_never_adopted(local_settings
     send(local_settings, run.steps(6, [math.nan]))
     published = consume(local_settings)  # a new engine: it rebuilds the run from the store
     assert [(a.rule, a.state, a.step) for a in published] == [("loss_not_finite", "firing", 6)]
+
+
+def test_the_store_tells_a_new_consumer_that_a_run_has_ended_unless_it_was_resumed(local_settings):
+    from trainwire.schemas import Eval
+
+    run = Run("run-ended")
+    ended = run(RunEnded, status="completed")
+    send(local_settings, [run(RunStarted), *run.steps(1, [1.0, 0.9]), ended])
+    consume(local_settings)
+    client = connect_store(local_settings.store_dsn)
+    history = StoreHistory(client)
+
+    def ended_before(event) -> bool:
+        return history(HistoryRequest(run.run_id, "node-1", event.seq, event.ts_ms, steps=5, first_steps=5, evals=5,
+                                      checkpoints=5, gpu_samples=5)).ended
+
+    post_training = run(Eval, step=2, eval_loss=0.95, ts_ms=ended.ts_ms + 1_000)
+    assert ended_before(post_training)
+    resumed = run(RunStarted, ts_ms=ended.ts_ms + 2_000)
+    send(local_settings, [resumed])
+    consume(local_settings)
+    assert not ended_before(run(Step, step=3, loss=0.9, ts_ms=ended.ts_ms + 3_000))
+    assert not ended_before(run(Step, step=1, loss=1.0, ts_ms=ended.ts_ms - 60_000))  # before the end: running
+    client.close()

@@ -107,6 +107,37 @@ def test_forgetting_a_partition_drops_its_runs():
     assert [r.run_id for r in loads] == ["run-a", "run-b", "run-a"]  # rebuilt when it comes back
 
 
+def test_an_ended_run_is_never_stalled_and_its_post_training_eval_is_judged_as_such():
+    """LLaMA-Factory (and `trainer.evaluate()` after `train()`) evaluates after the run ended: that eval must not
+    bring the run back to life for the stall rule, which would page on-call ~15 s later for a finished run."""
+    engine = DetectorEngine(history=lambda request: RunHistory())
+    steps(engine, [1.0, 0.9, 0.8])
+    assert engine.observe("run_ended", {**RUN, "seq": 9, "ts_ms": 1_000, "status": "completed"}) == []
+    assert engine.observe("eval", {**RUN, "seq": 10, "ts_ms": 2_000, "step": 3, "eval_loss": 0.85}) == []
+    engine.tick(3_000)
+    assert engine.tick(600_000) == []
+
+
+def test_an_ended_run_rebuilt_from_the_store_is_not_stalled_but_a_resumed_one_can_be():
+    engine = DetectorEngine(history=lambda request: RunHistory(ended=True))  # a new consumer, after the end
+    assert engine.observe("eval", {**RUN, "seq": 10, "ts_ms": 2_000, "step": 3, "eval_loss": 0.85}) == []
+    engine.tick(3_000)
+    assert engine.tick(600_000) == []
+    engine.observe("run_started", {**RUN, "seq": 11, "ts_ms": 700_000, "run_name": ""})  # resumed by a new process
+    engine.observe("step", {**RUN, "seq": 12, "ts_ms": 701_000, "step": 4, "loss": 0.8})
+    engine.tick(702_000)
+    assert [a.rule for a in engine.tick(1_400_000)] == ["run_stalled"]
+
+
+def test_a_stall_resolves_when_the_run_ends():
+    engine = DetectorEngine()
+    steps(engine, [1.0])
+    engine.tick(0)
+    (fired,) = engine.tick(600_000)
+    (resolved,) = engine.observe("run_ended", {**RUN, "seq": 9, "ts_ms": 601_000, "status": "failed"})
+    assert (resolved.rule, resolved.state, resolved.dedup_key) == ("run_stalled", "resolved", fired.dedup_key)
+
+
 # ── per-experiment settings ──────────────────────────────────────────────────────────────────────────────────
 
 
