@@ -18,6 +18,11 @@ SECTIONS = ("input_artifacts", "training_record", "output_artifacts", "reproduci
 # Experiments are named, not numbered: the same name always maps to the same experiment id.
 _EXPERIMENT_NAMESPACE = uuid.UUID("0b7d4a52-3c1e-4f8e-9d6a-1e2f3a4b5c6d")
 _TRAINING_ARGS = ("training_args.bin", "training_args.json")
+# Names of Hugging Face `datasets` builders: what `Dataset.info.builder_name` says of a dataset loaded from local
+# files. They tell the file format, not where the data came from, so they never stand for a dataset's source.
+DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "arrow", "text", "pandas", "generator", "imagefolder",
+                              "audiofolder", "videofolder", "webdataset", "sql", "xml", "cache", "spark", "folder"})
+PLACEHOLDER_VERSIONS = frozenset({"0.0.0", "0.0", "0", "none", "null", "unknown"})
 
 Row = dict[str, Any]
 
@@ -143,8 +148,14 @@ def missing_from_audit(record: dict[str, Any]) -> list[str]:
     if model.get("sha256"):
         missing += _hash_problem("input_artifacts.base_model.sha256", model["sha256"])
     missing += _hash_problem("input_artifacts.dataset.sha256", dataset.get("sha256"))
-    if not (dataset.get("path") or dataset.get("source")):
+    source = (dataset.get("source") or "").strip()
+    if source.lower() in DATASET_BUILDERS:
+        missing.append(f"input_artifacts.dataset.source ({source!r} is the datasets builder that read the files, "
+                       f"not where the data came from)")
+    elif not (dataset.get("path") or source):
         missing.append("input_artifacts.dataset.path or source")
+    if str(dataset.get("version") or "").strip().lower() in PLACEHOLDER_VERSIONS and dataset.get("version") is not None:
+        missing.append(f"input_artifacts.dataset.version ({dataset['version']!r} is a placeholder, not a version)")
     if config.get("file") or config.get("sha256"):
         missing += _hash_problem("input_artifacts.config.sha256", config.get("sha256"))
     elif not config.get("hyperparameters_sha256"):
@@ -173,6 +184,9 @@ def missing_from_audit(record: dict[str, Any]) -> list[str]:
         missing.append("reproducibility.seeds.seed")
     if not repro.get("environment"):
         missing.append("reproducibility.environment (no versions recorded)")
+    hardware = repro.get("hardware") or {}
+    if not any(hardware.get(name) not in (None, "", 0) for name in ("gpu_type", "gpu_count", "world_size", "host")):
+        missing.append("reproducibility.hardware (no GPU, world size or host recorded)")
     if repro.get("packages_sha256"):
         missing += _hash_problem("reproducibility.packages_sha256", repro["packages_sha256"])
     return missing

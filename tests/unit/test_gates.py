@@ -18,7 +18,7 @@ def complete_audit(**changes):
                "base_model_revision": "abc123", "dataset_path": "data/train.jsonl", "dataset_sha256": H,
                "config_file": "train.yaml", "config_sha256": H, "git_commit": "deadbeef", "git_dirty": False,
                "hyperparameters_json": '{"learning_rate": 0.0002}', "seed": 42,
-               "environment": {"python": "3.11.9", "torch": "2.3.0"}} | changes
+               "environment": {"python": "3.11.9", "torch": "2.3.0"}, "host": "node-1"} | changes
     ended = {"status": "completed", "ts": None, "completed_steps": 100,
              "artifacts": [("adapter_model.safetensors", 1024, H), ("adapter_config.json", 300, H)]}
     record = build_audit_record(started, ended, [], {})
@@ -192,6 +192,23 @@ def test_audit_record_without_outputs_or_end_is_incomplete():
     assert "training_record.ended_at (no run ended event)" in missing
     assert "output_artifacts.artifacts (no output artifacts recorded)" in missing
     assert "input_artifacts.base_model.sha256 (not sha256:<hex>: 'md5:123')" in missing
+
+
+def test_placeholders_do_not_pass_for_an_audit_record():
+    """What a tokenised split's `datasets` metadata says (builder `json`, version `0.0.0`) and a run that recorded
+    no hardware look complete but tell an auditor nothing."""
+    audit = complete_audit(dataset_path=None, dataset_source="json", dataset_version="0.0.0", host="")
+    g6 = evaluate(run(converging(), audit=audit)).gate("G6")
+    assert g6.status == "failed"
+    assert g6.details["missing"] == [
+        "input_artifacts.dataset.source ('json' is the datasets builder that read the files, not where the data "
+        "came from)",
+        "input_artifacts.dataset.version ('0.0.0' is a placeholder, not a version)",
+        "reproducibility.hardware (no GPU, world size or host recorded)",
+    ]
+    assert "'json' is the datasets builder" in g6.message
+    named = complete_audit(dataset_path=None, dataset_source="hf://tatsu-lab/alpaca", dataset_version="2024-05-01")
+    assert evaluate(run(converging(), audit=named)).gate("G6").status == "passed"
 
 
 def test_no_audit_record_blocks():
