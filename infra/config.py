@@ -42,12 +42,14 @@ class Settings(BaseSettings):
                                         "Avro single-object encoding")
     topic_prefix: str = Field(default="trainwire.", pattern=r"^[A-Za-z0-9._-]*$")
     team: str = ""
-    batch_max_rows: int = Field(default=20_000, gt=0)
-    batch_max_seconds: float = Field(default=0.5, gt=0)
-    queue_size: int = Field(default=100_000, gt=0, description="events a producer buffers in memory")
-    gpu_sample_seconds: float = Field(default=5.0, gt=0)
-    heartbeat_seconds: float = Field(default=5.0, gt=0)
-    flush_timeout_seconds: float = Field(default=10.0, ge=0)
+    # Every count and interval is bounded: an infinite or huge interval kills the thread that waits on it
+    # (OverflowError), and a typo of a few zeros should be refused at start, not found in production.
+    batch_max_rows: int = Field(default=20_000, gt=0, le=1_000_000)
+    batch_max_seconds: float = Field(default=0.5, gt=0, le=60, allow_inf_nan=False)
+    queue_size: int = Field(default=100_000, gt=0, le=10_000_000, description="events a producer buffers in memory")
+    gpu_sample_seconds: float = Field(default=5.0, ge=0.1, le=3600, allow_inf_nan=False)
+    heartbeat_seconds: float = Field(default=5.0, ge=0.1, le=3600, allow_inf_nan=False)
+    flush_timeout_seconds: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
     accept_days_back: float = Field(default=30.0, gt=0, le=3650, description="ingest dead-letters events dated "
                                     "further back than this (ClickHouse partitions by day; TTLs drop old rows)")
     accept_days_ahead: float = Field(default=1.0, gt=0, le=3650, description="…or further ahead (a clock gone wrong)")
@@ -88,6 +90,10 @@ class Settings(BaseSettings):
         value = value.strip()
         if not _BOOTSTRAP.match(value):
             raise ValueError(f"expected host:port[,host:port…], got {value!r}")
+        for server in value.split(","):
+            host, _, port = server.rpartition(":")
+            if not host or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{server!r}: expected host:port with a port in 1…65535")
         return value
 
     @field_validator("store")

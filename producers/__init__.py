@@ -4,8 +4,9 @@ from .control import TrainingStopped
 from .gpu import GpuSampler, NvmlSource
 from .run import Run
 from .session import init
+from .values import InvalidRunError
 
-__all__ = ["GpuSampler", "NvmlSource", "Run", "TrainingStopped", "TrainwireCallback", "init"]
+__all__ = ["GpuSampler", "InvalidRunError", "NvmlSource", "Run", "TrainingStopped", "TrainwireCallback", "init"]
 
 
 def __getattr__(name: str):

@@ -37,6 +37,7 @@ from .gpu import GpuSampler
 from .lineage import config_lineage, dataset_lineage, model_lineage
 from .run import Run
 from .session import emitter_for, init
+from .values import InvalidRunError
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "training_args.bin")
@@ -145,13 +146,26 @@ class TrainwireCallback(TrainerCallback):
                 self._sample_gpus_only(args, run_id)
             return
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainwire-hash")
-        self.run = init(
-            self._experiment(args), self.run_name or args.run_name or "",
-            {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
-            settings=self.settings, team=self.team, run_id=run_id, sample_gpus=self.sample_gpus,
-            rank=args.process_index, stop_on_block=self._stop_switch(args),
-            **self._run_started(args, state, model, train_dataloader),
-        )
+        self.run = self._start(args, run_id, self._run_started(args, state, model, train_dataloader))
+
+    def _start(self, args: TrainingArguments, run_id: str, fields: dict[str, Any]) -> Run:
+        """`init`, leaving out a field gathered from the environment that run started cannot hold (with a warning):
+        what the Trainer or a probe found must not stop training. What the caller gave is refused (raised)."""
+        while True:
+            try:
+                return init(
+                    self._experiment(args), self.run_name or args.run_name or "",
+                    {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
+                    settings=self.settings, team=self.team, run_id=run_id, sample_gpus=self.sample_gpus,
+                    rank=args.process_index, stop_on_block=self._stop_switch(args), **fields,
+                )
+            except InvalidRunError as err:
+                gathered = [name for name in err.fields if name in fields and name not in self.overrides]
+                if not gathered or len(gathered) < len(err.fields):
+                    raise
+                log.warning("trainwire: run started recorded without %s: %s", ", ".join(gathered), err)
+                for name in gathered:
+                    del fields[name]
 
     def _stop_switch(self, args: TrainingArguments) -> bool:
         if not self.stop_on_block:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -20,6 +18,11 @@ from .control import StopListener, TrainingStopped
 from .emitter import Emitter
 from .environment import hostname, sha256_file
 from .gpu import GpuSampler, GpuSource
+from .tally import RunTally
+from .values import (
+    InvalidRunError, check_interval, check_rank, check_run_started, config_path, hyperparameters_json, number, representable,
+    representable_files, valid_run_ended,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ class Run:
         rank: int = 0,
         stop_listener: StopListener | None = None,
     ):
+        heartbeat_seconds = check_interval("heartbeat_seconds", heartbeat_seconds)
+        gpu_interval = check_interval("gpu_interval", gpu_interval)
+        rank = check_rank(rank)
         self.run_id = run_id or str(uuid.uuid4())
         self.experiment = experiment
         self.run_name = run_name
@@ -53,13 +59,10 @@ class Run:
         # a million events a second, so it never catches up with the clock.
         self._seq = count(time.time_ns() // 1_000)
         self._flush_timeout = flush_timeout
+        # What the run lost and the summary of its valid events, kept by the sender thread (tally.py).
+        self._tally = RunTally()
         self._started = time.monotonic()
         self._finished = False
-        self._last_step: int | None = None
-        self._initial_loss: float | None = None
-        self._final_loss: float | None = None
-        self._best_eval: tuple[float, int] | None = None
-        self._best_checkpoint: str | None = None
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(
             target=self._beat, args=(heartbeat_seconds,), name=f"trainwire-heartbeat-{self.run_id[:8]}", daemon=True
@@ -70,24 +73,41 @@ class Run:
         self._stop_reason: str | None = None
         self.events_emitted = 0
 
-    def _emit(self, event_type: type, fields: dict[str, Any]) -> None:
+    def _emit(self, event_type: type, fields: dict[str, Any], wait: float = 0.0) -> None:
         fields.update(self._envelope)
         fields["seq"] = next(self._seq)
         fields["ts_ms"] = time.time_ns() // 1_000_000
-        if self._emitter.submit(event_type, fields):
+        if self._emitter.submit(event_type, fields, self._tally, wait):
             self.events_emitted += 1
 
+    @property
+    def events_dropped(self) -> int:
+        """Events of this run lost so far: the queue was full, or the transport refused them."""
+        return self._tally.dropped
+
+    @property
+    def events_invalid(self) -> int:
+        """Events of this run refused so far by validation or Avro encoding (logged once per kind of error)."""
+        return self._tally.invalid
+
     def start(self, config: dict | str | Path | None = None, **fields: Any) -> Run:
-        """Emit run started: hyperparameters (a dict) or a config file (hashed), plus any RunStarted field."""
-        if isinstance(config, (str, Path)):
-            path = Path(config)
-            fields.setdefault("config_file", path.name)
-            fields.setdefault("config_sha256", sha256_file(path))
+        """Emit run started: hyperparameters (a dict) or a config file (hashed), plus any RunStarted field.
+
+        Checked here, on the caller's thread: `InvalidRunError` names what cannot be recorded (an unknown keyword,
+        a blank experiment, a value out of range), before anything is sent or started."""
+        if (path := config_path(config)) is not None:
+            fields.setdefault("config_file", representable(path.name))
+            try:
+                fields.setdefault("config_sha256", sha256_file(path))
+            except OSError as err:
+                raise InvalidRunError(f"trainwire.init: config: cannot read {path}: {err}", ("config",)) from None
         elif config:
-            fields["hyperparameters_json"] = json.dumps(config, default=str, sort_keys=True)
+            fields["hyperparameters_json"] = hyperparameters_json(config)
         fields.setdefault("run_name", self.run_name)
         if self._stop_listener is not None:
             fields["tags"] = {**(fields.get("tags") or {}), STOP_ON_BLOCK_TAG: "true"}
+        check_run_started({**fields, **self._envelope, "seq": 0})
+        if self._stop_listener is not None:
             self._stop_listener.start(time.time_ns() // 1_000_000, self._stop_commanded)
         self._emit(RunStarted, fields)
         self._heartbeat.start()
@@ -109,12 +129,6 @@ class Run:
         tokens: int | None = None,
         **extra: float,
     ) -> None:
-        if isinstance(step, int) and step >= 0:  # an invalid step is refused later; keep it out of the summary
-            self._last_step = step
-        if loss is not None:
-            if self._initial_loss is None:
-                self._initial_loss = loss
-            self._final_loss = loss
         self._emit(Step, {
             "step": step, "loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "epoch": epoch, "samples_per_s": samples_per_s,
@@ -131,22 +145,22 @@ class Run:
         runtime_s: float | None = None,
         **metrics: float,
     ) -> None:
-        if eval_loss is not None and math.isfinite(eval_loss) and (self._best_eval is None or eval_loss < self._best_eval[0]):
-            self._best_eval = (eval_loss, step)
+        loss = None if eval_loss is None else number(eval_loss)
         self._emit(Eval, {
             "step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
-            "perplexity": Eval.perplexity_of(eval_loss), "epoch": epoch, "runtime_s": runtime_s, "metrics": metrics,
+            "perplexity": Eval.perplexity_of(loss), "epoch": epoch, "runtime_s": runtime_s, "metrics": metrics,
         })
 
     def log_checkpoint(self, step: int, path: str | Path, files: list[dict] | None = None,
                        eval_loss: float | None = None) -> None:
-        is_best = None
-        if eval_loss is not None and self._best_eval is not None:
-            is_best = eval_loss <= self._best_eval[0]
-            if is_best:
-                self._best_checkpoint = str(path)
-        self._emit(Checkpoint, {"step": step, "path": str(path), "files": files or [], "eval_loss": eval_loss,
-                                "is_best": is_best})
+        """`path` and file names that are not UTF-8 (a non-UTF-8 file system) are recorded with `\\xNN` escapes."""
+        try:
+            path = representable(path)
+            files = representable_files(files)
+        except TypeError:  # not a path: validation refuses the event on the sender thread
+            pass
+        # is_best: whether eval_loss is at most the best eval so far (the sender fills it in, in logging order)
+        self._emit(Checkpoint, {"step": step, "path": path, "files": files or [], "eval_loss": eval_loss})
 
     def log_gpu(self, **sample: Any) -> None:
         self._emit(GpuSample, sample)
@@ -177,31 +191,40 @@ class Run:
 
     def _beat(self, interval: float) -> None:
         while not self._stop_heartbeat.wait(interval):
-            self._emit(Heartbeat, {"step": self._last_step})
+            try:
+                self._emit(Heartbeat, {})  # the sender adds the last step sent and the run's counters
+            except Exception:  # never reached: a heartbeat thread that died would make a live run look stalled
+                log.exception("trainwire: heartbeat failed; trying again next interval")
 
     def finish(self, status: str = "completed", error: str | None = None, artifacts: list[dict] | None = None, *,
                epochs: float | None = None, completed_steps: int | None = None) -> bool:
         """Emit run ended and wait (bounded) until the run's events are delivered. Idempotent.
 
-        `completed_steps` defaults to the last logged step; a trainer knows better (steps after the last log).
-        A run asked to stop that did not fail ends `stopped`, with the stop reason as its error."""
+        `completed_steps` defaults to the last step sent; a trainer knows better (steps after the last log). The loss
+        summary, best eval and best checkpoint come from the events that were valid (the sender's tally).
+        A run asked to stop that did not fail ends `stopped`, with the stop reason as its error. A summary value the
+        event cannot hold (a bad `completed_steps`, an artifact of impossible size) is left out, with a warning:
+        the run still ends. An unknown `status` raises `InvalidRunError` (the run is not ended then)."""
         if self._finished:
             return True
+        if self._stop_requested.is_set() and status != "failed":
+            status, error = "stopped", error or self._stop_reason
+        fields, replaced = valid_run_ended({
+            **self._envelope, "seq": 0, "status": status, "error": error,
+            "duration_s": time.monotonic() - self._started, "completed_steps": completed_steps, "epochs": epochs,
+            "artifacts": artifacts or [],
+        })
+        if replaced:
+            log.warning("trainwire: run %s: %s left out of its run ended (values it cannot hold)", self.run_id,
+                        ", ".join(replaced))
         self._finished = True
         self._stop_heartbeat.set()
         if self._gpu is not None:
             self._gpu.stop()
         if self._stop_listener is not None:
             self._stop_listener.stop()
-        if self._stop_requested.is_set() and status != "failed":
-            status, error = "stopped", error or self._stop_reason
-        self._emit(RunEnded, {
-            "status": status, "error": error, "duration_s": time.monotonic() - self._started,
-            "completed_steps": self._last_step if completed_steps is None else completed_steps, "epochs": epochs,
-            "initial_loss": self._initial_loss, "final_loss": self._final_loss,
-            "best_eval_loss": self._best_eval[0] if self._best_eval else None,
-            "best_checkpoint": self._best_checkpoint, "artifacts": artifacts or [],
-        })
+        # Waits (bounded) for room rather than dropping: without its run ended a run never ends in the store.
+        self._emit(RunEnded, fields, wait=self._flush_timeout)
         delivered = self._emitter.flush(self._flush_timeout)
         if not delivered:
             log.warning("trainwire: run %s ended with events still undelivered after %.0fs",

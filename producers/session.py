@@ -13,9 +13,10 @@ from trainwire.infra.config import Settings, load_settings
 from trainwire.infra.log import open_producer
 
 from .control import StopListener
-from .emitter import Emitter
+from .emitter import Emitter, spool_backlog
 from .gpu import GpuSource
 from .run import Run
+from .values import check_run_started
 
 _lock = threading.Lock()
 _emitters: dict[Settings, Emitter] = {}
@@ -25,7 +26,9 @@ def emitter_for(settings: Settings) -> Emitter:
     with _lock:
         if settings not in _emitters:
             producer = open_producer(settings, spooled=True)
-            _emitters[settings] = Emitter(producer, settings.topic, settings.queue_size, codec_for(settings))
+            backlog = spool_backlog(producer, settings.spool_dir) if settings.kafka else None
+            _emitters[settings] = Emitter(producer, settings.topic, settings.queue_size, codec_for(settings),
+                                          backlog)
             if len(_emitters) == 1:
                 atexit.register(close_all)
         return _emitters[settings]
@@ -55,10 +58,17 @@ def init(
 ) -> Run:
     """Start a run: emits run started and returns the `Run` to log with (also a context manager).
 
+    What it is given is checked here, before training starts: `InvalidRunError` (a ValueError) names an unknown
+    keyword (`lerning_rate=`: hyperparameters go in `config`), a blank experiment or run id, a value out of its
+    field's range or a string Avro cannot hold. After that, `log_*` never raises: a bad value drops its own event
+    (counted in `run.events_invalid` and in the run's run ended) and every other event still goes out.
+
     `stop_on_block`: opt in to the stop switch: a block-severity alert on this run (e.g. a NaN loss) makes
     `run.should_stop` true and `run.check_stop()` raise `TrainingStopped` (docs/stop-switch.md)."""
     settings = settings or load_settings()
     run_id = run_id or str(uuid.uuid4())
+    check_run_started({**run_started, "run_id": run_id, "experiment": experiment, "run_name": run_name,
+                       "team": settings.team if team is None else team, "seq": 0})
     run = Run(
         emitter_for(settings),
         experiment=experiment,

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -165,9 +165,19 @@ class GpuSample(Event):
     mem_clock_mhz: float | None = None
 
 
+def _count() -> Any:
+    """An optional producer counter (v2 of heartbeat and run ended)."""
+    return Field(default=None, ge=0, le=LONG_MAX)
+
+
 class Heartbeat(Event):
     kind: ClassVar[str] = "heartbeat"
     step: int | None = Field(default=None, ge=0, le=LONG_MAX)
+    # v2: what the producer lost so far (docs/sdk.md); None in v1 messages
+    events_dropped: int | None = _count()
+    events_invalid: int | None = _count()
+    events_spooled: int | None = _count()
+    spool_bytes: int | None = _count()
 
 
 class Checkpoint(Event):
@@ -191,6 +201,11 @@ class RunEnded(Event):
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None
     artifacts: list[FileDigest] = Field(default_factory=list)
+    # v2: what the producer lost of this run (docs/sdk.md); None in v1 messages
+    events_dropped: int | None = _count()
+    events_invalid: int | None = _count()
+    events_spooled: int | None = _count()
+    spool_bytes: int | None = _count()
 
 
 class Alert(BaseModel):
@@ -234,6 +249,9 @@ class StopCommand(BaseModel):
     reason: str
     dedup_key: str
 
+
+# The producer counters a heartbeat and a run ended carry (filled in by the SDK's sender).
+PRODUCER_COUNTERS = ("events_dropped", "events_invalid", "events_spooled", "spool_bytes")
 
 EVENT_TYPES: dict[str, type[BaseModel]] = {
     cls.kind: cls for cls in (RunStarted, Step, Eval, GpuSample, Heartbeat, Checkpoint, RunEnded, Alert, StopCommand)

@@ -5,7 +5,7 @@
         run.log_step(step, loss=loss, learning_rate=lr, grad_norm=gn, tokens_per_s=tps)
 """
 
-from trainwire.producers import Run, TrainingStopped, init
+from trainwire.producers import InvalidRunError, Run, TrainingStopped, init
 
 __version__ = "0.1.0"
-__all__ = ["Run", "TrainingStopped", "init", "__version__"]
+__all__ = ["InvalidRunError", "Run", "TrainingStopped", "init", "__version__"]

@@ -38,6 +38,8 @@ ORDER BY started_at DESC
 
 # A run resumed by a new process under its id has a run started (and maybe a run ended) per process: the summary
 # is the latest process's, started when the first one started, under way unless it ended after its latest start.
+# What the producer lost (events dropped, invalid, spooled, spool bytes; migration 005) is the latest process's: as
+# its run ended says, or while under way as its latest heartbeat says (NULL from producers before those v2 events).
 _RUN_SUMMARY = """
 WITH {run_id:String} AS rid, e.run_id = '' OR e.ts < s.ts AS under_way
 SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s.team AS team,
@@ -49,9 +51,14 @@ SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s
        (SELECT count() FROM evals FINAL WHERE run_id = rid) AS evals_logged,
        (SELECT count() FROM checkpoints FINAL WHERE run_id = rid) AS checkpoints,
        (SELECT max(step) FROM steps FINAL WHERE run_id = rid) AS last_step,
-       if(under_way, (SELECT argMax(loss, step) FROM steps FINAL WHERE run_id = rid), e.final_loss) AS final_loss
+       if(under_way, (SELECT argMax(loss, step) FROM steps FINAL WHERE run_id = rid), e.final_loss) AS final_loss,
+       if(under_way, if(h.ts >= s.ts, h.events_dropped, NULL), e.events_dropped) AS events_dropped,
+       if(under_way, if(h.ts >= s.ts, h.events_invalid, NULL), e.events_invalid) AS events_invalid,
+       if(under_way, if(h.ts >= s.ts, h.events_spooled, NULL), e.events_spooled) AS events_spooled,
+       if(under_way, if(h.ts >= s.ts, h.spool_bytes, NULL), e.spool_bytes) AS spool_bytes
 FROM (SELECT * FROM run_started FINAL WHERE run_id = rid ORDER BY ts DESC LIMIT 1) AS s
 LEFT JOIN (SELECT * FROM run_ended FINAL WHERE run_id = rid ORDER BY ts DESC LIMIT 1) AS e ON e.run_id = s.run_id
+LEFT JOIN (SELECT * FROM heartbeats FINAL WHERE run_id = rid ORDER BY ts DESC LIMIT 1) AS h ON h.run_id = s.run_id
 """
 
 

@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -68,4 +69,54 @@ def test_a_bad_config_file_names_the_key_and_the_file(monkeypatch, tmp_path, con
 def test_a_missing_config_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("TRAINWIRE_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(ConfigError, match="TRAINWIRE_CONFIG: no such file"):
+        load_settings()
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No TRAINWIRE_* variable of the machine running the tests, and a private home."""
+    for name in [k for k in os.environ if k.startswith("TRAINWIRE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TRAINWIRE_HOME", str(tmp_path))
+    return monkeypatch
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("TRAINWIRE_HEARTBEAT_SECONDS", "inf"),  # killed the heartbeat thread (OverflowError in Event.wait)
+    ("TRAINWIRE_HEARTBEAT_SECONDS", "1e12"),
+    ("TRAINWIRE_HEARTBEAT_SECONDS", "nan"),
+    ("TRAINWIRE_HEARTBEAT_SECONDS", "0.01"),
+    ("TRAINWIRE_GPU_SAMPLE_SECONDS", "inf"),
+    ("TRAINWIRE_GPU_SAMPLE_SECONDS", "1e12"),
+    ("TRAINWIRE_FLUSH_TIMEOUT_SECONDS", "inf"),
+    ("TRAINWIRE_FLUSH_TIMEOUT_SECONDS", "7200"),
+    ("TRAINWIRE_BATCH_MAX_SECONDS", "-inf"),
+    ("TRAINWIRE_BATCH_MAX_SECONDS", "120"),
+    ("TRAINWIRE_BATCH_MAX_ROWS", "1000000000"),
+    ("TRAINWIRE_QUEUE_SIZE", "100000000000"),
+    ("TRAINWIRE_KAFKA", "127.0.0.1:99999"),
+    ("TRAINWIRE_KAFKA", "127.0.0.1:0"),
+    ("TRAINWIRE_KAFKA", "broker-1:9092,broker-2:65536"),
+])
+def test_out_of_range_settings_are_refused_naming_the_variable(clean_env, variable, value):
+    clean_env.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("TRAINWIRE_HEARTBEAT_SECONDS", "3600"), ("TRAINWIRE_HEARTBEAT_SECONDS", "0.1"),
+    ("TRAINWIRE_GPU_SAMPLE_SECONDS", "0.5"), ("TRAINWIRE_FLUSH_TIMEOUT_SECONDS", "0"),
+    ("TRAINWIRE_BATCH_MAX_SECONDS", "60"), ("TRAINWIRE_KAFKA", "127.0.0.1:65535"), ("TRAINWIRE_KAFKA", "[::1]:1"),
+])
+def test_settings_at_the_edges_of_their_range_are_accepted(clean_env, variable, value):
+    clean_env.setenv(variable, value)
+    load_settings()
+
+
+def test_a_config_file_value_out_of_range_names_the_key(clean_env, tmp_path):
+    config = tmp_path / "trainwire.toml"
+    config.write_text('heartbeat_seconds = inf\n')
+    clean_env.setenv("TRAINWIRE_CONFIG", str(config))
+    with pytest.raises(ConfigError, match=re.escape("heartbeat_seconds (in ")):
         load_settings()

@@ -10,7 +10,7 @@ from importlib import resources
 import fastavro
 import pytest
 
-from trainwire.schemas import RunStarted, decode
+from trainwire.schemas import Heartbeat, RunEnded, RunStarted, decode
 from trainwire.schemas.codec import MAGIC, registry
 from trainwire.schemas.compat import evolution_problems, promotes
 
@@ -152,3 +152,30 @@ def test_added_and_removed_fields_with_defaults_pass():
     old = record_schema(A_INT, {"name": "gone", "type": ["null", "string"], "default": None})
     new = record_schema(A_INT, {"name": "tags", "type": {"type": "array", "items": "string"}, "default": []})
     assert evolution_problems(old, new) == []
+
+
+def schema_of(kind: str, version: int) -> dict:
+    return versions()[kind][version - 1]
+
+
+COUNTERS = {"events_dropped": 3, "events_invalid": 2, "events_spooled": 1_000, "spool_bytes": 2**40}
+
+
+@pytest.mark.parametrize("kind", ["heartbeat", "run_ended"])
+def test_v1_heartbeats_and_run_endeds_decode_with_unknown_producer_counters(kind):
+    v1 = next(v for v in registry().values() if v.kind == kind and v.version == 1)
+    v1_record = {**sample(schema_of(kind, 1)), **ENVELOPE}
+    if kind == "run_ended":
+        v1_record.update(status="completed", duration_s=1.0, completed_steps=10, artifacts=[])
+    event = decode(MAGIC + v1.fingerprint + write(schema_of(kind, 1), v1_record))
+    assert event.kind == kind and all(getattr(event, name) is None for name in COUNTERS)
+
+
+@pytest.mark.parametrize("model", [Heartbeat, RunEnded])
+def test_a_v1_consumer_reads_the_counters_of_a_v2_event_as_absent(model):
+    extra = {"status": "failed", "error": "OOM"} if model is RunEnded else {"step": 7}
+    event = model(**ENVELOPE, **extra, **COUNTERS)
+    newest, oldest = schema_of(model.kind, 2), schema_of(model.kind, 1)
+    back = read(write(newest, event.model_dump()), newest, oldest)
+    assert not set(COUNTERS) & set(back) and back["run_id"] == "r-1"
+    assert {k: v for k, v in read(write(newest, event.model_dump()), newest, newest).items() if k in COUNTERS} == COUNTERS
