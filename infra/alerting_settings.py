@@ -32,7 +32,7 @@ class SinkSettings(BaseModel):
                                              description="alert severities routed to this sink")
     teams: tuple[str, ...] = Field(default=(), description="teams routed to this sink; empty: every team")
     states: tuple[AlertState, ...] = Field(default=("firing", "resolved"), description="firing, resolved or both")
-    timeout_seconds: float = Field(default=5.0, gt=0, description="per HTTP request")
+    timeout_seconds: float = Field(default=5.0, gt=0, le=600, description="per HTTP request")
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -60,9 +60,9 @@ class AlertingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sinks: tuple[SinkSettings, ...] = Field(default=(SinkSettings(kind="console"),))
-    retry_initial_seconds: float = Field(default=0.5, gt=0, description="first back-off after a failed delivery")
-    retry_max_seconds: float = Field(default=60.0, gt=0, description="back-off doubles up to this")
-    give_up_after_seconds: float = Field(default=24 * 3600.0, gt=0, description="a page still undelivered this "
+    retry_initial_seconds: float = Field(default=0.5, gt=0, le=3600, description="first back-off after a failed delivery")
+    retry_max_seconds: float = Field(default=60.0, gt=0, le=24 * 3600, description="back-off doubles up to this")
+    give_up_after_seconds: float = Field(default=24 * 3600.0, gt=0, le=30 * 24 * 3600, description="a page still undelivered this "
                                          "long after it arrived is marked failed (shown by `trainwire alerts "
                                          "status`)")
     dashboard_url: str = Field(default="", description="links in pages point here (e.g. http://ops:8501)")

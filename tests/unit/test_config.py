@@ -97,6 +97,11 @@ def clean_env(monkeypatch, tmp_path):
     ("TRAINWIRE_KAFKA", "127.0.0.1:99999"),
     ("TRAINWIRE_KAFKA", "127.0.0.1:0"),
     ("TRAINWIRE_KAFKA", "broker-1:9092,broker-2:65536"),
+    ("TRAINWIRE_ACCEPT_DAYS_BACK", "inf"),
+    ("TRAINWIRE_DEAD_LETTER_MAX_RATIO", "0"),
+    ("TRAINWIRE_DEAD_LETTER_MAX_CONSECUTIVE", "0"),
+    ("TRAINWIRE_ALERTING", '{"retry_max_seconds": "inf"}'),
+    ("TRAINWIRE_ALERTING", '{"sinks": [{"kind": "webhook", "url": "http://h/x", "timeout_seconds": 1e12}]}'),
 ])
 def test_out_of_range_settings_are_refused_naming_the_variable(clean_env, variable, value):
     clean_env.setenv(variable, value)
