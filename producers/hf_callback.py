@@ -154,8 +154,7 @@ class TrainwireCallback(TrainerCallback):
         while True:
             try:
                 return init(
-                    self._experiment(args), self.run_name or args.run_name or "",
-                    {k: v for k, v in args.to_dict().items() if not k.startswith("_")},
+                    self._experiment(args), self.run_name or args.run_name or "", self._hyperparameters(args),
                     settings=self.settings, team=self.team, run_id=run_id, sample_gpus=self.sample_gpus,
                     rank=args.process_index, stop_on_block=self._stop_switch(args), **fields,
                 )
@@ -166,6 +165,10 @@ class TrainwireCallback(TrainerCallback):
                 log.warning("trainwire: run started recorded without %s: %s", ", ".join(gathered), err)
                 for name in gathered:
                     del fields[name]
+
+    def _hyperparameters(self, args: TrainingArguments) -> dict[str, Any]:
+        """The run's hyperparameters: the `TrainingArguments` (a trainer's own arguments may add to them)."""
+        return {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
 
     def _stop_switch(self, args: TrainingArguments) -> bool:
         if not self.stop_on_block:
@@ -195,7 +198,7 @@ class TrainwireCallback(TrainerCallback):
         if model is not None:
             fields |= _safely("base model", model_lineage, model)
         dataset = self.dataset if self.dataset is not None else getattr(train_dataloader, "dataset", None)
-        if dataset is not None:
+        if dataset is not None and "dataset_sha256" not in self.overrides:  # given: nothing to hash
             fields |= _safely("dataset", dataset_lineage, dataset)
         return fields | self.overrides
 
