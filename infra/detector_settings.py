@@ -13,77 +13,114 @@ from functools import cached_property
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 
+def _fire_after(default: int) -> int:
+    return Field(default=default, ge=1, le=100_000, description="the condition must hold for this many of the "
+                 "rule's readings in a row before the incident fires")
+
+
+def _clear_after(default: int) -> int:
+    return Field(default=default, ge=1, le=100_000, description="…and must be clear for this many in a row "
+                 "before it resolves (noise around a threshold is one incident, not many)")
+
+
 class RuleSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     enabled: bool = Field(default=True, description="false switches the rule off")
 
 
-class LossSpikeSettings(RuleSettings):
+class EventRuleSettings(RuleSettings):
+    """A rule judged on events: hysteresis keys besides its thresholds (run_stalled is judged on a clock)."""
+
+    fire_after: int = _fire_after(1)
+    fire_after_seconds: float = Field(default=0.0, ge=0, le=7 * 24 * 3600, description="…and for at least this "
+                                      "long (by the events' timestamps)")
+    clear_after: int = _clear_after(1)
+
+
+class LossSpikeSettings(EventRuleSettings):
     factor: float = Field(default=1.5, gt=1, description="fires when loss > factor × median of recent losses")
+    min_increase: float = Field(default=0.1, ge=0, description="…and by at least this much (in loss units): at the "
+                                "small losses a fine-tune ends with, noise is a large relative jump")
     window: int = Field(default=10, ge=1, description="recent finite losses the median is taken over")
     min_history: int = Field(default=3, ge=1, description="losses needed before the rule judges")
+    clear_after: int = _clear_after(5)
 
 
-class GradNormHighSettings(RuleSettings):
+class GradNormHighSettings(EventRuleSettings):
     max_grad_norm: float = Field(default=10.0, gt=0, description="fires when grad norm > this (or not finite)")
+    clear_after: int = _clear_after(3)
 
 
-class OverfittingSettings(RuleSettings):
+class OverfittingSettings(EventRuleSettings):
     ratio: float = Field(default=1.5, gt=0, description="fires when eval loss > ratio × current train loss "
                        "(mean of the last 5 logged)")
     rising_evals: int = Field(default=3, ge=1, description="or when eval loss rose this many evals in a row "
                               "while train loss fell")
     min_rise: float = Field(default=0.02, ge=0, description="…by at least this much in all (relative to where the "
                             "rise began): a plateau's jitter is not a trend")
+    min_gap: float = Field(default=0.1, ge=0, description="the ratio test also needs eval loss − train loss ≥ this "
+                           "(loss units): tiny losses make large ratios of nothing")
+    clear_after: int = _clear_after(2)
 
 
-class GeneralizationGapSettings(RuleSettings):
+class GeneralizationGapSettings(EventRuleSettings):
     ratio: float = Field(default=1.2, gt=0, description="fires when eval loss / train loss ≥ ratio")
+    min_gap: float = Field(default=0.1, ge=0, description="…and eval loss − train loss ≥ this (loss units)")
+    clear_after: int = _clear_after(2)
 
 
-class PerplexityHighSettings(RuleSettings):
+class PerplexityHighSettings(EventRuleSettings):
     max_perplexity: float = Field(default=100.0, gt=1, description="fires when exp(eval loss) > this")
 
 
-class EvalAccuracyLowSettings(RuleSettings):
+class EvalAccuracyLowSettings(EventRuleSettings):
     baseline: float | None = Field(default=None, ge=0, description="fires when eval accuracy < baseline; "
                                    "no baseline, no alert")
 
 
-class ThroughputLowSettings(RuleSettings):
+class ThroughputLowSettings(EventRuleSettings):
     min_tokens_per_s: float = Field(default=100.0, gt=0, description="fires when most recent readings are below")
     window: int = Field(default=5, ge=1, description="steps: more than half of the last `window` must be low")
+    clear_after: int = _clear_after(5)
 
 
-class UnderfittingSettings(RuleSettings):
-    window: int = Field(default=20, ge=4, description="logged losses compared: newer half against older half")
+class UnderfittingSettings(EventRuleSettings):
+    window: int = Field(default=50, ge=4, description="logged losses compared: newer half against older half")
     min_decrease: float = Field(default=0.01, ge=0, lt=1, description="relative decrease expected over a window")
     min_progress: float = Field(default=0.1, ge=0, lt=1, description="a run whose loss fell this much from its "
                                 "start is converging, not underfitting")
+    fire_after: int = _fire_after(25)
+    clear_after: int = _clear_after(10)
 
 
-class LossUnstableSettings(RuleSettings):
+class LossUnstableSettings(EventRuleSettings):
     window: int = Field(default=20, ge=4, description="recent finite losses examined")
     min_flip_fraction: float = Field(default=0.6, gt=0, le=1, description="share of consecutive changes that "
                                      "reverse direction")
     min_relative_swing: float = Field(default=0.25, gt=0, description="mean |change| between logged losses, "
                                       "relative to the window's mean loss")
+    min_swing: float = Field(default=0.05, ge=0, description="…and at least this much in loss units")
+    fire_after: int = _fire_after(5)
+    clear_after: int = _clear_after(10)
 
 
-class GpuMemoryHighSettings(RuleSettings):
+class GpuMemoryHighSettings(EventRuleSettings):
     used_fraction: float = Field(default=0.95, gt=0, le=1, description="fires when used / total ≥ this")
+    clear_after: int = _clear_after(3)
 
 
-class GpuTemperatureHighSettings(RuleSettings):
+class GpuTemperatureHighSettings(EventRuleSettings):
     celsius: float = Field(default=85.0, gt=0, description="fires at or above this temperature")
+    clear_after: int = _clear_after(3)
 
 
-class GpuUtilizationLowSettings(RuleSettings):
+class GpuUtilizationLowSettings(EventRuleSettings):
     min_utilization_pct: float = Field(default=70.0, gt=0, le=100, description="fires when most recent samples "
                                        "of a GPU are below, once the run has logged a step")
     window: int = Field(default=6, ge=1, description="samples per GPU: more than half of the last `window` "
                         "must be low")
+    clear_after: int = _clear_after(3)
 
 
 class RunStalledSettings(RuleSettings):
@@ -99,7 +136,7 @@ class DetectorParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    loss_not_finite: RuleSettings = RuleSettings()
+    loss_not_finite: EventRuleSettings = EventRuleSettings()
     loss_spike: LossSpikeSettings = LossSpikeSettings()
     grad_norm_high: GradNormHighSettings = GradNormHighSettings()
     overfitting: OverfittingSettings = OverfittingSettings()

@@ -1,8 +1,10 @@
 """Runs every rule over each run's events in order and turns changes of condition into alerts.
 
-Each (run, rule) has at most one open incident: it fires when the rule's condition starts to hold and resolves
-when it stops. Rules that cannot apply to an event kind are never called for it (rules are indexed by kind).
-Rules are built per experiment from the deployment's settings and the experiment's overrides.
+Each (run, rule) has at most one open incident: it fires once the rule's condition has held for `fire_after` of
+the rule's readings in a row (and `fire_after_seconds`), and resolves once it has been clear for `clear_after` in a
+row, so noise around a threshold is one incident, not a page per crossing. Rules that cannot apply to an event
+kind are never called for it (rules are indexed by kind). Rules are built per experiment from the deployment's
+settings and the experiment's overrides.
 
 Time-based detection (`run_stalled`) needs a clock: the ingest loop calls `tick(now_ms)` about once a second.
 
@@ -36,16 +38,42 @@ _EVENTS_AGAIN = Finding(False, None, None, "the run sends events again")
 
 
 @dataclass(frozen=True)
+class _Hysteresis:
+    fire_after: int
+    fire_after_ms: float
+    clear_after: int
+
+
+class _Streak:
+    """A (run, rule)'s current run of readings: how many in a row held (since when), how many in a row were clear."""
+
+    __slots__ = ("active", "since", "quiet")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.since = 0
+        self.quiet = 0
+
+
+@dataclass(frozen=True)
 class _RuleSet:
     rules: tuple[Rule, ...]
     by_kind: dict[str, tuple[Rule, ...]]
     stall: RunStalled | None
+    hysteresis: dict[str, _Hysteresis]
 
     @classmethod
-    def of(cls, rules: list[Rule]) -> _RuleSet:
+    def of(cls, parameters: DetectorParameters) -> _RuleSet:
+        rules = rules_from(parameters)
         kinds = {kind for rule in rules for kind in rule.kinds}
         stall = next((r for r in rules if isinstance(r, RunStalled)), None)
-        return cls(tuple(rules), {k: tuple(r for r in rules if k in r.kinds) for k in kinds}, stall)
+        hysteresis = {}
+        for rule in rules:
+            settings = getattr(parameters, rule.rule_id)
+            hysteresis[rule.rule_id] = _Hysteresis(getattr(settings, "fire_after", 1),
+                                                   getattr(settings, "fire_after_seconds", 0.0) * 1000.0,
+                                                   getattr(settings, "clear_after", 1))
+        return cls(tuple(rules), {k: tuple(r for r in rules if k in r.kinds) for k in kinds}, stall, hysteresis)
 
 
 @dataclass(eq=False)
@@ -61,11 +89,14 @@ class _RunState:
     last_ts: int | None = None
     spoke: bool = True  # an event came since the last tick
     quiet_since: int = 0  # the first tick after its latest event
-    checks: dict[str, tuple[tuple[Rule, Any], ...]] = field(default_factory=dict)  # per kind: (rule, its state)
+    # per kind: (rule, its state, its streak, its hysteresis)
+    checks: dict[str, tuple[tuple[Rule, Any, _Streak, _Hysteresis], ...]] = field(default_factory=dict)
     ended: bool = False  # its run ended arrived: never stalled; later events (a final eval) are post-training
 
     def __post_init__(self) -> None:
-        self.checks = {kind: tuple((rule, self.rule_state[rule.rule_id]) for rule in rules)
+        streaks = {rule.rule_id: _Streak() for rule in self.rules.rules}
+        self.checks = {kind: tuple((rule, self.rule_state[rule.rule_id], streaks[rule.rule_id],
+                                    self.rules.hysteresis[rule.rule_id]) for rule in rules)
                        for kind, rules in self.rules.by_kind.items()}
 
 
@@ -73,8 +104,8 @@ class DetectorEngine:
     def __init__(self, settings: DetectorSettings | None = None, history: HistoryLoader | None = None):
         self.settings = settings or DetectorSettings()
         self._history = history
-        self._default_rules = _RuleSet.of(rules_from(self.settings.deployment))
-        self._experiment_rules = {name: _RuleSet.of(rules_from(self.settings.for_experiment(name)))
+        self._default_rules = _RuleSet.of(self.settings.deployment)
+        self._experiment_rules = {name: _RuleSet.of(self.settings.for_experiment(name))
                                   for name in self.settings.experiments}
         self._runs: dict[str, _RunState] = {}
         self._ended: dict[str, None] = {}  # ended runs still in _runs, oldest first
@@ -213,18 +244,30 @@ class DetectorEngine:
             if loss is not None and math.isfinite(loss):
                 facts.recent_losses.add(loss)
         firing, facts = run.firing, run.facts
-        for rule, state in run.checks.get(kind, ()):
+        for rule, state, streak, hysteresis in run.checks.get(kind, ()):
             finding = rule.check(record, state, facts)
-            if finding is None or alerts is None:
+            if finding is None:
                 continue
             if finding.active:
-                if rule.rule_id not in firing:
-                    step = record.get("step")
-                    anchor = step if step is not None else f"{record.get('host', '')}@{record['seq']}"
-                    key = firing[rule.rule_id] = f"{record['run_id']}/{rule.rule_id}/{anchor}"
-                    alerts.append(self._alert(rule, record, finding, key, "firing"))
-            elif firing and rule.rule_id in firing:
-                alerts.append(self._alert(rule, record, finding, firing.pop(rule.rule_id), "resolved"))
+                streak.quiet = 0
+                if not streak.active:
+                    streak.since = record["ts_ms"]
+                streak.active += 1
+                if (alerts is None or rule.rule_id in firing or streak.active < hysteresis.fire_after
+                        or record["ts_ms"] - streak.since < hysteresis.fire_after_ms):
+                    continue
+                step = record.get("step")
+                anchor = step if step is not None else f"{record.get('host', '')}@{record['seq']}"
+                key = firing[rule.rule_id] = f"{record['run_id']}/{rule.rule_id}/{anchor}"
+                alerts.append(self._alert(rule, record, finding, key, "firing"))
+            else:
+                streak.active = 0
+                if not firing or rule.rule_id not in firing:
+                    continue
+                streak.quiet += 1
+                if alerts is not None and streak.quiet >= hysteresis.clear_after:
+                    streak.quiet = 0
+                    alerts.append(self._alert(rule, record, finding, firing.pop(rule.rule_id), "resolved"))
 
     @staticmethod
     def _alert(rule: Rule | type[Rule], record: dict, finding: Finding, key: str, state: str) -> Alert:

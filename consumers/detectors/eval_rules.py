@@ -32,6 +32,7 @@ class Overfitting(Rule):
     ratio: float
     rising_evals: int
     min_rise: float
+    min_gap: float
     field: ClassVar[str] = "eval_loss"
     rule_id: ClassVar[str] = "overfitting"
     severity: ClassVar[str] = "warning"
@@ -56,7 +57,8 @@ class Overfitting(Rule):
             trend.rising, trend.base = 0, (eval_loss, train_loss)
         trend.last_eval_loss = eval_loss
 
-        if train_loss is not None and train_loss > 0 and eval_loss > self.ratio * train_loss:
+        if (train_loss is not None and train_loss > 0 and eval_loss > self.ratio * train_loss
+                and eval_loss - train_loss >= self.min_gap):
             return Finding(True, eval_loss, self.ratio * train_loss,
                            f"eval loss {eval_loss:.4g} > {self.ratio:g} × train loss {train_loss:.4g}; "
                            f"{self._best(trend)}")
@@ -96,9 +98,11 @@ class Overfitting(Rule):
 
 @dataclass
 class GeneralizationGap(Rule):
-    """Eval loss / current train loss ≥ `ratio`; the alert's value is the ratio."""
+    """Eval loss / current train loss ≥ `ratio`, eval loss above it by at least `min_gap`; the alert's value is
+    the ratio."""
 
     ratio: float
+    min_gap: float
     rule_id: ClassVar[str] = "generalization_gap"
     severity: ClassVar[str] = "warning"
     kinds: ClassVar[frozenset[str]] = EVAL
@@ -108,7 +112,7 @@ class GeneralizationGap(Rule):
         if not is_finite(eval_loss) or train_loss is None or train_loss <= 0:
             return None
         gap = eval_loss / train_loss
-        if gap < self.ratio:
+        if gap < self.ratio or eval_loss - train_loss < self.min_gap:
             return Finding(False, gap)
         return Finding(True, gap, self.ratio, f"eval/train loss ratio {gap:.3g} ≥ {self.ratio:g} "
                                               f"(eval {eval_loss:.4g}, train {train_loss:.4g})")

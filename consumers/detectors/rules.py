@@ -30,9 +30,11 @@ class LossNotFinite(Rule):
 
 @dataclass
 class LossSpike(Rule):
-    """Loss above `factor` × the median of the last `window` finite losses (after `min_history` of them)."""
+    """Loss above `factor` × the median of the last `window` finite losses (after `min_history` of them), and
+    above it by at least `min_increase`."""
 
     factor: float
+    min_increase: float
     window: int
     min_history: int
     field: ClassVar[str] = "loss"
@@ -52,7 +54,7 @@ class LossSpike(Rule):
             ordered = sorted(history)
             middle = len(ordered) // 2
             baseline = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-            threshold = self.factor * baseline
+            threshold = max(self.factor * baseline, baseline + self.min_increase)
             if baseline > 0 and loss > threshold:
                 finding = Finding(True, loss, threshold,
                                   f"loss {loss:.4g} > {self.factor} × recent median {baseline:.4g}")
@@ -175,7 +177,8 @@ class LossUnstable(Rule):
     """The loss oscillates: it keeps reversing direction, by large steps.
 
     Over the last `window` finite losses: at least `min_flip_fraction` of consecutive changes reverse the
-    previous change's direction, and the mean absolute change is at least `min_relative_swing` × the mean loss.
+    previous change's direction, and the mean absolute change is at least `min_relative_swing` × the mean loss
+    and at least `min_swing`.
     Noise on a healthy curve flips direction often (about 2/3 of the time) but by a few percent; a steep
     healthy descent moves by large steps but in one direction. Only both together are instability.
     """
@@ -183,6 +186,7 @@ class LossUnstable(Rule):
     window: int
     min_flip_fraction: float
     min_relative_swing: float
+    min_swing: float
     field: ClassVar[str] = "loss"
     rule_id: ClassVar[str] = "loss_unstable"
     severity: ClassVar[str] = "warning"
@@ -208,8 +212,10 @@ class LossUnstable(Rule):
         if mean_loss <= 0:
             return None
         flip_fraction = state.flips.total / state.flips.window
-        swing = state.changes.total / state.changes.window / mean_loss
-        if flip_fraction >= self.min_flip_fraction and swing >= self.min_relative_swing:
+        mean_change = state.changes.total / state.changes.window
+        swing = mean_change / mean_loss
+        if (flip_fraction >= self.min_flip_fraction and swing >= self.min_relative_swing
+                and mean_change >= self.min_swing):
             return Finding(True, swing, self.min_relative_swing,
                            f"loss oscillates: {flip_fraction:.0%} of the last {self.window} steps reverse direction, "
                            f"by {swing:.0%} of the mean loss {mean_loss:.4g} on average")

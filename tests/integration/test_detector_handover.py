@@ -56,7 +56,7 @@ def test_a_new_consumer_continues_open_incidents(any_settings):
     first = consume(any_settings)
     assert {(a.rule, a.state) for a in first} == {("loss_not_finite", "firing"), ("gpu_temperature_high", "firing")}
 
-    part_two = [*run.steps(26, [math.nan] * 5), *run.steps(31, [1.0, 1.7]), run.gpu(60.0),
+    part_two = [*run.steps(26, [math.nan] * 5), *run.steps(31, [1.0, 1.7]), *[run.gpu(60.0) for _ in range(3)],
                 run(RunEnded, status="completed")]
     send(any_settings, part_two)
     second = consume(any_settings)  # a new pipeline: its engine has never seen the run

@@ -1,18 +1,25 @@
-"""Each rule of spec §4 fires on a crafted series, resolves when it clears, and stays quiet on real training."""
+"""Each rule of spec §4 fires on a crafted series, resolves when it clears, and stays quiet on real training.
+
+The rules are judged here without hysteresis (fire and clear on the first reading), so that each test shows the
+condition itself; test_detectors.py covers the hysteresis and the defaults it runs with.
+"""
 
 import math
 
 import pytest
 
 from trainwire.consumers.detectors import DetectorEngine
-from trainwire.infra.detector_settings import DetectorSettings
+from trainwire.infra.detector_settings import DetectorParameters, DetectorSettings
+
+IMMEDIATE = {rule: {"fire_after": 1, "clear_after": 1} for rule, info in DetectorParameters.model_fields.items()
+             if "fire_after" in info.annotation.model_fields}
 
 
 class Feed:
     """Events of one run into an engine, with the envelope, sequence numbers and timestamps (1 s apart)."""
 
     def __init__(self, engine=None, run_id="run-a", experiment="exp", host="node-1"):
-        self.engine = engine or DetectorEngine()
+        self.engine = engine or engine_with()
         self.envelope = {"run_id": run_id, "experiment": experiment, "team": "", "host": host}
         self.seq = 0
         self.alerts = []
@@ -40,7 +47,9 @@ class Feed:
 
 
 def engine_with(**rules):
-    return DetectorEngine(DetectorSettings.model_validate(rules))
+    return DetectorEngine(DetectorSettings.model_validate({rule: IMMEDIATE[rule] | rules.get(rule, {})
+                                                           for rule in IMMEDIATE} | {
+        key: value for key, value in rules.items() if key not in IMMEDIATE}))
 
 
 def falling(n, start=2.0, end=1.0):
@@ -141,7 +150,7 @@ def test_throughput_low_when_sustained_not_on_a_blip():
 
 
 def test_underfitting_when_the_loss_does_not_fall_from_its_start():
-    feed = Feed()
+    feed = Feed(engine_with(underfitting={"window": 20}))
     feed.steps([2.0 + 0.01 * math.sin(i) for i in range(30)])
     feed.steps(falling(40, 2.0, 1.0), start=31)
     assert feed.of("underfitting") == [("firing", 20), ("resolved", 33)]

@@ -58,14 +58,20 @@ def test_a_disabled_rule_is_not_run(monkeypatch, tmp_path):
     assert engine.observe("step", {**record, "loss": float("nan")}) == []
 
 
+HYSTERESIS = ("fire_after", "fire_after_seconds", "clear_after")
+
+
 def test_every_rule_has_settings_and_every_key_is_documented_with_its_default():
     assert [rule.rule_id for rule in RULES] == list(DetectorParameters.model_fields)
     rows = [line for line in DOCS.read_text().splitlines() if line.startswith("| `")]
     for rule, info in DetectorParameters.model_fields.items():
         assert any(row.startswith(f"| `{rule}` |") for row in rows), rule
         for name, field in info.annotation.model_fields.items():
-            if name == "enabled":
+            if name == "enabled" or name in HYSTERESIS:
                 continue
             default = "none" if field.default is None else f"`{field.default}`"
             assert any(row.startswith(f"| `{rule}` |") and f"| `{name}` | {default} |" in row for row in rows), \
                 f"docs/detectors.md: {rule}.{name} (default {default})"
+        if "fire_after" in info.annotation.model_fields:  # the hysteresis table: rule, then its three keys
+            defaults = " | ".join(f"`{info.annotation.model_fields[name].default}`" for name in HYSTERESIS)
+            assert f"| `{rule}` | {defaults} |" in rows, f"docs/detectors.md hysteresis: {rule}"
