@@ -2,22 +2,32 @@
 
     trainer = Trainer(..., callbacks=[TrainwireCallback(experiment="sft-llama3")])
 
-The run ends when training ends, with the adapter files of the last checkpoint as its output artifacts. Used as a
-context manager, the run ends when the block exits instead: training that raises (Trainer then calls no callback)
-ends the run as failed, and `log_artifacts` records the final adapter that `trainer.save_model` writes afterwards:
+When training ends, the run ends with the final adapter as its output artifacts: the files of the trained model's
+first save after training (`trainer.save_model(out)`, which Trainer calls no callback for: the callback wraps the
+model's `save_pretrained` once training has ended), else those of the last checkpoint. Without a save, the run ends
+at the Trainer's next event (an evaluation, another training), END_GRACE_S after training, or at the process's exit,
+whichever comes first. Used as a context manager, the run ends when the block exits instead: training that raises
+(Trainer then calls no callback) ends the run as failed, and `log_artifacts` names the output artifacts:
 
     with TrainwireCallback(experiment="sft-llama3") as tw:
         trainer = Trainer(..., callbacks=[tw])
         trainer.train()
         trainer.save_model(out)
         tw.log_artifacts(out)
+
+Under the Trainer's defaults the callback turns `logging_nan_inf_filter` off (it logs a NaN/Inf loss as a finite
+stand-in), counts the tokens trained on for `tokens_per_s` (a forward pre-hook; the Trainer counts none by default),
+and marks the checkpoints that `save_total_limit` rotated away as deleted. In multi-process training with the stop
+switch, rank 0 broadcasts the stop decision at every step's end, so that every rank stops at the same step.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +41,7 @@ from trainwire.schemas import Event, RunStarted
 
 from .environment import (
     container_image_digest, current_user, determinism_flags, environment_versions, hardware, packages_sha256,
-    sha256_file,
+    prefetch_packages, sha256_file,
 )
 from .gpu import GpuSampler
 from .lineage import config_lineage, dataset_lineage, model_lineage
@@ -45,6 +55,7 @@ _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _RUN_ID_NAMESPACE = uuid.UUID("6f1c8e4a-2b1d-4c55-9a0e-7d3f1b2a9c10")
 _STEP_KEYS = {"loss", "learning_rate", "grad_norm", "epoch"}
 _SKIP_KEYS = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+END_GRACE_S = 5.0  # after training, how long the run waits for a save of the final adapter (outside a `with` block)
 
 
 def _numeric(value: Any) -> float | None:
@@ -98,6 +109,46 @@ def _digest(path: Path, name: str) -> dict[str, Any]:
     return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def _listing(directory: Path) -> dict[Path, tuple[int, int, int]]:
+    """The directory's top-level files, each with what tells a rewrite: (inode, size, mtime in ns)."""
+    found = {}
+    for path in directory.iterdir() if directory.is_dir() else ():
+        if path.is_file():
+            stat = path.stat()
+            found[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+class _TokenCounter:
+    """The tokens of the batches the model trains on, counted by a forward pre-hook: the attention mask's ones (the
+    tokens that are not padding), else the input ids. The sum stays on the batch's device until it is read at a
+    logging step, so counting never makes the training loop wait for the accelerator."""
+
+    def __init__(self, model):
+        self._counted = 0
+        self._on_device = None
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args: tuple, kwargs: dict) -> None:
+        if not module.training:  # an evaluation's batches are no training throughput
+            return
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
+        if getattr(mask, "ndim", 0) == 2:
+            total = mask.sum()
+            self._on_device = total if self._on_device is None else self._on_device + total
+        elif hasattr(ids, "numel"):
+            self._counted += ids.numel()
+
+    def read(self) -> int:
+        if self._on_device is not None:
+            self._counted += int(self._on_device)
+            self._on_device = None
+        return self._counted
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
 class TrainwireCallback(TrainerCallback):
     """Records a Trainer run: run started with its lineage, steps, evals, checkpoints, run ended.
 
@@ -114,6 +165,7 @@ class TrainwireCallback(TrainerCallback):
         unknown = sorted(set(run_started) - (set(RunStarted.model_fields) - set(Event.model_fields)))
         if unknown:
             raise TypeError(f"TrainwireCallback got unknown run started fields: {', '.join(unknown)}")
+        prefetch_packages()  # read while the model and data load, not at train begin
         self.experiment = experiment
         self.run_name = run_name
         self.settings = settings
@@ -135,18 +187,66 @@ class TrainwireCallback(TrainerCallback):
         self._artifacts: list[dict] = []
         self._gpu_only: tuple[GpuSampler, Any, float] | None = None
         self._last_tokens: tuple[float, int] | None = None
+        self._tokens: _TokenCounter | None = None
+        self._world_size = 1
+        self._recorded: dict[Path, int] = {}  # checkpoints recorded and still on disk, by path: their step
+        self._saved: list[dict] = []  # the files of the trained model's save after training
+        self._watched: Any = None  # the trained model, while its save_pretrained is wrapped
+        self._grace: threading.Timer | None = None
+        self._ending = threading.Lock()
+        self._synced_stop = False  # multi-process with the stop switch: rank 0 broadcasts the decision
+        self._sync_group: Any = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model=None, train_dataloader=None, **kwargs) -> None:
+        self._end_after_training()  # this callback's previous training, if its run has not ended yet
         run_id = shared_run_id(self.run_id)
         self._main, self._state, self._status, self._ended = state.is_world_process_zero, state, None, False
-        self._last_checkpoint, self._artifacts = None, []
+        self._last_checkpoint, self._artifacts, self._saved, self._recorded = None, [], [], {}
+        self._show_non_finite_losses(args)
+        self._synced_stop = self._sync_stop(args)
         if not self._main:
             if state.is_local_process_zero and self.sample_gpus:
                 self._sample_gpus_only(args, run_id)
             return
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainwire-hash")
         self.run = self._start(args, run_id, self._run_started(args, state, model, train_dataloader))
+        self._count_tokens(args, state, model)
+
+    def _show_non_finite_losses(self, args: TrainingArguments) -> None:
+        """With `logging_nan_inf_filter` on (the default), the Trainer logs a NaN/Inf loss as a finite stand-in, so
+        `loss_not_finite` could never fire: turn it off (on every rank), and say so. Only the logs change."""
+        if not args.logging_nan_inf_filter:
+            return
+        args.logging_nan_inf_filter = False
+        if self._main:
+            log.warning("trainwire: TrainingArguments.logging_nan_inf_filter turned off, so that a NaN or Inf loss is "
+                        "logged as it is (the filter logs it as a finite stand-in, and loss_not_finite never fires)")
+
+    def _sync_stop(self, args: TrainingArguments) -> bool:
+        """Whether rank 0 broadcasts the stop decision at every step's end (multi-process runs that opted in).
+        Called on every rank: the broadcast goes through a gloo group, created here (a collective) unless the
+        process group is gloo already, so that the decision stays on the CPU."""
+        if not self.stop_on_block or args.world_size <= 1:
+            return False
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if self._main:
+                log.warning("trainwire: %d processes but no torch.distributed process group: the stop switch could "
+                            "not stop every rank; run not opted in", args.world_size)
+            return False
+        if self._sync_group is None and "gloo" not in dist.get_backend():
+            self._sync_group = dist.new_group(backend="gloo")
+        return True
+
+    def _count_tokens(self, args: TrainingArguments, state: TrainerState, model) -> None:
+        """Tokens for `tokens_per_s`: the Trainer's count when it keeps one (`include_num_input_tokens_seen`),
+        else this process's, counted from the model's inputs, times the number of processes."""
+        self._world_size = max(args.world_size, 1)
+        counting = getattr(args, "include_num_input_tokens_seen", False) not in (False, "no", None)
+        self._tokens = None if counting or model is None else _TokenCounter(model)
+        self._last_tokens = (time.monotonic(), self._tokens_seen(state))
 
     def _start(self, args: TrainingArguments, run_id: str, fields: dict[str, Any]) -> Run:
         """`init`, leaving out a field gathered from the environment that run started cannot hold (with a warning):
@@ -171,17 +271,8 @@ class TrainwireCallback(TrainerCallback):
         return {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
 
     def _stop_switch(self, args: TrainingArguments) -> bool:
-        if not self.stop_on_block:
-            return False
-        if args.world_size > 1:
-            # only rank 0 would hear the command: stopping it alone would leave the other ranks hanging
-            log.warning("trainwire: the stop switch is not available in multi-process training; run not opted in")
-            return False
-        if args.logging_nan_inf_filter:
-            log.warning("trainwire: TrainingArguments.logging_nan_inf_filter (on by default) logs a NaN/Inf loss as "
-                        "the mean of earlier losses, so loss_not_finite cannot fire; set it to False for the stop "
-                        "switch to act on a diverging loss")
-        return True
+        # only rank 0 hears the command: without the broadcast, stopping it alone would leave the others hanging
+        return self.stop_on_block and (args.world_size <= 1 or self._synced_stop)
 
     def _experiment(self, args: TrainingArguments) -> str:
         return self.experiment or Path(args.output_dir).name
@@ -221,39 +312,63 @@ class TrainwireCallback(TrainerCallback):
             emitter.flush(timeout)
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        self._stop_if_told(state, control)
+        if self._synced_stop:
+            self._stop_where_rank_zero_was_told(state, control)
+        elif self.run is not None and self.run.should_stop:
+            self._stop(state, control)
 
-    def _stop_if_told(self, state: TrainerState, control: TrainerControl) -> None:
+    def _stop_where_rank_zero_was_told(self, state: TrainerState, control: TrainerControl) -> None:
+        """Every rank stops at the same step: at each step's end rank 0, the one process that hears the stop switch,
+        broadcasts whether its run was told to stop (a one-element CPU tensor)."""
+        import torch
+        import torch.distributed as dist
+
+        told = torch.tensor([int(self.run is not None and self.run.should_stop)])
+        dist.broadcast(told, src=0, group=self._sync_group)
+        if told.item():
+            self._stop(state, control)
+
+    def _stop(self, state: TrainerState, control: TrainerControl) -> None:
         """Told to stop: save a final checkpoint (the Trainer saves before it checks for the stop), then stop."""
-        if self.run is None or not self.run.should_stop or control.should_training_stop:
+        if control.should_training_stop:
             return
-        log.warning("trainwire: stopping training at step %d after a final checkpoint: %s", state.global_step,
-                    self.run.stop_reason)
+        if self.run is not None:
+            log.warning("trainwire: stopping training at step %d after a final checkpoint: %s", state.global_step,
+                        self.run.stop_reason)
         control.should_save = True
         control.should_training_stop = True
 
     def on_log(self, args, state: TrainerState, control, logs: dict | None = None, **kwargs) -> None:
-        self._stop_if_told(state, control)
+        self._end_after_training()
+        if not self._synced_stop and self.run is not None and self.run.should_stop:
+            self._stop(state, control)
         if self.run is None or not logs or "loss" not in logs:
             return
         extra = {k: v for k, v in ((k, _numeric(v)) for k, v in logs.items()
                                    if k not in _STEP_KEYS and k not in _SKIP_KEYS) if v is not None}
+        tokens, tokens_per_s = self._throughput(state)
         self.run.log_step(
             state.global_step, loss=_numeric(logs.get("loss")), learning_rate=_numeric(logs.get("learning_rate")),
-            grad_norm=_numeric(logs.get("grad_norm")), tokens_per_s=self._tokens_per_s(state),
-            epoch=_numeric(logs.get("epoch")), tokens=getattr(state, "num_input_tokens_seen", None) or None,
-            **extra,
+            grad_norm=_numeric(logs.get("grad_norm")), tokens_per_s=tokens_per_s,
+            epoch=_numeric(logs.get("epoch")), tokens=tokens, **extra,
         )
 
-    def _tokens_per_s(self, state: TrainerState) -> float | None:
-        seen = getattr(state, "num_input_tokens_seen", 0) or 0
+    def _tokens_seen(self, state: TrainerState) -> int:
+        if self._tokens is not None:
+            return self._tokens.read() * self._world_size
+        return getattr(state, "num_input_tokens_seen", 0) or 0
+
+    def _throughput(self, state: TrainerState) -> tuple[int | None, float | None]:
+        """Tokens seen so far, and tokens per second since the previous logging step (or training's start)."""
+        seen = self._tokens_seen(state)
         now = time.monotonic()
         previous, self._last_tokens = self._last_tokens, (now, seen)
         if previous is None or not seen or now <= previous[0]:
-            return None
-        return (seen - previous[1]) / (now - previous[0])
+            return seen or None, None
+        return seen, (seen - previous[1]) / (now - previous[0])
 
     def on_evaluate(self, args, state: TrainerState, control, metrics: dict | None = None, **kwargs) -> None:
+        self._end_after_training()
         if self.run is None or not metrics:
             return
         values = {k.removeprefix("eval_"): _numeric(v) for k, v in metrics.items()}
@@ -283,19 +398,67 @@ class TrainwireCallback(TrainerCallback):
                 log.warning("trainwire: checkpoint file %s left out: %s", file, err)
         self._last_checkpoint = (path, files)
         self.run.log_checkpoint(step, path, files, eval_loss)
+        self._recorded[path] = step
+        self._mark_deleted_checkpoints()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control, **kwargs) -> None:
+    def _mark_deleted_checkpoints(self) -> None:
+        """Checkpoints recorded earlier and gone from disk since (rotated away by `save_total_limit`, or by the
+        Trainer at the end of training) get a checkpoint event marking them deleted. On the hasher thread, or
+        once it is shut down."""
+        for path, step in list(self._recorded.items()):
+            if not path.exists():
+                del self._recorded[path]
+                self.run.log_checkpoint_deleted(step, path)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control, model=None, **kwargs) -> None:
         self._stop_gpu_only()
+        self._stop_counting_tokens()
         if self.run is None:
             return
         self._status = "completed" if state.global_step >= state.max_steps else "stopped"
+        self._watch_final_save(model)
         if not self._in_block:
+            atexit.register(self._end_after_training)
+            self._grace = threading.Timer(END_GRACE_S, self._end_after_training)
+            self._grace.daemon = True
+            self._grace.start()
+
+    def on_predict(self, args, state: TrainerState, control, **kwargs) -> None:
+        self._end_after_training()
+
+    def _end_after_training(self) -> None:
+        """Outside a `with` block, end the run whose training ended (what the Trainer does next is after training)."""
+        if self._status is not None and not self._in_block:
             self.finish(self._status)
+
+    def _watch_final_save(self, model) -> None:
+        """Trainer calls no callback when `trainer.save_model` writes the final adapter after training: wrap the
+        trained model's `save_pretrained` (on this instance, until the run ends) to learn what the save wrote."""
+        save = getattr(model, "save_pretrained", None)
+        if save is None or not callable(save):
+            return
+
+        def save_and_record(save_directory, *args, **kwargs):
+            if self._grace is not None:
+                self._grace.cancel()  # the run waits for this save
+            before = _listing(Path(save_directory))
+            saved = save(save_directory, *args, **kwargs)
+            try:
+                after = _listing(Path(save_directory))
+                self._saved = [_digest(f, str(f)) for f in sorted(after) if before.get(f) != after[f]]
+            except OSError as err:
+                log.warning("trainwire: the model saved in %s not recorded: %s", save_directory, err)
+            self._end_after_training()
+            return saved
+
+        model.save_pretrained = save_and_record
+        self._watched = model
 
     def log_artifacts(self, path: str | Path) -> list[dict]:
         """Record `path` (a file, or a directory's top-level files) as the run's output artifacts, replacing the
-        default (the last checkpoint's adapter files). Call it after `trainer.save_model(path)`, inside the `with`
-        block so that the run has not ended yet. Returns the digests; a process other than rank 0 records none."""
+        default (the files of the model's save after training, else the last checkpoint's adapter files). Call it
+        inside the `with` block so that the run has not ended yet. Returns the digests; a process other than rank 0
+        records none."""
         if not self._main:
             return []
         path = Path(path)
@@ -312,22 +475,40 @@ class TrainwireCallback(TrainerCallback):
         return digests
 
     def _output_artifacts(self) -> list[dict]:
-        if self._artifacts or self._last_checkpoint is None:
-            return self._artifacts
+        if self._artifacts or self._saved or self._last_checkpoint is None:
+            return self._artifacts or self._saved
         path, files = self._last_checkpoint
         return [{**f, "name": str(path / f["name"])} for f in files if f["name"] in ADAPTER_FILES]
 
     def finish(self, status: str = "completed", error: str | None = None) -> bool:
-        """End the run (once): wait for checkpoint hashing, emit run ended with the output artifacts, flush."""
+        """End the run (once): wait for checkpoint hashing, mark the checkpoints gone from disk, emit run ended with
+        the output artifacts, flush."""
         self._stop_gpu_only()
-        if self.run is None:
-            return True
-        self._ended = True
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=True)
-        state = self._state  # the Trainer's own, updated in place: right even when training raised
-        return self.run.finish(status, error, self._output_artifacts(), epochs=state.epoch,
-                               completed_steps=state.global_step)
+        with self._ending:  # the grace timer's thread may be ending it too
+            if self.run is None or self._ended:
+                return True
+            self._ended, self._status = True, None
+            self._stop_counting_tokens()
+            self._stop_waiting_for_the_final_save()
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
+                self._mark_deleted_checkpoints()
+            state = self._state  # the Trainer's own, updated in place: right even when training raised
+            return self.run.finish(status, error, self._output_artifacts(), epochs=state.epoch,
+                                   completed_steps=state.global_step)
+
+    def _stop_counting_tokens(self) -> None:
+        if self._tokens is not None:
+            self._tokens.remove()
+
+    def _stop_waiting_for_the_final_save(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        atexit.unregister(self._end_after_training)
+        if self._watched is not None:
+            vars(self._watched).pop("save_pretrained", None)
+            self._watched = None
 
     def __enter__(self) -> TrainwireCallback:
         self._in_block = True

@@ -162,6 +162,14 @@ class Run:
         # is_best: whether eval_loss is at most the best eval so far (the sender fills it in, in logging order)
         self._emit(Checkpoint, {"step": step, "path": path, "files": files or [], "eval_loss": eval_loss})
 
+    def log_checkpoint_deleted(self, step: int, path: str | Path) -> None:
+        """Mark the checkpoint logged at `step` and `path` as gone from disk (e.g. rotated away by the trainer)."""
+        try:
+            path = representable(path)
+        except TypeError:
+            pass
+        self._emit(Checkpoint, {"step": step, "path": path, "files": [], "deleted": True})
+
     def log_gpu(self, **sample: Any) -> None:
         self._emit(GpuSample, sample)
 

@@ -187,6 +187,8 @@ class Checkpoint(Event):
     files: list[FileDigest] = Field(default_factory=list)
     eval_loss: float | None = None
     is_best: bool | None = None
+    # v2: True marks the checkpoint recorded at `path` as gone from disk (e.g. rotated by save_total_limit)
+    deleted: bool | None = None
 
 
 class RunEnded(Event):

@@ -53,6 +53,14 @@ def _training_args(started: Row, artifacts: list[dict]) -> dict[str, Any]:
     return {"source": None, "sha256": None}
 
 
+def _checkpoints(rows: list[Row]) -> list[dict[str, Any]]:
+    """Each recorded checkpoint once, `deleted` when a later marker says it is gone from disk (checkpoint v2)."""
+    gone = {(c["step"], c["path"]) for c in rows if c.get("deleted")}
+    return [{"step": c["step"], "path": c["path"], "eval_loss": c.get("eval_loss"), "is_best": c.get("is_best"),
+             "created_at": iso_utc(c.get("ts")), "files": _files(c.get("files") or []),
+             "deleted": (c["step"], c["path"]) in gone} for c in rows if not c.get("deleted")]
+
+
 def build_audit_record(started: Row | None, ended: Row | None, checkpoints: list[Row],
                        final_metrics: dict[str, float], gates: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The record from stored rows (run started, run ended, checkpoints), the run's final metrics and its latest
@@ -91,9 +99,7 @@ def build_audit_record(started: Row | None, ended: Row | None, checkpoints: list
             "error": ended.get("error"), "total_steps": started.get("total_steps"),
             "completed_steps": ended.get("completed_steps"), "total_epochs": started.get("total_epochs"),
             "epochs": ended.get("epochs"),
-            "checkpoints": [{"step": c["step"], "path": c["path"], "eval_loss": c.get("eval_loss"),
-                             "is_best": c.get("is_best"), "created_at": iso_utc(c.get("ts")),
-                             "files": _files(c.get("files") or [])} for c in checkpoints],
+            "checkpoints": _checkpoints(checkpoints),
             "metrics_summary": {"initial_loss": ended.get("initial_loss"), "final_loss": ended.get("final_loss"),
                                 "best_eval_loss": ended.get("best_eval_loss"),
                                 "best_checkpoint": ended.get("best_checkpoint")},

@@ -49,7 +49,7 @@ SELECT s.run_id AS run_id, s.experiment AS experiment, s.run_name AS run_name, s
        s.total_steps AS total_steps,
        (SELECT count() FROM steps FINAL WHERE run_id = rid) AS steps_logged,
        (SELECT count() FROM evals FINAL WHERE run_id = rid) AS evals_logged,
-       (SELECT count() FROM checkpoints FINAL WHERE run_id = rid) AS checkpoints,
+       (SELECT count() FROM checkpoints FINAL WHERE run_id = rid AND NOT ifNull(deleted, false)) AS checkpoints,
        (SELECT max(step) FROM steps FINAL WHERE run_id = rid) AS last_step,
        if(under_way, (SELECT argMax(loss, step) FROM steps FINAL WHERE run_id = rid), e.final_loss) AS final_loss,
        if(under_way, if(h.ts >= s.ts, h.events_dropped, NULL), e.events_dropped) AS events_dropped,
@@ -87,7 +87,7 @@ class StoreReader(GovernanceReads, ViewReads):
 
     def checkpoints(self, run_id: str) -> list[Row]:
         return self._rows(
-            "SELECT step, ts, path, files, eval_loss, is_best FROM checkpoints FINAL "
+            "SELECT step, ts, path, files, eval_loss, is_best, deleted FROM checkpoints FINAL "
             "WHERE run_id = {run_id:String} ORDER BY step",
             run_id=run_id,
         )

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import time
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +16,7 @@ peft = pytest.importorskip("peft")
 from trainwire.consumers.service import build_ingest  # noqa: E402
 from trainwire.infra.store import connect_store  # noqa: E402
 from trainwire.infra.store.read import StoreReader  # noqa: E402
-from trainwire.producers import TrainwireCallback  # noqa: E402
+from trainwire.producers import TrainwireCallback, hf_callback  # noqa: E402
 from trainwire.producers.environment import packages_sha256  # noqa: E402
 from trainwire.producers.hf_callback import shared_run_id  # noqa: E402
 from trainwire.producers.lineage import sha256_rows  # noqa: E402
@@ -62,6 +63,19 @@ def stored(settings) -> tuple[StoreReader, object]:
     return StoreReader(client), client
 
 
+def stored_once_ended(settings, run_id: str, timeout: float = 20.0) -> tuple[StoreReader, object]:
+    """Ingest until the run's end is stored: a run that no save follows ends by itself, END_GRACE_S after training."""
+    pipeline = build_ingest(settings, on_alert=lambda a: None)
+    client = connect_store(settings.store_dsn)
+    reader, deadline = StoreReader(client), time.monotonic() + timeout
+    try:
+        while pipeline.drain(idle_seconds=0.2) and reader.run_summary(run_id)["status"] == "running":
+            assert time.monotonic() < deadline, f"run {run_id} did not end within {timeout}s"
+    finally:
+        pipeline.close()
+    return reader, client
+
+
 def run_ended(client, run_id: str) -> dict:
     (row,) = client.query("SELECT * FROM run_ended FINAL WHERE run_id = {r:String}", parameters={"r": run_id}
                           ).named_results()
@@ -73,17 +87,18 @@ def sha256_of(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_trainer_run_is_recorded(any_settings, tmp_path, caplog):
+def test_trainer_run_is_recorded(any_settings, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(hf_callback, "END_GRACE_S", 0.2)  # no save follows training: the run ends by itself
     config_file = tmp_path / "train.yaml"
     config_file.write_text("learning_rate: 0.001\nlogging_steps: 2\n")
     callback = TrainwireCallback(experiment="tiny-lora", settings=any_settings, sample_gpus=False,
                                  config_file=config_file)
     train_dataset = TokenDataset(96)
     trainer_for(tmp_path, callback, train_dataset).train()
-    assert callback.log_artifacts(tmp_path / "out" / "checkpoint-6") and "already ended" in caplog.text
 
-    reader, client = stored(any_settings)
     run_id = callback.run.run_id
+    reader, client = stored_once_ended(any_settings, run_id)
+    assert callback.log_artifacts(tmp_path / "out" / "checkpoint-6") and "already ended" in caplog.text
     counts = reader.event_counts([run_id])
     assert counts["steps"] == 6 and counts["evals"] == 2 and counts["checkpoints"] == 2
     assert counts["run_started"] == counts["run_ended"] == 1
@@ -152,6 +167,28 @@ def test_the_with_block_records_the_final_adapter_and_a_dataset_file(local_setti
     assert "adapter_model.safetensors" in {p.name for p in on_disk}
     assert ended["artifacts"] == [{"name": str(p), "size": p.stat().st_size, "sha256": sha256_of(p)} for p in on_disk]
     assert logged == ended["artifacts"]
+
+
+@pytest.mark.slow
+def test_the_adapter_saved_after_training_is_the_runs_output(local_settings, tmp_path):
+    callback = TrainwireCallback(experiment="tiny-lora", settings=local_settings, sample_gpus=False)
+    trainer = trainer_for(tmp_path, callback, TokenDataset(32), max_steps=2, eval_strategy="no", save_steps=1)
+    trainer.train()
+    final = tmp_path / "final"
+    trainer.save_model(str(final))  # no callback for it; the run ends with what it wrote
+    trainer.evaluate()  # after the run ended: its post-training record
+
+    reader, client = stored(local_settings)
+    run_id = callback.run.run_id
+    ended = run_ended(client, run_id)
+    assert (ended["status"], ended["completed_steps"]) == ("completed", 2)
+    model_files = sorted(p for p in final.iterdir() if p.name != "training_args.bin")  # Trainer writes it after
+    assert "adapter_model.safetensors" in {p.name for p in model_files}
+    assert ended["artifacts"] == [{"name": str(p), "size": p.stat().st_size, "sha256": sha256_of(p)}
+                                  for p in model_files]
+    (evaluation,) = reader.evals(run_id)
+    assert evaluation["ts"] >= ended["ts"]
+    assert "save_pretrained" not in vars(trainer.model)  # the model is left as it was
 
 
 class Explode(transformers.TrainerCallback):

@@ -83,8 +83,7 @@ def train(tmp_path: Path, callback: TrainwireCallback, max_steps: int, after_nan
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
         logging_steps=1, save_strategy="no", eval_strategy="no", seed=7, report_to=[], use_cpu=True,
-        disable_tqdm=True,
-        logging_nan_inf_filter=False,  # Trainer's default replaces a NaN loss in the logs by the mean so far
+        disable_tqdm=True,  # logging_nan_inf_filter left on (the default): the callback turns it off
     )
     trainer = NanLossTrainer(model=tiny_lora_model(), args=args, train_dataset=TokenDataset(64),
                              callbacks=[callback, RealisticStepTime(after_nan)])
