@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,14 +21,22 @@ log = logging.getLogger(__name__)
 _COUNTABLE = {".jsonl", ".json"}
 
 
-def sha256_tree(path: Path) -> str:
-    """A file's hash, or for a directory one hash over every file's relative path and hash, sorted by path."""
+def sha256_tree(path: Path, skip_hidden: bool = False) -> str:
+    """A file's hash, or for a directory one hash over every file's relative path and hash, sorted by path
+    (`skip_hidden`: leaving out what lies under a name starting with a dot, such as a download cache)."""
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    for file in sorted((f for f in path.rglob("*") if f.is_file()), key=lambda f: f.relative_to(path).as_posix()):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    for name, file in tree_files(path, skip_hidden):
+        digest.update(f"{name}\0{sha256_file(file)}\n".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def tree_files(path: Path, skip_hidden: bool = False) -> list[tuple[str, Path]]:
+    """(relative path, file) of every file under a directory, sorted by relative path."""
+    files = ((f.relative_to(path).as_posix(), f) for f in path.rglob("*") if f.is_file())
+    return sorted((name, f) for name, f in files
+                  if not (skip_hidden and any(part.startswith(".") for part in name.split("/"))))
 
 
 def canonical_row(row: Any) -> str:
@@ -90,14 +99,19 @@ def dataset_lineage(dataset: Any) -> dict[str, Any]:
 
 
 def _dataset_info(dataset: Any) -> dict[str, Any]:
-    """What a Hugging Face `datasets.Dataset` says about itself in its DatasetInfo."""
+    """What a Hugging Face `datasets.Dataset` says about itself in its DatasetInfo. A dataset read from local files
+    is named after the builder that read them (`json`, `csv`, …) with version 0.0.0: neither says where the data
+    came from or which version it is, so neither is recorded."""
     info = getattr(dataset, "info", None)
     if info is None:
         return {}
-    version = getattr(info, "version", None)
+    name = getattr(info, "dataset_name", None)
+    if name and name == getattr(info, "builder_name", None):
+        name = None
+    version = str(getattr(info, "version", None) or "")
     found = {"dataset_license": getattr(info, "license", None) or None,
-             "dataset_source": getattr(info, "homepage", None) or getattr(info, "dataset_name", None) or None,
-             "dataset_version": str(version) if version else None}
+             "dataset_source": getattr(info, "homepage", None) or name or None,
+             "dataset_version": version if version not in ("", "0.0.0") else None}
     return {k: v for k, v in found.items() if v}
 
 
@@ -121,9 +135,20 @@ def model_lineage(model: Any) -> dict[str, Any]:
 
 
 def config_lineage(config_file: Path | None) -> dict[str, Any]:
-    """The config file's name and hash, and the git state of the repository holding it (or the working dir)."""
+    """The config file's path in the git repository holding it (else its name) and hash, and that repository's
+    git state (or the working directory's)."""
     commit, dirty = git_state(config_file.parent if config_file else None)
     fields: dict[str, Any] = {"git_commit": commit, "git_dirty": dirty}
     if config_file is not None:
-        fields.update(config_file=config_file.name, config_sha256=sha256_file(config_file))
+        fields.update(config_file=_path_in_repository(config_file) if commit else config_file.name,
+                      config_sha256=sha256_file(config_file))
     return fields
+
+
+def _path_in_repository(path: Path) -> str:
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=str(path.resolve().parent),
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return path.resolve().relative_to(Path(top).resolve()).as_posix()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return path.name

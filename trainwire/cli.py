@@ -6,8 +6,10 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -441,6 +443,57 @@ def cmd_store_ddl(args: argparse.Namespace) -> int:
     return 0
 
 
+_LLAMAFACTORY_KEYWORDS = ("experiment", "run_name", "team", "dataset_source", "dataset_license", "dataset_version")
+
+
+def _llamafactory_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given (a config's `trainwire:` section gives the rest) as LlamaFactoryCallback keywords."""
+    keywords = {name: getattr(args, name) for name in _LLAMAFACTORY_KEYWORDS if getattr(args, name) is not None}
+    if args.dataset_preprocessing:
+        keywords["dataset_preprocessing"] = args.dataset_preprocessing
+    if args.tag:
+        pairs = [tag.partition("=") for tag in args.tag]
+        if bad := [key for key, sep, _ in pairs if not sep or not key]:
+            raise ValueError(f"--tag {bad[0]!r}: expected KEY=VALUE")
+        keywords["tags"] = {key: value for key, _, value in pairs}
+    if args.stop_on_block:
+        keywords["stop_on_block"] = True
+    return keywords
+
+
+def _llamafactory_options(args: argparse.Namespace) -> list[str]:
+    """The options again, for `trainwire llamafactory train` relaunched under torchrun."""
+    options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _LLAMAFACTORY_KEYWORDS
+               if getattr(args, name) is not None]
+    options += [f"--dataset-preprocessing={step}" for step in args.dataset_preprocessing or []]
+    options += [f"--tag={tag}" for tag in args.tag or []]
+    options += ["--stop-on-block"] * args.stop_on_block + [f"--kafka={args.kafka}"] * bool(args.kafka)
+    return options + ["--json"] * args.json
+
+
+def cmd_llamafactory_train(args: argparse.Namespace) -> int:
+    from trainwire.producers import llamafactory
+
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    if not arguments:
+        raise ValueError("llamafactory train: give CONFIG.yaml [key=value …] (or -- --flag value …), as "
+                         "llamafactory-cli train takes")
+    keywords = _llamafactory_keywords(args)
+    read = llamafactory.read_args(arguments)  # a bad config is refused here, before any process is launched
+    launch = llamafactory.torchrun_command(["llamafactory", "train", *_llamafactory_options(args), "--", *arguments],
+                                           os.environ, llamafactory.device_count())
+    if launch is not None:
+        command, env = launch
+        print(f"trainwire: launching {' '.join(command)}", file=sys.stderr)
+        return subprocess.run(command, env=env).returncode
+    callback = llamafactory.run_exp(read, settings=_settings(args), **keywords)
+    summary = callback.summary()
+    if summary is not None:
+        _emit(args, summary, f"trainwire: run {summary['run_id']} {summary['status']} after "
+                             f"{summary['completed_steps']} steps (trainwire run {summary['run_id']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainwire", description="Telemetry pipeline for LLM fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -545,6 +598,28 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--actor", help="who acts (default: $USER)")
     registry.add_argument("--reason", help="why (required to archive)")
     registry.set_defaults(func=cmd_registry)
+
+    llamafactory = sub.add_parser("llamafactory", help="train with LLaMA-Factory, recorded by trainwire")
+    llamafactory_sub = llamafactory.add_subparsers(dest="llamafactory_command", required=True)
+    lf_train = llamafactory_sub.add_parser(
+        "train", help="llamafactory-cli train with trainwire's callback (torchrun on several devices, as it does)",
+        description="Takes what `llamafactory-cli train` takes: CONFIG.yaml (or .json) and key=value overrides, or "
+                    "-- and --flag value arguments. trainwire's options go before them; a `trainwire:` section "
+                    "in the config gives the same keywords (docs/llamafactory.md).")
+    lf_train.add_argument("--experiment", help="experiment name (default: output_dir's name)")
+    lf_train.add_argument("--run-name", help="run name (default: TrainingArguments.run_name)")
+    lf_train.add_argument("--team", help="team/tenant (default: TRAINWIRE_TEAM)")
+    lf_train.add_argument("--dataset-source", metavar="SOURCE", help="where the data came from, e.g. hf:tatsu-lab/alpaca")
+    lf_train.add_argument("--dataset-license", metavar="LICENSE", help="the dataset's licence, e.g. cc-by-nc-4.0")
+    lf_train.add_argument("--dataset-version", metavar="VERSION", help="the dataset's version or revision")
+    lf_train.add_argument("--dataset-preprocessing", metavar="STEP", action="append",
+                          help="a preprocessing step beyond LLaMA-Factory's arguments (repeatable)")
+    lf_train.add_argument("--tag", metavar="KEY=VALUE", action="append", help="a tag on the run (repeatable)")
+    lf_train.add_argument("--stop-on-block", action="store_true", help="opt in to the stop switch")
+    lf_train.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers (default: the local log)")
+    lf_train.add_argument("--json", action="store_true", help="print the run's summary as one JSON object")
+    lf_train.add_argument("arguments", nargs=argparse.REMAINDER, metavar="CONFIG.yaml [key=value …]")
+    lf_train.set_defaults(func=cmd_llamafactory_train)
 
     dashboard = command("dashboard", "serve the Streamlit dashboard")
     dashboard.add_argument("--port", type=int, default=8501)
