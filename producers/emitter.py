@@ -3,6 +3,10 @@
 Validation (pydantic) and Avro encoding happen on the sender thread, so `Run.log_step` costs one tuple and
 one `put_nowait`. The queue is bounded; what does not fit is counted as dropped (never blocking training).
 
+The sender never holds the GIL long against the training thread: it works through a backlog in slices of about a
+millisecond and sleeps briefly between them (a thread that runs Python without pause keeps the training thread
+waiting for the interpreter's switch interval, 5 ms).
+
 The sender never dies: an event that cannot be validated, encoded or handed to the transport is dropped, counted
 (per run and per process) and logged once per kind of error; every later event still goes out. Each run's tally
 (tally.py) keeps, on this thread, what the run lost and the summary of its valid events: its heartbeats and run
@@ -29,8 +33,10 @@ from .tally import RunTally
 
 log = logging.getLogger(__name__)
 
-_BATCH = 1_000  # small enough that one batch never holds the GIL long against the training thread
+_BATCH = 1_000  # events handed to the transport per flush
 LINGER_SECONDS = 0.02
+SLICE_SECONDS = 0.001  # the most the sender works without letting go of the GIL, while events wait
+YIELD_SECONDS = 0.0002  # how long it then lets go: a real sleep, so that a waiting thread does take the GIL
 MAX_REPORTED = 1_000  # kinds of error logged once each; past that they are only counted
 BACKLOG_CACHE_SECONDS = 1.0
 _REPORTS_BACKLOG = (Heartbeat, RunEnded)  # the events that carry the spool's backlog (v2)
@@ -92,31 +98,35 @@ class Emitter:
                 if self._closed:
                     return
                 continue
-            batch = [first]
+            if not self._flushing.is_set():
+                # Let events gather: one transport write and one GIL hand-over per batch, not per event.
+                self._flushing.wait(LINGER_SECONDS)
             try:
-                self._send_batch(batch)
+                self._send_batch(first)
             except Exception:  # never reached in practice (each event is guarded): the sender must outlive anything
                 self.send_errors += 1
                 log.exception("trainwire sender: unexpected error; going on")
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
 
-    def _send_batch(self, batch: list[Pending]) -> None:
-        """Send `batch` (one event, to which the events queued meanwhile are added)."""
-        if not self._flushing.is_set():
-            # Let events gather: one spool write and one GIL hand-over per batch, not per event.
-            self._flushing.wait(LINGER_SECONDS)
-        while len(batch) < _BATCH:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for pending in batch:
+    def _send_batch(self, first: Pending) -> None:
+        """Send `first` and up to a batch of the events queued meanwhile, then flush the transport. Each event is a
+        finished task once handed over (or refused), so `flush` waits for what the sender holds too."""
+        pending = first
+        slice_started = time.perf_counter()
+        for count in range(_BATCH):
+            if count:
+                try:
+                    pending = self._queue.get_nowait()
+                except queue.Empty:
+                    break
             try:
                 self._send_one(*pending)
             except Exception as err:
                 self._refused(pending[0], pending[2], err, invalid=False)
+            finally:
+                self._queue.task_done()
+            if time.perf_counter() - slice_started >= SLICE_SECONDS and not self._flushing.is_set():
+                time.sleep(YIELD_SECONDS)  # not while flush waits: the thread that called it is waiting for us
+                slice_started = time.perf_counter()
         try:
             self._producer.flush(0)
         except Exception as err:  # the transport will retry on the next flush; never kill the sender

@@ -129,11 +129,14 @@ class Run:
         tokens: int | None = None,
         **extra: float,
     ) -> None:
-        self._emit(Step, {
+        fields = {
             "step": step, "loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "epoch": epoch, "samples_per_s": samples_per_s,
-            "batch_time_s": batch_time_s, "tokens": tokens, "extra": extra,
-        })
+            "batch_time_s": batch_time_s, "tokens": tokens,
+        }
+        if extra:  # an empty dict left out too: fields of plain values are a dict the garbage collector skips
+            fields["extra"] = extra
+        self._emit(Step, fields)
 
     def log_eval(
         self,
@@ -146,10 +149,13 @@ class Run:
         **metrics: float,
     ) -> None:
         loss = None if eval_loss is None else number(eval_loss)
-        self._emit(Eval, {
+        fields = {
             "step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
-            "perplexity": Eval.perplexity_of(loss), "epoch": epoch, "runtime_s": runtime_s, "metrics": metrics,
-        })
+            "perplexity": Eval.perplexity_of(loss), "epoch": epoch, "runtime_s": runtime_s,
+        }
+        if metrics:
+            fields["metrics"] = metrics
+        self._emit(Eval, fields)
 
     def log_checkpoint(self, step: int, path: str | Path, files: list[dict] | None = None,
                        eval_loss: float | None = None) -> None:

@@ -6,6 +6,11 @@ So training never waits for the broker, an outage only makes the spool grow on d
 reached the spool. What is still spooled at exit stays on disk: the next producer on this machine (or
 `trainwire spool replay`) adopts spools whose owner is gone and sends them. A message delivered but not yet
 deleted when the process died is sent again; event ids make that one stored row.
+
+The forwarder shares the process with training: it hands rows to librdkafka in slices of about a millisecond and
+sleeps briefly between them, so the training thread never waits long for the GIL, and a message in flight holds
+no object the garbage collector tracks (its delivery is matched to its row by its bytes), so an outage that leaves
+100,000 messages in flight does not make every full collection of the training process longer.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from .base import LogProducer
 from .kafka import librdkafka_log, producer_config
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 100_000
 READ_BATCH = 1_000
+SLICE_SECONDS = 0.001  # the most the forwarder works without letting go of the GIL while rows wait
+YIELD_SECONDS = 0.0002  # then a real sleep, so that a thread waiting for the GIL takes it
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB,
                                     value BLOB NOT NULL);
@@ -60,6 +68,10 @@ class Spool:
         self.deleted_through = 0
         self.outstanding: deque[int] = deque()
         self.delivered: set[int] = set()
+        # row id of each message in flight, by its bytes (unique: every event has its own id); the delivery report
+        # carries the bytes back. Plain values only: no closure per message for the garbage collector to walk.
+        self.in_flight: dict[bytes, int] = {}
+        self.on_delivery: Callable[[KafkaError | None, Message], None] | None = None  # set by its forwarder
 
     @classmethod
     def create(cls, directory: Path) -> Spool:
@@ -142,6 +154,8 @@ class SpoolingProducer(LogProducer):
         orphans = Spool.orphans(spool_dir) if adopt_orphans else []
         self.adopted = len(orphans)
         self._sources = [*orphans, self._own]
+        for spool in self._sources:
+            spool.on_delivery = self._report_for(spool)
         self._buffer: list[tuple[str, bytes, bytes]] = []
         self._buffer_lock = threading.Lock()
         self._sources_lock = threading.Lock()
@@ -190,17 +204,34 @@ class SpoolingProducer(LogProducer):
     def _forward(self, spool: Spool) -> int:
         room = MAX_IN_FLIGHT - len(spool.outstanding)
         rows = spool.read(min(READ_BATCH, room)) if room > 0 else []
+        slice_started = time.perf_counter()
         for row in rows:
             row_id, topic, key, value = row
             spool.outstanding.append(row_id)
+            if value in spool.in_flight:  # the same bytes twice in flight (never from the SDK): a report of its own
+                on_delivery = lambda err, msg, s=spool, r=row: self._delivered(s, r, err)  # noqa: E731
+            else:
+                spool.in_flight[value] = row_id
+                on_delivery = spool.on_delivery
             while True:
                 try:
-                    self._kafka.produce(topic, value=value, key=key,
-                                        on_delivery=lambda err, _msg, s=spool, r=row: self._delivered(s, r, err))
+                    self._kafka.produce(topic, value=value, key=key, on_delivery=on_delivery)
                     break
                 except BufferError:
                     self._kafka.poll(0.05)
+            if time.perf_counter() - slice_started >= SLICE_SECONDS:
+                time.sleep(YIELD_SECONDS)
+                slice_started = time.perf_counter()
         return len(rows)
+
+    def _report_for(self, spool: Spool) -> Callable[[KafkaError | None, Message], None]:
+        """The delivery report callback shared by a spool's messages in flight."""
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            value = msg.value()
+            row_id = spool.in_flight.pop(value)
+            self._delivered(spool, (row_id, msg.topic(), msg.key(), value), err)
+
+        return delivered
 
     def _delivered(self, spool: Spool, row: tuple, err: KafkaError | None) -> None:
         if err is None:
