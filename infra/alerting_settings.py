@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from trainwire.schemas.events import AlertState, Severity
 
 SinkKind = Literal["console", "webhook", "pagerduty", "slack", "alertmanager"]
+GroupLabel = Literal["experiment", "team", "host"]
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
 
@@ -33,6 +34,9 @@ class SinkSettings(BaseModel):
     teams: tuple[str, ...] = Field(default=(), description="teams routed to this sink; empty: every team")
     states: tuple[AlertState, ...] = Field(default=("firing", "resolved"), description="firing, resolved or both")
     timeout_seconds: float = Field(default=5.0, gt=0, le=600, description="per HTTP request")
+    rate_limit_per_minute: int = Field(default=30, ge=0, le=10_000, description="firing pages this sink sends in "
+                                       "any 60 s at most; what it holds back goes out as one summary page once "
+                                       "the minute allows (0: no limit)")
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -66,10 +70,29 @@ class AlertingSettings(BaseModel):
                                          "long after it arrived is marked failed (shown by `trainwire alerts "
                                          "status`)")
     dashboard_url: str = Field(default="", description="links in pages point here (e.g. http://ops:8501)")
+    # Noise control (docs/alerting.md, "Pages people trust"): flapping, grouping, holds and silences.
+    resolve_hold_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False, description="a resolution "
+                                        "is paged once its run and rule stayed clear this long; firing again "
+                                        "within it continues the same page")
+    flap_threshold: int = Field(default=3, ge=1, le=1000, description="a run and rule that fires more than this "
+                                "many times within flap_window_seconds is flapping: one page, one resolution")
+    flap_window_seconds: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600, allow_inf_nan=False,
+                                       description="the window flapping is counted in")
+    flap_settle_seconds: float = Field(default=300.0, gt=0, le=24 * 3600, allow_inf_nan=False, description="a "
+                                       "flapping incident resolves once its run and rule stayed clear this long")
+    group_by: tuple[GroupLabel, ...] = Field(default=("experiment",), description="pages of one rule are grouped "
+                                             "per these labels (experiment, team, host); empty: per rule")
+    group_wait_seconds: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False, description="the first "
+                                      "page of a group goes at once; the group's further runs are batched into one "
+                                      "page this often (0: no grouping)")
+    silence_refresh_seconds: float = Field(default=5.0, ge=0.1, le=300, allow_inf_nan=False, description="how "
+                                           "often the alert consumer reads the silences again")
 
     @model_validator(mode="after")
     def _unique_names(self) -> AlertingSettings:
         names = [sink.sink_name for sink in self.sinks]
         if duplicated := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"sink names must be unique; give each a name: {', '.join(duplicated)}")
+        if len(set(self.group_by)) != len(self.group_by):
+            raise ValueError(f"group_by names a label twice: {', '.join(self.group_by)}")
         return self

@@ -3,7 +3,10 @@ its own pages. A retryable failure backs off exponentially (with jitter) up to a
 `give_up_after_seconds`, or refused outright by its endpoint, is marked failed and logged.
 
 A worker claims one page at a time, the one it is about to send, so a process that dies holds at most one page per
-sink, and a successor takes it over at once (see outbox.py)."""
+sink, and a successor takes it over at once (see outbox.py).
+
+A sink's `rate_limit_per_minute` caps the firing pages it sends in any 60 s: a page over the limit is not dropped
+but moved into the sink's summary page, sent as soon as the minute allows, listing everything held back."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ class SinkWorker:
         self._stop = threading.Event()
         self._unrecorded: set[tuple[str, str]] = set()  # delivered, but the outbox could not record it then
         self._thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
-        self.delivered = self.retried = self.failed = 0
+        self.delivered = self.retried = self.failed = self.held_back = 0
 
     def start(self) -> SinkWorker:
         self._thread.start()
@@ -63,13 +66,18 @@ class SinkWorker:
             self._outbox.delivered(delivery)
             self._unrecorded.discard(page)
             return
+        if self._held_back(delivery):
+            return
         if delivery.unsettled_attempt_by:
             log.warning("alerting: %s sends %s (%s) again: %s was sending it and stopped before it knew the "
                         "outcome, so it may have reached the receiver already (which can de-duplicate it by its "
                         "key)", self.sink.name, delivery.alert.dedup_key, delivery.alert.state,
                         holders.describe(delivery.unsettled_attempt_by))
         try:
-            self.sink.deliver(delivery.alert)
+            if delivery.members:
+                self.sink.deliver_bundle(delivery)
+            else:
+                self.sink.deliver(delivery.alert)
         except Exception as err:  # a sink's bug must not stop its worker: treat it as a retryable failure
             self._failed(delivery, err)
             return
@@ -81,6 +89,20 @@ class SinkWorker:
             raise
         if self._on_delivered is not None:
             self._on_delivered(self.sink.name, delivery.alert)
+
+    def _held_back(self, delivery: Delivery) -> bool:
+        """Whether the sink's rate limit holds this firing page back (into its summary page, sent later)."""
+        limit = getattr(getattr(self.sink, "settings", None), "rate_limit_per_minute", 0)
+        if not limit or delivery.alert.state != "firing" or delivery.unsettled_attempt_by:
+            return False
+        until = self._outbox.rate_limited_until(self.sink.name, limit)
+        if until is None:
+            return False
+        summary = self._outbox.hold_back(delivery, until)
+        self.held_back += 1
+        log.warning("alerting: %s sent %d pages in the last minute (its limit): %s is held back into %s, sent in "
+                    "%.0fs", self.sink.name, limit, delivery.alert.dedup_key, summary, max(0.0, until - time.time()))
+        return True
 
     def _failed(self, delivery: Delivery, err: Exception) -> None:
         error = str(err) if isinstance(err, SinkError) else f"{type(err).__name__}: {err}"

@@ -18,6 +18,8 @@ from typing import Protocol
 from trainwire.infra.alerting_settings import AlertingSettings, SinkSettings
 from trainwire.schemas import Alert
 
+from .outbox import Delivery
+
 log = logging.getLogger(__name__)
 USER_AGENT = "trainwire-alerts/1"
 RETRYABLE_HTTP = frozenset({408, 425, 429})  # and every 5xx
@@ -26,6 +28,9 @@ SLACK_ICON = {"block": ":rotating_light:", "critical": ":red_circle:", "warning"
 # Alertmanager resolves an alert that is not sent again within its resolve_timeout unless endsAt says otherwise;
 # a firing incident is sent once, so it is sent with an endsAt this far ahead (its resolution sets the real one).
 ALERTMANAGER_FIRING_FOR = timedelta(hours=24)
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2, "block": 3}
+BUNDLE_WHY = {"rate_limited": " (held back by the rate limit)", "silence_ended": " (still firing when a silence ended)"}
+LISTED_RUNS = 10  # in a bundle's one-line summary; the payloads list them all
 
 
 class SinkError(RuntimeError):
@@ -39,6 +44,7 @@ class SinkError(RuntimeError):
 
 class Sink(Protocol):
     name: str
+    pages_people: bool  # honours silences, grouping, flapping and the rate limit (the stop switch does not)
 
     def accepts(self, alert: Alert) -> bool: ...
 
@@ -52,6 +58,24 @@ def describe(alert: Alert) -> str:
     step = f" at step {alert.step}" if alert.step is not None else ""
     verb = "RESOLVED" if alert.state == "resolved" else alert.severity.upper()
     return f"[{verb}] {alert.rule} on run {alert.run_id} ({alert.experiment}){step}: {alert.message}"
+
+
+def runs_of(alerts: tuple[Alert, ...]) -> list[str]:
+    return list(dict.fromkeys(alert.run_id for alert in alerts))
+
+
+def describe_bundle(delivery: Delivery) -> str:
+    """One line for a page of several incidents: what, on how many runs, which."""
+    alerts, runs = delivery.members, runs_of(delivery.members)
+    rules = sorted({a.rule for a in alerts})
+    experiments = sorted({a.experiment for a in alerts})
+    worst = max((a.severity for a in alerts), key=SEVERITY_RANK.__getitem__)
+    verb = "RESOLVED" if delivery.alert.state == "resolved" else worst.upper()
+    what = f"{rules[0]} on {len(runs)} runs" if len(rules) == 1 else f"{len(alerts)} incidents ({', '.join(rules)})"
+    where = f" ({experiments[0]})" if len(experiments) == 1 else ""
+    listed = ", ".join(runs[:LISTED_RUNS]) + (f" and {len(runs) - LISTED_RUNS} more" if len(runs) > LISTED_RUNS
+                                              else "")
+    return f"[{verb}] {what}{where}{BUNDLE_WHY.get(delivery.kind, '')}: {listed}"
 
 
 def alert_time(alert: Alert) -> datetime:
@@ -81,6 +105,8 @@ def run_link(dashboard_url: str, alert: Alert) -> str:
 class RoutedSink:
     """The routing every sink shares: severities, teams and states from its settings."""
 
+    pages_people = True
+
     def __init__(self, settings: SinkSettings):
         self.settings = settings
         self.name = settings.sink_name
@@ -92,6 +118,10 @@ class RoutedSink:
     def deliver(self, alert: Alert) -> None:
         raise NotImplementedError
 
+    def deliver_bundle(self, delivery: Delivery) -> None:
+        """One page for several incidents (a storm's batch, what a rate limit or a silence held back)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -99,6 +129,9 @@ class RoutedSink:
 class ConsoleSink(RoutedSink):
     def deliver(self, alert: Alert) -> None:
         print(f"ALERT {describe(alert)}", file=sys.stderr, flush=True)
+
+    def deliver_bundle(self, delivery: Delivery) -> None:
+        print(f"ALERT {describe_bundle(delivery)}", file=sys.stderr, flush=True)
 
 
 class HttpSink(RoutedSink):
@@ -114,8 +147,17 @@ class HttpSink(RoutedSink):
     def payload(self, alert: Alert) -> object:
         raise NotImplementedError
 
+    def bundle_payload(self, delivery: Delivery) -> object:
+        raise NotImplementedError
+
     def deliver(self, alert: Alert) -> None:
-        body = json.dumps(self.payload(alert), allow_nan=False).encode()
+        self._post(self.payload(alert), alert)
+
+    def deliver_bundle(self, delivery: Delivery) -> None:
+        self._post(self.bundle_payload(delivery), delivery.alert)
+
+    def _post(self, document: object, alert: Alert) -> None:
+        body = json.dumps(document, allow_nan=False).encode()
         request = urllib.request.Request(self.url(), data=body, method="POST", headers={
             "Content-Type": "application/json", "User-Agent": USER_AGENT,
             "Idempotency-Key": idempotency_key(self.name, alert), **dict(self.settings.headers)})
@@ -138,6 +180,16 @@ class WebhookSink(HttpSink):
         fields = alert.model_dump()
         fields.update(value=_finite(alert.value), threshold=_finite(alert.threshold), source="trainwire",
                       time=_iso(alert_time(alert)), summary=describe(alert), link=run_link(self.dashboard_url, alert))
+        if "/flapping@" in alert.dedup_key:
+            fields["page"] = "flapping"
+        return fields
+
+    def bundle_payload(self, delivery: Delivery) -> dict:
+        """The first incident's fields under the bundle's key, with a summary and every incident listed."""
+        fields = self.payload(delivery.alert)
+        summary = describe_bundle(delivery)
+        fields.update(summary=summary, message=summary, page=delivery.kind or "bundle", count=len(delivery.members),
+                      runs=runs_of(delivery.members), alerts=[self.payload(member) for member in delivery.members])
         return fields
 
 
@@ -163,6 +215,23 @@ class PagerDutySink(HttpSink):
             event["links"] = [{"href": link, "text": f"run {alert.run_id} in trainwire"}]
         return event
 
+    def bundle_payload(self, delivery: Delivery) -> dict:
+        event = self.payload(delivery.alert)
+        if delivery.alert.state == "resolved":
+            return event
+        members = delivery.members
+        experiments = {a.experiment for a in members}
+        worst = max((a.severity for a in members), key=SEVERITY_RANK.__getitem__)
+        event["payload"].update(
+            summary=describe_bundle(delivery)[:1024], source=experiments.pop() if len(experiments) == 1 else "trainwire",
+            severity=PAGERDUTY_SEVERITY[worst], custom_details={
+                "runs": runs_of(members), "count": len(members), "page": delivery.kind or "bundle",
+                "incidents": [{"run_id": a.run_id, "rule": a.rule, "step": a.step, "value": _finite(a.value),
+                               "message": a.message, "dedup_key": a.dedup_key} for a in members[:200]]})
+        event.pop("links", None)
+        event.pop("client_url", None)
+        return event
+
 
 class SlackSink(HttpSink):
     def payload(self, alert: Alert) -> dict:
@@ -175,6 +244,18 @@ class SlackSink(HttpSink):
         return {"text": text, "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": text}},
             {"type": "context", "elements": [{"type": "mrkdwn", "text": "  ·  ".join(details)}]},
+        ]}
+
+    def bundle_payload(self, delivery: Delivery) -> dict:
+        resolved = delivery.alert.state == "resolved"
+        icon = ":white_check_mark:" if resolved else SLACK_ICON[max(
+            (a.severity for a in delivery.members), key=SEVERITY_RANK.__getitem__)]
+        text = f"{icon} {describe_bundle(delivery)}"
+        runs = "runs: " + ", ".join(runs_of(delivery.members))
+        return {"text": text, "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": runs[:2990] + ("…" if len(runs) > 2990
+                                                                                      else "")}]},
         ]}
 
 
@@ -194,6 +275,11 @@ class AlertmanagerSink(HttpSink):
         if link := run_link(self.dashboard_url, alert):
             document["generatorURL"] = link
         return [document]
+
+    def bundle_payload(self, delivery: Delivery) -> list[dict]:
+        """Every incident as its own alert, in one request: Alertmanager groups them by its own rules."""
+        state = delivery.alert.state
+        return [self.payload(member.model_copy(update={"state": state}))[0] for member in delivery.members]
 
 
 _KINDS = {"console": ConsoleSink, "webhook": WebhookSink, "pagerduty": PagerDutySink, "slack": SlackSink,

@@ -77,6 +77,7 @@ class StopSwitchSink:
     (`stop_switch_severities`, default block) on a run that opted in."""
 
     name = "stop-switch"
+    pages_people = False  # an action the run opted in to, not a page: silences, grouping and limits do not apply
 
     def __init__(self, settings: Settings, *, opted_in: OptedIn | None = None, producer: LogProducer | None = None):
         self._settings = settings

@@ -154,6 +154,79 @@ class StoreReader(GovernanceReads, ViewReads):
             self._client.insert("dead_letter_replays", rows, column_names=_REPLAY_COLUMNS)
         return len(rows)
 
+    # --- Paging: silences, flapping and storms (docs/alerting.md) -------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def silences(self, include_ended: bool = False) -> list[Row]:
+        """Silences as last written (migration 008), oldest first: the active ones, or all with `include_ended`."""
+        return self._rows(
+            "SELECT * FROM silences FINAL WHERE {include_all:Bool} OR (removed_at IS NULL AND ends_at > now64(3)) "
+            "ORDER BY created_at, silence_id", include_all=include_ended)
+
+    def run_hosts(self, run_ids: list[str]) -> dict[str, str]:
+        """Each stored run's host (for silences and pages grouped by host); runs not stored yet are left out."""
+        rows = self._rows("SELECT run_id, max(host) AS host FROM runs WHERE has({run_ids:Array(String)}, run_id) "
+                          "GROUP BY run_id", run_ids=run_ids)
+        return {row["run_id"]: row["host"] for row in rows}
+
+    def alert_flapping(self, threshold: int, window_seconds: float, since: datetime | None = None,
+                       until: datetime | None = None, limit: int = 200) -> list[Row]:
+        """Each run and rule whose incidents fired more than `threshold` times within some `window_seconds`, in
+        [since, until]: how many incidents and transitions (every firing and resolution is stored), the most in
+        one window, when it began and last changed, and its latest state. Newest change first."""
+        sql = _FLAPPING.format(window_ms=int(window_seconds * 1000))
+        return self._rows(sql, threshold=int(threshold), since=since or _EPOCH, until=until or _FAR, limit=limit)
+
+    def alert_storms(self, group_by: tuple[str, ...], gap_seconds: float, since: datetime | None = None,
+                     until: datetime | None = None, min_runs: int = 2, limit: int = 200) -> list[Row]:
+        """Incidents of one rule and the same `group_by` labels (experiment, team, host) that fired on at least
+        `min_runs` runs, each within `gap_seconds` of the one before: the storms the alert consumer groups into
+        one page. Newest first, with up to 50 of their run ids."""
+        labels = [_STORM_LABELS[label] for label in group_by]  # a fixed set: never text from a caller
+        partition = ", ".join(["rule", *labels])
+        sql = _STORMS.format(partition=partition, labels="".join(f", {label}" for label in labels),
+                             gap_ms=int(gap_seconds * 1000))
+        return self._rows(sql, since=since or _EPOCH, until=until or _FAR, min_runs=min_runs, limit=limit)
+
+
+# Incidents (one per dedup key) and, per run and rule, the most that fired within one window (a range frame over
+# milliseconds since the epoch).
+_INCIDENTS_IN_RANGE = """
+SELECT run_id, rule, dedup_key, any(experiment) AS experiment, any(team) AS team, any(severity) AS severity,
+       min(ts) AS fired_at, max(ts) AS updated_at, argMax(state, (ts, state = 'resolved')) AS state,
+       count() AS transitions
+FROM alerts FINAL WHERE ts >= {{since:DateTime64(3, 'UTC')}} AND ts <= {{until:DateTime64(3, 'UTC')}}
+GROUP BY run_id, rule, dedup_key
+"""
+_FLAPPING = """
+SELECT run_id, rule, any(experiment) AS experiment, any(team) AS team, any(severity) AS severity,
+       count() AS incidents, sum(transitions) AS transitions, max(in_window) AS most_in_window,
+       min(fired_at) AS first_fired_at, max(updated_at) AS last_change_at, argMax(state, updated_at) AS state
+FROM (SELECT *, count() OVER (PARTITION BY run_id, rule ORDER BY toUnixTimestamp64Milli(fired_at)
+                              RANGE BETWEEN {window_ms} PRECEDING AND CURRENT ROW) AS in_window
+      FROM (""" + _INCIDENTS_IN_RANGE + """))
+GROUP BY run_id, rule HAVING most_in_window > {{threshold:UInt32}}
+ORDER BY last_change_at DESC LIMIT {{limit:UInt32}}
+"""
+_STORM_LABELS = {"experiment": "experiment", "team": "team", "host": "host"}
+_STORMS = """
+SELECT rule{labels}, min(fired_at) AS started_at, max(fired_at) AS last_fired_at, uniqExact(run_id) AS runs,
+       count() AS incidents, countIf(state = 'firing') AS firing, any(severity) AS severity,
+       arraySlice(arraySort(groupUniqArray(run_id)), 1, 50) AS run_ids
+FROM (SELECT *, sum(gap_ms > {gap_ms}) OVER (PARTITION BY {partition} ORDER BY fired_at, run_id
+                                             ROWS UNBOUNDED PRECEDING) AS storm
+      FROM (SELECT *, toUnixTimestamp64Milli(fired_at) - lagInFrame(toUnixTimestamp64Milli(fired_at), 1, 0)
+                      OVER (PARTITION BY {partition} ORDER BY fired_at, run_id
+                            ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS gap_ms
+            FROM (SELECT i.*, h.host AS host FROM (""" + _INCIDENTS_IN_RANGE + """) AS i
+                  LEFT JOIN (SELECT run_id, max(host) AS host FROM runs GROUP BY run_id) AS h ON h.run_id = i.run_id)))
+GROUP BY rule{labels}, storm HAVING runs >= {{min_runs:UInt32}}
+ORDER BY started_at DESC LIMIT {{limit:UInt32}}
+"""
+_FAR = datetime(2200, 1, 1, tzinfo=timezone.utc)
 
 # Newest first; `GLOBAL` so that on a cluster each shard joins the replays gathered once (migration 006).
 _DEAD_LETTERS = """
