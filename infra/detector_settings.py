@@ -61,6 +61,7 @@ class OverfittingSettings(EventRuleSettings):
                             "rise began): a plateau's jitter is not a trend")
     min_gap: float = Field(default=0.1, ge=0, description="the ratio test also needs eval loss − train loss ≥ this "
                            "(loss units): tiny losses make large ratios of nothing")
+    fire_after: int = _fire_after(2)
     clear_after: int = _clear_after(2)
 
 
