@@ -70,6 +70,7 @@ class Pager:
         self.outbox = outbox
         self.settings = settings
         self._clock = clock
+        self._added = 0
         with outbox.transaction() as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
@@ -84,11 +85,11 @@ class Pager:
         now = self._clock()
         moment = datetime.fromtimestamp(now, timezone.utc)
         active = [s for s in silences if s.active(moment)]
+        self._added = 0
         with self.outbox.transaction() as conn:
-            before = conn.total_changes
             for alert in alerts:
                 self._record(conn, alert, sinks, active, hosts.get(alert.run_id, ""), now)
-            return conn.total_changes - before
+        return self._added
 
     def _record(self, conn, alert: Alert, sinks: list, active: list[Silence], host: str, now: float) -> None:
         seen = conn.execute("INSERT OR IGNORE INTO crossings VALUES (?, ?, ?, ?, ?)",
@@ -108,8 +109,8 @@ class Pager:
 
     def _insert(self, conn, sink: str, alert: Alert, now: float, due: float, status: str = "pending",
                 page: str = "", kind: str = "") -> None:
-        conn.execute(_INSERT, (sink, alert.dedup_key, alert.state, alert.model_dump_json(), now, due, status, page,
-                               kind))
+        self._added += conn.execute(_INSERT, (sink, alert.dedup_key, alert.state, alert.model_dump_json(), now, due,
+                                              status, page, kind)).rowcount
 
     def _firing(self, conn, alert: Alert, sinks: list[str], silence: Silence | None, host: str, now: float) -> None:
         if silence is not None:
@@ -226,6 +227,8 @@ class Pager:
                                  "AND state = 'firing'", (sink, page_key)).fetchone()
             if paged is None or paged[0] not in ("pending", "delivered", "failed"):
                 continue
+            self._added += conn.execute("SELECT count(*) = 0 FROM outbox WHERE sink = ? AND dedup_key = ? "
+                                        "AND state = 'resolved'", (sink, page_key)).fetchone()[0]
             conn.execute(
                 "INSERT INTO outbox (sink, dedup_key, state, alert, enqueued_at, next_attempt_at, page, kind) "
                 "VALUES (?, ?, 'resolved', ?, ?, ?, ?, ?) ON CONFLICT (sink, dedup_key, state) DO UPDATE SET "
