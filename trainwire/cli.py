@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     lf_train.add_argument("--experiment", help="experiment name (default: output_dir's name)")
     lf_train.add_argument("--run-name", help="run name (default: TrainingArguments.run_name)")
     lf_train.add_argument("--team", help="team/tenant (default: TRAINWIRE_TEAM)")
-    lf_train.add_argument("--dataset-source", metavar="SOURCE", help="where the data came from, e.g. hf:tatsu-lab/alpaca")
+    lf_train.add_argument("--dataset-source", metavar="SOURCE",
+                          help="where the data came from, e.g. hf:tatsu-lab/alpaca")
     lf_train.add_argument("--dataset-license", metavar="LICENSE", help="the dataset's licence, e.g. cc-by-nc-4.0")
     lf_train.add_argument("--dataset-version", metavar="VERSION", help="the dataset's version or revision")
     lf_train.add_argument("--dataset-preprocessing", metavar="STEP", action="append",

@@ -210,8 +210,8 @@ def test_lora_sft_through_trainwire_llamafactory_train(llamafactory_python, inpu
                           parameters={"r": run_id}).result_rows
     assert [s for s, _, _ in stored] == [s for s, _ in expected] == [6, 12, 12]
     assert [loss for _, loss, _ in stored] == pytest.approx([loss for _, loss in expected])
-    (ended,) = client.query("SELECT ts, status, completed_steps, artifacts FROM run_ended FINAL WHERE run_id = {r:String}",
-                            parameters={"r": run_id}).named_results()
+    (ended,) = client.query("SELECT ts, status, completed_steps, artifacts FROM run_ended FINAL "
+                            "WHERE run_id = {r:String}", parameters={"r": run_id}).named_results()
     assert [ts > ended["ts"] for _, _, ts in stored] == [False, False, True]  # the last one is post-training
     assert (ended["status"], ended["completed_steps"]) == ("completed", STEPS)
 
