@@ -199,7 +199,8 @@ class TrainwireCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model=None, train_dataloader=None, **kwargs) -> None:
-        self._end_after_training()  # this callback's previous training, if its run has not ended yet
+        if self._status is not None:  # a previous training with this callback whose run has not ended yet
+            self.finish(self._status)
         run_id = shared_run_id(self.run_id)
         self._main, self._state, self._status, self._ended = state.is_world_process_zero, state, None, False
         self._last_checkpoint, self._artifacts, self._saved, self._recorded = None, [], [], {}

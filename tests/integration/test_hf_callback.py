@@ -191,6 +191,21 @@ def test_the_adapter_saved_after_training_is_the_runs_output(local_settings, tmp
     assert "save_pretrained" not in vars(trainer.model)  # the model is left as it was
 
 
+@pytest.mark.slow
+def test_each_training_in_a_with_block_is_a_run_of_its_own_that_ends(local_settings, tmp_path):
+    with TrainwireCallback(experiment="tiny-lora", settings=local_settings, sample_gpus=False) as callback:
+        trainer = trainer_for(tmp_path, callback, TokenDataset(32), max_steps=2, eval_strategy="no",
+                              save_strategy="no")
+        trainer.train()
+        first = callback.run.run_id
+        trainer.train()  # a second training: the first one's run ends before it starts
+
+    reader, client = stored(local_settings)
+    assert first != callback.run.run_id
+    for run_id in (first, callback.run.run_id):
+        assert (run_ended(client, run_id)["status"], run_ended(client, run_id)["completed_steps"]) == ("completed", 2)
+
+
 class Explode(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
