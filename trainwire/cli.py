@@ -82,6 +82,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.action in _SILENCE_ACTIONS:
+        return _alerts_silences(args, settings)
+    if args.silence_id is not None:
+        raise ValueError(f"alerts {args.action} takes no {args.silence_id!r} (only `alerts unsilence ID` does)")
     if args.action == "status":
         return _alerts_status(args, settings)
     if args.action == "test":
@@ -127,6 +131,8 @@ def _alerts_status(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         outbox.close()
     lines = [f"{r['sink']:<16} pending {r['pending']:>4}  delivered {r['delivered']:>6}  failed {r['failed']:>4}"
+             + (f"  silenced {r['silenced']}" if r["silenced"] else "")
+             + (f"  suppressed {r['suppressed']}" if r["suppressed"] else "")
              + (f"  oldest pending {r['oldest_pending_seconds']}s" if r["pending"] else "")
              + (f"  last error: {r['last_error']}" if r["last_error"] else "") for r in result["sinks"]]
     lines += [f"  FAILED {f['sink']} {f['dedup_key']} ({f['state']}) after {f['attempts']} attempts: {f['error']}"
@@ -157,6 +163,80 @@ def _alerts_test(args: argparse.Namespace, settings: Settings) -> int:
             results.append({"sink": sink.name, "result": f"FAILED: {err}"})
     _emit(args, results, "\n".join(f"{r['sink']:<16} {r['result']}" for r in results))
     return 1 if any(r["result"].startswith("FAILED") for r in results) else 0
+
+
+_SILENCE_ACTIONS = ("silence", "silences", "unsilence")
+_SILENCE_MATCHERS = {"run": "run_id", "experiment": "experiment", "rule": "rule", "host": "host"}
+
+
+def _duration(value: str) -> float:
+    if not (match := re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", value.strip())):
+        raise ValueError(f"--for {value!r}: expected a duration such as 30s, 15m, 2h, 1d or 1w")
+    return float(match[1]) * _SECONDS_PER[match[2]]
+
+
+def _silence_call(settings: Settings, action: str, **arguments: Any) -> Any:
+    """A silence operation where the store is: the `trainwire up` that owns the embedded store, over its API (as
+    `registry` writes), or the store opened here. Either way each change is in the audit log."""
+    from trainwire.infra.store.api import RemoteReader, running_api, to_json
+
+    if settings.embedded_store and (url := running_api(settings.home)):
+        return RemoteReader(url).act(action, **arguments)
+    from trainwire.infra.store import connect_store, migrate
+    from trainwire.infra.store.silences import SilenceBook
+
+    client = connect_store(settings.store_dsn)
+    try:
+        migrate(client, cluster=settings.store_cluster)  # a store from before migration 008 gets its silences table
+        return to_json(getattr(SilenceBook(client), action)(**arguments))
+    finally:
+        client.close()
+
+
+def _silence_line(silence: dict[str, Any]) -> str:
+    ends = (silence["removed_at"] or silence["ends_at"])[:19].replace("T", " ")
+    verb = {"active": "until", "removed": "removed", "expired": "expired"}.get(silence["status"], "until")
+    return (f"{silence['silence_id']}  {silence['status']:<8} {silence['matchers']:<44} {verb} {ends} UTC  "
+            f"by {silence['created_by']}: {silence['reason']}")
+
+
+def _alerts_silences(args: argparse.Namespace, settings: Settings) -> int:
+    """`alerts silence` (matchers, --for/--until, --reason), `alerts silences [--all]`, `alerts unsilence ID`."""
+    matchers = {field: getattr(args, name) or "" for name, field in _SILENCE_MATCHERS.items()}
+    if args.action != "silence" and (any(matchers.values()) or args.for_ or args.until):
+        raise ValueError(f"alerts {args.action} takes no matchers, --for or --until (those are for `alerts silence`)")
+    if args.action != "unsilence" and args.silence_id is not None:
+        raise ValueError(f"alerts {args.action} takes no {args.silence_id!r} (`alerts unsilence ID` does)")
+    try:
+        if args.action == "silence":
+            if not any(matchers.values()):
+                raise ValueError("alerts silence needs at least one of --run, --experiment, --rule, --host")
+            if (args.for_ is None) == (args.until is None):
+                raise ValueError("alerts silence needs --for DURATION (e.g. 2h) or --until TIME, one of them")
+            if not (args.reason or "").strip():
+                raise ValueError("alerts silence needs --reason TEXT: why these pages may wait")
+            created = _silence_call(settings, "create_silence", actor=_actor(args), reason=args.reason,
+                                    for_seconds=None if args.for_ is None else _duration(args.for_),
+                                    until=args.until, **matchers)
+            _emit(args, created, f"silenced {created['matchers']} until {created['ends_at']} as "
+                                 f"{created['silence_id']} (`trainwire alerts unsilence {created['silence_id']}` "
+                                 "ends it sooner)")
+            return 0
+        if args.action == "unsilence":
+            if args.silence_id is None:
+                raise ValueError("alerts unsilence needs the silence's ID (`trainwire alerts silences` lists them)")
+            removed = _silence_call(settings, "remove_silence", silence_id=args.silence_id, actor=_actor(args),
+                                    reason=args.reason or "")
+            _emit(args, removed, f"silence {removed['silence_id']} ({removed['matchers']}) removed by "
+                                 f"{removed['removed_by']}")
+            return 0
+        silences = _silence_call(settings, "list_silences", include_ended=args.all)
+    except RuntimeError as err:  # `up`'s API or the store failed: one line, no traceback
+        print(f"trainwire: error: {err}", file=sys.stderr)
+        return 1
+    empty = "no silences" if args.all else "no active silences (--all lists ended ones too)"
+    _emit(args, silences, "\n".join(map(_silence_line, silences)) or empty)
+    return 0
 
 
 def _reader(settings: Settings):
@@ -522,11 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     alerts = command("alerts", "the alert consumer: page through the configured sinks (docs/alerting.md); "
                      "`status`: deliveries per sink; `test`: send a test page to each sink")
-    alerts.add_argument("action", nargs="?", choices=["run", "status", "test"], default="run")
+    alerts.add_argument("action", nargs="?", choices=["run", "status", "test", *_SILENCE_ACTIONS], default="run",
+                        help="run (default), status, test; silence, silences, unsilence ID")
+    alerts.add_argument("silence_id", nargs="?", metavar="ID", help="unsilence: the silence to end")
     alerts.add_argument("--drain", action="store_true", help="run: exit once caught up and every page is settled")
     alerts.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
     alerts.add_argument("--severity", choices=["info", "warning", "critical", "block"], default="critical",
                         help="test: the test page's severity")
+    for name in _SILENCE_MATCHERS:
+        alerts.add_argument(f"--{name}", metavar=name.upper(), help=f"silence: pages of this {name} (all given "
+                            "must match)")
+    alerts.add_argument("--for", dest="for_", metavar="DURATION", help="silence: for this long (30m, 2h, 1d)")
+    alerts.add_argument("--until", metavar="TIME", help="silence: until this ISO 8601 time (UTC unless it names a "
+                        "zone)")
+    alerts.add_argument("--reason", help="silence: why (required); unsilence: why it ends early")
+    alerts.add_argument("--all", action="store_true", help="silences: ended ones too")
+    alerts.add_argument("--actor", help="who silences (default: $USER); recorded in the audit log")
     alerts.set_defaults(func=cmd_alerts)
 
     command("runs", "list stored runs").set_defaults(func=cmd_runs)

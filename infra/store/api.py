@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .read import StoreReader
+from .silences import SilenceBook
 
 # The read methods a remote caller may use, with how to parse their query-string arguments.
 METHODS: dict[str, dict[str, type]] = {
@@ -54,6 +55,12 @@ METHODS: dict[str, dict[str, type]] = {
                            for name in ("run_ids", "rules", "severities", "teams", "states")},
                         "since": datetime.fromisoformat, "until": datetime.fromisoformat, "limit": int},
     "alert_facets": {},
+    # paging (infra/store/read.py, migration 008)
+    "silences": {"include_ended": lambda v: v.lower() in ("1", "true", "yes")},
+    "alert_flapping": {"threshold": int, "window_seconds": float, "since": datetime.fromisoformat,
+                       "until": datetime.fromisoformat, "limit": int},
+    "alert_storms": {"group_by": lambda v: tuple(x for x in v.split(",") if x), "gap_seconds": float,
+                     "since": datetime.fromisoformat, "until": datetime.fromisoformat, "min_runs": int, "limit": int},
 }
 
 
@@ -90,7 +97,8 @@ class ReadApiServer:
     def __init__(self, reader: StoreReader, home: Path, actions: dict[str, Callable[..., Any]] | None = None):
         self._reader = reader
         # A replay beside `up` records what it replayed here, like every other write to the store `up` owns.
-        self.actions = {"record_dead_letter_replays": reader.record_dead_letter_replays, **(actions or {})}
+        self.actions = {"record_dead_letter_replays": reader.record_dead_letter_replays,
+                        **silence_actions(reader), **(actions or {})}
         self._lock = threading.Lock()  # one query at a time through the shared client
         self._home = home
         handler = type("Handler", (_Handler,), {"api": self})
@@ -194,6 +202,12 @@ class RemoteReader:
         except urllib.error.HTTPError as err:
             message = json.loads(err.read()).get("error", str(err))
             raise (ValueError if err.code in (400, 404) else RuntimeError)(message) from None
+
+
+def silence_actions(reader: StoreReader) -> dict[str, Callable[..., Any]]:
+    """`trainwire alerts silence/silences/unsilence` beside `up`: served here, audited like any silence change."""
+    book = SilenceBook(reader.client)
+    return {name: getattr(book, name) for name in ("create_silence", "remove_silence", "list_silences")}
 
 
 def running_api(home: Path) -> str | None:
