@@ -110,12 +110,16 @@ def _digest(path: Path, name: str) -> dict[str, Any]:
 
 
 def _listing(directory: Path) -> dict[Path, tuple[int, int, int]]:
-    """The directory's top-level files, each with what tells a rewrite: (inode, size, mtime in ns)."""
+    """The directory's top-level files, each with what tells a rewrite: (inode, size, mtime in ns). Empty when it
+    cannot be read."""
     found = {}
-    for path in directory.iterdir() if directory.is_dir() else ():
-        if path.is_file():
-            stat = path.stat()
-            found[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    try:
+        for path in directory.iterdir() if directory.is_dir() else ():
+            if path.is_file():
+                stat = path.stat()
+                found[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError as err:
+        log.warning("trainwire: cannot list %s: %s", directory, err)
     return found
 
 
