@@ -1,4 +1,5 @@
-"""Alerts: incidents firing or resolved in the time range, filtered by run, rule, severity, team and state."""
+"""Alerts: incidents firing or resolved in the time range, filtered by run, rule, severity, team and state; the
+active silences, and what was paged as one: flapping runs and rules, storms over many runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import streamlit as st
 
 from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, plural, reader, require_runs,
                                         time_range)
+from trainwire.dashboard.views.alerts_paging import flapping_section, silences_section, storms_section
 
 STATES = ["firing", "resolved"]
 COLUMNS = {"fired_at": "fired", "state": "state", "severity": "severity", "rule": "rule", "run": "run",
@@ -30,12 +32,15 @@ def body(run_ids: list[str], rules: list[str], severities: list[str], teams: lis
     cells[2].metric("resolved", len(incidents) - firing)
     if not incidents:
         st.caption(f"no alerts in {span.describe()} match")
-        return
-    names = labels()
-    frame = pd.DataFrame(incidents)
-    frame["run"] = frame["run_id"].map(lambda r: names.get(r, r[:8]))
-    st.caption(f"{plural(len(frame), 'incident')} in {span.describe()}, newest first")
-    st.dataframe(frame[list(COLUMNS)].rename(columns=COLUMNS), hide_index=True, width="stretch")
+    else:
+        names = labels()
+        frame = pd.DataFrame(incidents)
+        frame["run"] = frame["run_id"].map(lambda r: names.get(r, r[:8]))
+        st.caption(f"{plural(len(frame), 'incident')} in {span.describe()}, newest first")
+        st.dataframe(frame[list(COLUMNS)].rename(columns=COLUMNS), hide_index=True, width="stretch")
+    silences_section()
+    flapping_section(span, run_ids, rules)
+    storms_section(span, rules)
 
 
 st.title("Alerts")

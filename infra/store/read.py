@@ -161,7 +161,10 @@ class StoreReader(GovernanceReads, ViewReads):
         return self._client
 
     def silences(self, include_ended: bool = False) -> list[Row]:
-        """Silences as last written (migration 008), oldest first: the active ones, or all with `include_ended`."""
+        """Silences as last written (migration 008), oldest first: the active ones, or all with `include_ended`. A
+        store no process has migrated to 008 yet has none."""
+        if not self._rows("EXISTS TABLE {table:Identifier}", table="silences")[0]["result"]:
+            return []
         return self._rows(
             "SELECT * FROM silences FINAL WHERE {include_all:Bool} OR (removed_at IS NULL AND ends_at > now64(3)) "
             "ORDER BY created_at, silence_id", include_all=include_ended)

@@ -445,3 +445,81 @@ def test_new_steps_appear_live_without_a_reload(tmp_path, browser):
     (ARTIFACTS / "dashboard-live-latency.json").write_text(json.dumps(
         {"seconds_from_log_step_to_point": [round(s, 3) for s in latencies],
          "median": round(statistics.median(latencies), 3), "max": round(max(latencies), 3)}, indent=2))
+
+
+# --- Paging: flapping, storms and silences (issue 14) ------------------------------------------------------------
+
+ALERT_COLUMNS = ["event_id", "run_id", "experiment", "team", "ts", "rule", "severity", "state", "step", "value",
+                 "threshold", "message", "dedup_key"]
+
+
+def alert_row(run_id: str, rule: str, step: int, state: str, ts: datetime, severity: str = "critical") -> list:
+    return [f"{run_id}/{rule}/{step}/{state}", run_id, "paging", "nlp", ts, rule, severity, state, step, 1.0, 0.5,
+            f"{rule} {state} at step {step}", f"{run_id}/{rule}/{step}"]
+
+
+@pytest.fixture(scope="module")
+def paging_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    """Five runs stored through ingest; one run's loss_spike flapping (five incidents a minute apart), a storm of
+    loss_not_finite over three runs within two seconds, one run silenced and a silence that already ended."""
+    from trainwire import init
+    from trainwire.consumers.service import build_ingest
+    from trainwire.infra.store.silences import COLUMNS, Silence, SilenceBook
+
+    home = tmp_path_factory.mktemp("paging-dashboard")
+    settings = Settings(home=home, batch_max_seconds=0.2)
+    runs = {}
+    for name in ("flappy", "storm-a", "storm-b", "storm-c", "quiet"):
+        with init("paging", name, settings=settings, sample_gpus=False) as run:
+            for step in (1, 2, 3):
+                run.log_step(step, loss=2.0 - step * 0.1, learning_rate=1e-4, grad_norm=1.0)
+        runs[name] = run.run_id
+    pipeline = build_ingest(settings, on_alert=lambda alert: None)
+    pipeline.drain(idle_seconds=1.0, deadline=None)
+    pipeline.close()
+    client = connect_store(settings.store_dsn)
+    try:
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        flapping = [alert_row(runs["flappy"], "loss_spike", 10 * i, state, now - timedelta(minutes=10 - i,
+                                                                                          seconds=-10 * (state != "firing")))
+                    for i in range(5) for state in ("firing", "resolved")]
+        storm = [alert_row(runs[name], "loss_not_finite", 3, "firing", now - timedelta(seconds=30 - i), "block")
+                 for i, name in enumerate(("storm-a", "storm-b", "storm-c"))]
+        client.insert("alerts", flapping + storm, column_names=ALERT_COLUMNS)
+        silenced = SilenceBook(client).create_silence("ops-alice", "node 7 drained", for_seconds=3600,
+                                                      run_id=runs["quiet"])
+        ended = Silence(silence_id="sil-ended", starts_at=now - timedelta(hours=2), ends_at=now - timedelta(hours=1),
+                        created_at=now - timedelta(hours=2), updated_at=now, experiment="paging", reason="old")
+        client.insert("silences", [ended.row()], column_names=COLUMNS)
+    finally:
+        client.close()
+    return settings.store_dsn, {**runs, "silence": silenced["silence_id"]}
+
+
+def frame_with(at: AppTest, column: str) -> pd.DataFrame:
+    return next(frame.value for frame in at.dataframe if column in frame.value.columns)
+
+
+def test_alerts_view_shows_flapping_storms_and_active_silences(app_test, paging_store):
+    dsn, ids = paging_store
+    at = view(app_test(dsn), "alerts")
+    flapping = frame_with(at, "transitions")
+    assert len(flapping) == 1 and flapping.iloc[0]["rule"] == "loss_spike"
+    assert (flapping.iloc[0]["incidents"], flapping.iloc[0]["transitions"]) == (5, 10)
+    assert ids["flappy"][:8] in flapping.iloc[0]["run"]
+    storms = frame_with(at, "runs")
+    assert list(storms["rule"]) == ["loss_not_finite"] and storms.iloc[0]["runs"] == 3
+    assert storms.iloc[0]["group"] == "experiment=paging"
+    assert all(ids[name][:8] in storms.iloc[0]["run list"] for name in ("storm-a", "storm-b", "storm-c"))
+    silences = frame_with(at, "silence")
+    assert list(silences["silence"]) == [ids["silence"]], "active silences only"
+    assert silences.iloc[0]["matchers"] == f"run={ids['quiet']}" and silences.iloc[0]["reason"] == "node 7 drained"
+
+
+def test_fleet_marks_silenced_runs(app_test, paging_store):
+    dsn, ids = paging_store
+    at = view(app_test(dsn), "fleet")
+    fleet = at.dataframe[0].value.set_index("run id")
+    assert fleet.loc[ids["quiet"], "silenced"].startswith("until ")
+    assert (fleet.drop(index=ids["quiet"])["silenced"] == "").all()
+    assert {m.label: m.value for m in at.metric}["silenced"] == "1"
