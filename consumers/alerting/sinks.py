@@ -251,12 +251,24 @@ class SlackSink(HttpSink):
         icon = ":white_check_mark:" if resolved else SLACK_ICON[max(
             (a.severity for a in delivery.members), key=SEVERITY_RANK.__getitem__)]
         text = f"{icon} {describe_bundle(delivery)}"
-        runs = "runs: " + ", ".join(runs_of(delivery.members))
         return {"text": text, "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}},
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": runs[:2990] + ("…" if len(runs) > 2990
-                                                                                      else "")}]},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": chunk}
+                                             for chunk in _slack_chunks(runs_of(delivery.members))]},
         ]}
+
+
+def _slack_chunks(runs: list[str], size: int = 2900, most: int = 10) -> list[str]:
+    """The runs as Slack allows them: a context block holds at most 10 texts of at most 3,000 characters."""
+    chunks, current = [], "runs:"
+    for i, run in enumerate(runs):
+        if len(current) + len(run) + 2 > size:
+            if len(chunks) == most - 1:
+                return [*chunks, f"{current} … and {len(runs) - i} more"]
+            chunks.append(current)
+            current = ""
+        current = f"{current}, {run}" if current and current != "runs:" else f"{current} {run}".strip()
+    return [*chunks, current]
 
 
 class AlertmanagerSink(HttpSink):
