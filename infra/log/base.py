@@ -11,6 +11,11 @@ class TransportError(RuntimeError):
     """The transport failed in a way worth retrying (broker unreachable, database locked too long)."""
 
 
+class FatalTransportError(TransportError):
+    """The transport cannot go on in this process (e.g. fenced out of its consumer group by a member with the same
+    instance id): retrying cannot help; the process should stop with this message."""
+
+
 class Record(NamedTuple):  # not a frozen dataclass: built once per message, a third of the cost
     topic: str
     partition: int
@@ -51,13 +56,16 @@ class LogConsumer(ABC):
         """Go back to the committed positions: what was polled but not committed will be polled again."""
 
     def assigned(self) -> bool:
-        """Whether this member has been given partitions to read yet (a group member waits for its assignment)."""
+        """Whether this member has been given its share of the partitions (possibly none, in a group with more
+        members than partitions). Not yet after subscribing to Kafka, nor while out of the group after a lost
+        session: what it reads as caught up then is only not started."""
         return True
 
     @abstractmethod
     def lag(self, fresh: bool = True) -> int | None:
-        """Records not yet polled on the assigned partitions (None if unknown). `fresh=False` may answer from what
-        the transport last heard (no round trip: a metric read in the hot loop must not stall it)."""
+        """Records not yet polled on the assigned partitions; None if unknown, as it is while not `assigned()`.
+        `fresh=False` may answer from what the transport last heard (no round trip: a metric read in the hot loop
+        must not stall it)."""
 
     def close(self) -> None:
         pass

@@ -22,11 +22,14 @@ def open_producer(settings: Settings, spooled: bool = False) -> LogProducer:
     return SqliteLogProducer(settings.local_log_path)
 
 
-def open_consumer(settings: Settings, group: str, topics: list[str]) -> LogConsumer:
+def open_consumer(settings: Settings, group: str, topics: list[str], instance_id: str | None = None) -> LogConsumer:
+    """`instance_id`: this member's Kafka group.instance.id; by default one per consumer slot of the host (see
+    instance.py), so a restarted consumer rejoins as itself. The local log has no use for it."""
     if settings.kafka:
         from .kafka import KafkaLogConsumer
 
-        return KafkaLogConsumer(settings.kafka, group, topics)
+        return KafkaLogConsumer(settings.kafka, group, topics, instance_id=instance_id,
+                                slot_dir=settings.home / "consumer-slots")
     return SqliteLogConsumer(settings.local_log_path, group, topics)
 
 

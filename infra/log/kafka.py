@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .base import LogConsumer, LogProducer, LogTail, Record, TransportError
+from .base import FatalTransportError, LogConsumer, LogProducer, LogTail, Record, TransportError
 from .base import TopicPartition as TP
+from .instance import ConsumerSlot, check_instance_id, slot_instance_id
 
 log = logging.getLogger(__name__)
-# librdkafka logs (e.g. one line per failed reconnect while a broker is down) go to Python logging, not stderr
+
+
+class RepeatedLineFilter(logging.Filter):
+    """One line of a kind (its text, numbers aside) per `seconds`: while a broker is down librdkafka logs every
+    failed reconnect, some 20 lines a second, and the caller hears of the outage from its own calls anyway."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self._seconds = seconds
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        facility, client = (record.args[:2] if isinstance(record.args, tuple) and len(record.args) == 3
+                            else ("", ""))
+        if facility == "FATAL" and "consumer" in str(client):
+            return False  # KafkaLogConsumer raises it as a FatalTransportError: one line, not two
+        kind, now = re.sub(r"\d+", "#", record.getMessage()), time.monotonic()
+        if now - self._last.get(kind, float("-inf")) < self._seconds:
+            return False
+        if len(self._last) > 1000:
+            self._last = {k: t for k, t in self._last.items() if now - t < self._seconds}
+        self._last[kind] = now
+        return True
+
+
+# librdkafka logs go to Python logging, not stderr (confluent-kafka calls log(level, "%s [%s] %s", facility,
+# client, text) on the logger it is given)
 librdkafka_log = logging.getLogger("trainwire.librdkafka")
+librdkafka_log.addFilter(RepeatedLineFilter(60.0))
+
+
+def reason(err: KafkaException) -> str:
+    """librdkafka's text for the error, without the KafkaError{code=…} wrapping."""
+    error = err.args[0] if err.args else None
+    return error.str() if isinstance(error, KafkaError) else str(err)
 
 
 def producer_config(bootstrap: str) -> dict:
@@ -31,10 +67,15 @@ def producer_config(bootstrap: str) -> dict:
     }
 
 
-def consumer_config(bootstrap: str, group: str) -> dict:
-    return {
+def consumer_config(bootstrap: str, group: str, instance_id: str | None = None) -> dict:
+    config = {
         "bootstrap.servers": bootstrap,
         "group.id": group,
+        # A member that stops heartbeating keeps its partitions this long (librdkafka's default is 45 s; the
+        # broker's group.min.session.timeout.ms, 6 s, is the floor). A static member restarted under the same
+        # instance id takes them back at once, without waiting it out.
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 3_000,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
@@ -43,6 +84,9 @@ def consumer_config(bootstrap: str, group: str) -> dict:
         # librdkafka prefetches up to this much per partition: bound it, memory grows with partitions otherwise
         "queued.max.messages.kbytes": 8192,
     }
+    if instance_id is not None:
+        config["group.instance.id"] = instance_id
+    return config
 
 
 class KafkaLogProducer(LogProducer):
@@ -62,6 +106,8 @@ class KafkaLogProducer(LogProducer):
                 break
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: serve delivery reports until there is room
+            except KafkaException as err:
+                raise TransportError(f"kafka produce to {topic} failed: {reason(err)}") from err
         self._producer.poll(0)
 
     def flush(self, timeout: float) -> int:
@@ -69,77 +115,171 @@ class KafkaLogProducer(LogProducer):
 
 
 class KafkaLogConsumer(LogConsumer):
-    def __init__(self, bootstrap: str, group: str, topics: list[str]):
-        self._consumer = Consumer(consumer_config(bootstrap, group), logger=librdkafka_log)
-        self._consumer.subscribe(topics, on_revoke=self._revoked, on_lost=self._revoked)
+    """A member of `group`: a static one (see instance.py) under `instance_id`, else under a slot it claims in
+    `slot_dir`; a dynamic one when given neither. librdkafka's exceptions leave it as TransportErrors."""
 
-    def _revoked(self, _consumer, partitions: list[TopicPartition]) -> None:
+    def __init__(self, bootstrap: str, group: str, topics: list[str], instance_id: str | None = None,
+                 slot_dir: Path | None = None):
+        self._group = group
+        self._slot: ConsumerSlot | None = None
+        if instance_id is not None:
+            check_instance_id(instance_id)
+        elif slot_dir is not None:
+            try:
+                self._slot = ConsumerSlot(slot_dir, group)
+                instance_id = slot_instance_id(group, self._slot.index)
+            except OSError as err:
+                log.warning("no consumer slot under %s (%s): joining group %s without an instance id, so a "
+                            "restart waits out the session timeout", slot_dir, err, group)
+        self.instance_id = instance_id
+        self._assigned = False
+        self._fatal: FatalTransportError | None = None
+        # per assigned partition, its committed offset (negative: none): where it starts until a record is read
+        self._committed: dict[TP, int] = {}
+        try:
+            self._consumer = Consumer(consumer_config(bootstrap, group, self.instance_id), logger=librdkafka_log)
+            self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                     on_lost=self._on_lost)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _on_assign(self, _consumer, partitions: list[TopicPartition]) -> None:
+        # called after every rebalance, with an empty list too: this member has its share, if any
+        self._assigned = True
+        if partitions:
+            self._learn_committed(partitions, timeout=5.0)
+
+    def _on_revoke(self, _consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._committed.pop((tp.topic, tp.partition), None)
         if self.on_revoke is not None and partitions:
             self.on_revoke([(tp.topic, tp.partition) for tp in partitions])
 
+    def _on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned = False  # out of the group (e.g. the session timed out) until it is assigned again
+        self._on_revoke(consumer, partitions)
+
+    def _learn_committed(self, partitions: list[TopicPartition], timeout: float) -> None:
+        try:
+            committed = self._consumer.committed(partitions, timeout=timeout)
+        except KafkaException as err:  # lag stays unknown for these until the next try
+            log.debug("committed offsets unknown: %s", reason(err))
+            return
+        for tp in committed:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+
+    def assigned(self) -> bool:
+        return self._assigned and self._fatal is None
+
     def poll(self, max_records: int, timeout: float) -> list[Record]:
+        self._raise_if_fatal()
         # Wait for the first record only, then take what is already fetched: consume(n, timeout) would wait out
         # its timeout for n records whenever traffic is light, and a page waits on every hop.
-        first = self._consumer.poll(timeout)
-        if first is None:
-            return []
-        rest = self._consumer.consume(max_records - 1, 0) if max_records > 1 else []
+        try:
+            first = self._consumer.poll(timeout)
+            if first is None:
+                return []
+            rest = self._consumer.consume(max_records - 1, 0) if max_records > 1 else []
+        except KafkaException as err:
+            raise TransportError(f"kafka poll failed: {reason(err)}") from err
         out: list[Record] = []
         for msg in (first, *rest):
             err = msg.error()
             if err is not None:
                 if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     continue
-                if err.retriable() or not err.fatal():
-                    log.warning("kafka consumer: %s", err)
-                    continue
-                raise TransportError(f"kafka consumer failed: {err}")
+                if err.code() == KafkaError._FATAL or err.fatal():
+                    raise self._failed_for_good(err)
+                log.warning("kafka consumer: %s", err.str())
+                continue
             _, ts = msg.timestamp()
             out.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), ts))
         return out
 
+    def _failed_for_good(self, err: KafkaError) -> FatalTransportError:
+        # librdkafka hands a consumer its fatal error (FENCED_INSTANCE_ID is the one there is) wrapped as _FATAL
+        if "fenced" in err.str().lower():
+            message = (f"kafka consumer {self.instance_id} was fenced out of group {self._group}: another consumer "
+                       f"joined under the same instance id (consumers on one host take distinct ids only under "
+                       f"one trainwire home)")
+        else:
+            message = f"kafka consumer of group {self._group} failed for good: {err.str()}"
+        self._fatal = FatalTransportError(message)
+        return self._fatal
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
     def commit(self, positions: Mapping[TP, int]) -> None:
+        self._raise_if_fatal()
         if not positions:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as err:
-            raise TransportError(f"kafka commit failed: {err}") from err
+            raise TransportError(f"kafka commit failed: {reason(err)}") from err
+        self._committed.update(positions)
 
     def rewind(self) -> None:
-        assignment = self._consumer.assignment()
-        if not assignment:
-            return
-        for tp in self._consumer.committed(assignment, timeout=10):
-            if tp.offset < 0:  # nothing committed yet: back to where auto.offset.reset starts
-                tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[0]
-            self._consumer.seek(tp)
-
-    def assigned(self) -> bool:
+        self._raise_if_fatal()
         try:
-            return bool(self._consumer.assignment())
-        except KafkaException:
-            return False
+            assignment = self._consumer.assignment()
+            if not assignment:
+                return
+            for tp in self._consumer.committed(assignment, timeout=10):
+                self._committed[(tp.topic, tp.partition)] = tp.offset
+                if tp.offset < 0:  # nothing committed yet: back to where auto.offset.reset starts
+                    tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[0]
+                self._consumer.seek(tp)
+        except KafkaException as err:
+            raise TransportError(f"kafka rewind to the committed offsets failed: {reason(err)}") from err
 
     def lag(self, fresh: bool = True) -> int | None:
         # A fresh answer costs a broker round trip per partition, each queued behind the pending fetch (up to
         # fetch.wait.max.ms): over many partitions, long enough to hold up the loop that asks.
+        if not self.assigned():
+            return None  # not "nothing pending": nothing known yet
         total = 0
         try:
-            for tp in self._consumer.assignment():
+            assignment = self._consumer.assignment()
+            positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(assignment)}
+            for tp in assignment:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=not fresh)
                 if high < 0:  # cached, and nothing heard from this partition yet
-                    continue
-                (pos,) = self._consumer.position([tp])
-                total += high - (pos.offset if pos.offset >= 0 else low)
+                    return None
+                position = positions[(tp.topic, tp.partition)]
+                at = position if position >= 0 else self._start(tp, low, fresh)
+                if at is None:
+                    return None
+                total += max(0, high - at)
         except KafkaException as err:  # e.g. a leader moving: lag is a metric, unknown for a moment
-            log.debug("lag unknown: %s", err)
+            log.debug("lag unknown: %s", reason(err))
             return None
         return total
 
+    def _start(self, tp: TopicPartition, low: int, fresh: bool) -> int | None:
+        """Where a partition not read from since it was assigned starts: its committed offset, else its first."""
+        key = (tp.topic, tp.partition)
+        if key not in self._committed and fresh:
+            self._learn_committed([tp], timeout=2.0)
+        committed = self._committed.get(key)
+        return None if committed is None else max(committed, low)
+
     def close(self) -> None:
-        self._consumer.close()
+        self._assigned = False
+        try:
+            self._consumer.close()  # a static member leaves no gap: its restart takes its partitions back
+        except KafkaException as err:
+            log.warning("kafka consumer of group %s did not close cleanly: %s", self._group, reason(err))
+        finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
 
 
 class KafkaLogTail(LogTail):
@@ -183,20 +323,23 @@ class KafkaLogTail(LogTail):
             try:
                 self._refresh()
             except KafkaException as err:
-                raise TransportError(f"kafka tail of {self._topic}: {err}") from err
+                raise TransportError(f"kafka tail of {self._topic}: {reason(err)}") from err
         if not self._assigned:
             time.sleep(timeout)  # the topic does not exist yet
             return []
-        first = self._consumer.poll(timeout)  # consume() would wait out its timeout for a full batch
-        if first is None:
-            return []
+        try:
+            first = self._consumer.poll(timeout)  # consume() would wait out its timeout for a full batch
+            if first is None:
+                return []
+            rest = self._consumer.consume(max_records - 1, 0) if max_records > 1 else []
+        except KafkaException as err:
+            raise TransportError(f"kafka tail of {self._topic}: {reason(err)}") from err
         out: list[Record] = []
-        rest = self._consumer.consume(max_records - 1, 0) if max_records > 1 else []
         for msg in [first, *rest]:
             err = msg.error()
             if err is not None:
-                if err.fatal():
-                    raise TransportError(f"kafka tail of {self._topic}: {err}")
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    raise TransportError(f"kafka tail of {self._topic}: {err.str()}")
                 continue
             _, ts = msg.timestamp()
             if ts >= self._since_ms:
@@ -208,11 +351,14 @@ class KafkaLogTail(LogTail):
 
 
 def create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics])
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": librdkafka_log})
+    try:
+        futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics])
+    except KafkaException as err:
+        raise TransportError(f"cannot create topics {', '.join(topics)}: {reason(err)}") from err
     for topic, future in futures.items():
         try:
             future.result(timeout=30)
         except KafkaException as err:
             if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TransportError(f"cannot create topic {topic}: {err}") from err
+                raise TransportError(f"cannot create topic {topic}: {reason(err)}") from err

@@ -138,6 +138,9 @@ class SqliteLogConsumer(LogConsumer):
                 rows,
             )
 
+    def assigned(self) -> bool:
+        return True  # every member of a group reads every topic's one partition from the moment it subscribes
+
     def lag(self, fresh: bool = True) -> int:
         total = 0
         for topic in self._topics:

@@ -1,15 +1,20 @@
 """One contract, run against both transports: the embedded SQLite log and the real Kafka broker."""
 
+import logging
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import closing
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from trainwire.infra.config import Settings
-from trainwire.infra.log import ensure_topics, open_consumer, open_producer
-from trainwire.infra.log.base import next_positions
+from trainwire.infra.log import TransportError, ensure_topics, open_consumer, open_producer
+from trainwire.infra.log.base import FatalTransportError, next_positions
+from trainwire.infra.log.kafka import KafkaLogConsumer, KafkaLogProducer
 from trainwire.infra.log.spool import SpoolingProducer
 
 
@@ -74,6 +79,45 @@ assert producer.flush(10) == 0
 """
 
 
+def poll_until_assigned(consumer, timeout: float = 30.0) -> list:
+    """Polls one record at a time until the group has given the consumer its partitions; returns what it read."""
+    records, deadline = [], time.monotonic() + timeout
+    while not consumer.assigned() and time.monotonic() < deadline:
+        records += consumer.poll(1, 0.2)
+    assert consumer.assigned(), "no partitions assigned"
+    return records
+
+
+def cached_lag(consumer, timeout: float = 10.0) -> int | None:
+    """lag(fresh=False) once the transport has heard from every partition (it is unknown until then)."""
+    deadline = time.monotonic() + timeout
+    while (lag := consumer.lag(fresh=False)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return lag
+
+
+def test_lag_is_unknown_until_partitions_are_assigned(any_settings):
+    topic, group = any_settings.topic("assigned"), any_settings.topic("g")
+    ensure_topics(any_settings, [topic], partitions=4)
+    produce(any_settings, topic, [(f"run-{i % 7}".encode(), str(i).encode()) for i in range(50)])
+
+    with closing(open_consumer(any_settings, group, [topic])) as consumer:
+        if not consumer.assigned():  # Kafka: the group assigns partitions inside poll; 50 pending is not 0 pending
+            assert consumer.lag() is None and consumer.lag(fresh=False) is None
+        read = poll_until_assigned(consumer)
+        assert consumer.lag() == 50 - len(read)
+        assert cached_lag(consumer) == 50 - len(read)
+        read += poll_all(consumer, 20 - len(read))
+        consumer.commit(next_positions(read[:20]))
+
+    # a new member resumes at the commit: before it has read anything, its lag counts from there, not from the
+    # start of each partition
+    with closing(open_consumer(any_settings, group, [topic])) as resumed:
+        read = poll_until_assigned(resumed)
+        assert resumed.lag() == 30 - len(read)
+        assert cached_lag(resumed) == 30 - len(read)
+
+
 def test_local_log_takes_several_writing_processes(local_settings):
     topic = local_settings.topic("multi")
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, local_settings.model_dump_json(), str(w)])
@@ -134,3 +178,89 @@ def test_spool_left_by_a_producer_that_never_reached_the_broker_is_adopted(kafka
     records = poll_all(open_consumer(kafka_settings, kafka_settings.topic("g"), [topic]), 100)
     assert [int(r.value) for r in records] == list(range(100))
     assert not list(kafka_settings.spool_dir.glob("*.db"))
+
+
+class FailingClient:
+    """The real librdkafka consumer, except that `method` raises what librdkafka raises when the group coordinator
+    does not answer in time (`committed()` after a session loss, for one)."""
+
+    def __init__(self, real, method: str):
+        self._real, self._method = real, method
+
+    def __getattr__(self, name: str):
+        if name == self._method:
+            def fail(*_args, **_kwargs):
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "injected: coordinator did not answer"))
+            return fail
+        return getattr(self._real, name)
+
+
+@pytest.mark.kafka
+def test_librdkafka_errors_reach_the_caller_as_transport_errors(kafka_settings):
+    topic = kafka_settings.topic("failing")
+    ensure_topics(kafka_settings, [topic], partitions=2)
+    produce(kafka_settings, topic, [(b"k", str(i).encode()) for i in range(50)])
+    consumer = open_consumer(kafka_settings, kafka_settings.topic("g"), [topic])
+    real = consumer._consumer  # noqa: SLF001 - the fault is injected under the transport, into the real client
+    try:
+        read, deadline = poll_until_assigned(consumer), time.monotonic() + 30
+        while len(read) < 2 and time.monotonic() < deadline:  # one at a time: poll needs more left to read
+            read += consumer.poll(1, 0.5)
+        raising = {"committed": consumer.rewind, "seek": consumer.rewind, "assignment": consumer.rewind,
+                   "commit": lambda: consumer.commit(next_positions(read)),
+                   "poll": lambda: consumer.poll(10, 0.5), "consume": lambda: consumer.poll(10, 0.5)}
+        for method, call in raising.items():
+            consumer._consumer = FailingClient(real, method)  # noqa: SLF001
+            with pytest.raises(TransportError, match="injected") as raised:
+                call()
+                pytest.fail(f"a failing {method}() raised nothing")
+            assert "\n" not in str(raised.value), method
+        for method in ("get_watermark_offsets", "position", "assignment"):
+            consumer._consumer = FailingClient(real, method)  # noqa: SLF001
+            assert consumer.lag() is None and consumer.lag(fresh=False) is None, method  # a metric: unknown
+        consumer._consumer = FailingClient(real, "close")  # noqa: SLF001
+        consumer.close()  # leaving is best effort: an error is logged, not raised
+    finally:
+        real.close()
+
+
+@pytest.mark.kafka
+def test_a_consumer_fenced_by_its_own_instance_id_fails_with_one_line(kafka_settings):
+    topic = kafka_settings.topic("fenced")
+    ensure_topics(kafka_settings, [topic], partitions=2)
+    group, instance = kafka_settings.topic("g"), f"twin-{uuid.uuid4().hex[:6]}"
+    with closing(open_consumer(kafka_settings, group, [topic], instance_id=instance)) as first:
+        poll_until_assigned(first)
+        # a member joins the group from librdkafka's own threads as soon as it subscribes: only now
+        with closing(open_consumer(kafka_settings, group, [topic], instance_id=instance)) as second:
+            poll_until_assigned(second)  # joining under the same id fences the first member out of the group
+            deadline = time.monotonic() + 15
+            with pytest.raises(FatalTransportError) as fenced:
+                while time.monotonic() < deadline:
+                    first.poll(10, 0.2)
+            message = str(fenced.value)
+            assert "\n" not in message and instance in message and "fenced" in message
+            with pytest.raises(FatalTransportError):  # for good: no call pretends to work after that
+                first.rewind()
+            assert not first.assigned() and first.lag() is None
+
+
+def unreachable_broker() -> str:
+    with socket.socket() as sock:  # a port where no broker listens
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_unreachable_broker_logs_a_few_lines_not_a_flood(caplog):
+    bootstrap = unreachable_broker()
+    with caplog.at_level(logging.DEBUG, logger="trainwire"):
+        consumer = KafkaLogConsumer(bootstrap, "g", ["t"])
+        producer = KafkaLogProducer(bootstrap)
+        producer.append("t", b"k", b"v")
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            consumer.poll(10, 0.2)
+            producer.flush(0.2)
+        consumer.close()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 6, "\n".join(r.getMessage() for r in lines)
