@@ -54,7 +54,8 @@ CREATE INDEX IF NOT EXISTS outbox_silenced ON outbox (page) WHERE status = 'sile
 """
 _INSERT = ("INSERT OR IGNORE INTO outbox (sink, dedup_key, state, alert, enqueued_at, next_attempt_at, status, page, "
            "kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-SILENCE_PAGE = "silence:"
+SILENCE_PAGE = "silence:"  # the page of a row a silence holds
+SILENCE_OVER = "silence-over:"  # …of one it held that resolved before the silence ended
 
 
 def pages_people(sink) -> bool:
@@ -247,14 +248,18 @@ class Pager:
         moment = datetime.fromtimestamp(now, timezone.utc)
         active = {s.silence_id: s for s in silences if s.active(moment)}
         released = 0
+        still_silenced = [SILENCE_PAGE + silence_id for silence_id in active]
         with self.outbox.transaction() as conn:
             held = conn.execute(
-                "SELECT o.sink, o.dedup_key, o.alert, o.page FROM outbox AS o WHERE o.status = 'silenced' "
-                "AND o.state = 'firing' AND NOT EXISTS (SELECT 1 FROM crossings AS c WHERE c.dedup_key = o.dedup_key "
-                "AND c.state = 'resolved')").fetchall()
+                "SELECT o.sink, o.dedup_key, o.alert, o.page, EXISTS (SELECT 1 FROM crossings AS c WHERE "
+                "c.dedup_key = o.dedup_key AND c.state = 'resolved') FROM outbox AS o WHERE o.status = 'silenced' "
+                f"AND o.state = 'firing' AND o.page LIKE '{SILENCE_PAGE}%' "
+                f"AND o.page NOT IN ({', '.join('?' * len(still_silenced))})", still_silenced).fetchall()
             by_page: dict[tuple[str, str], list[tuple[str, Alert]]] = {}
-            for sink, key, alert_json, page in held:
-                if page.removeprefix(SILENCE_PAGE) in active:
+            for sink, key, alert_json, page, resolved in held:
+                if resolved:  # it resolved while silenced: nothing to page, and no need to look at it again
+                    conn.execute("UPDATE outbox SET page = ? WHERE sink = ? AND dedup_key = ? AND state = 'firing'",
+                                 (SILENCE_OVER + page.removeprefix(SILENCE_PAGE), sink, key))
                     continue
                 alert = Alert.model_validate_json(alert_json)
                 still = next((s for s in active.values() if s.matches(alert.run_id, alert.experiment, alert.rule,
