@@ -1,8 +1,10 @@
 """Where alerts page (docs/alerting.md): `[[alerting.sinks]]` tables of the TRAINWIRE_CONFIG file, or
 TRAINWIRE_ALERTING as JSON. With none configured, alerts are written to the console only.
 
-Each sink names its kind, its endpoint and the alerts routed to it (severities, teams, states). A typo — an unknown
-kind or key, a webhook without a URL, PagerDuty without a routing key — fails at start-up with its key.
+Each sink names its kind, its endpoint and the alerts routed to it (severities, teams, states), and how many pages
+a minute it may send. `[alerting]` also says how pages are kept few (holds, flapping, grouping, silences: docs/
+alerting.md, "Pages people trust"). A typo — an unknown kind or key, a webhook without a URL, PagerDuty without a
+routing key, a value out of its range — fails at start-up with its key.
 """
 
 from __future__ import annotations
