@@ -18,7 +18,7 @@ from typing import Protocol
 
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, LogProducer, Record, TransportError
-from trainwire.infra.log.base import next_positions
+from trainwire.infra.log.base import FatalTransportError, next_positions
 from trainwire.infra.log.topics import ALERTS, CONSUMER_TOPICS, DEAD_LETTERS, dead_letter_message, topic_for
 from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SchemaError, SingleObjectCodec
 from trainwire.schemas.checks import check_record
@@ -133,6 +133,8 @@ class IngestPipeline:
                     force_flush or batch.urgent or len(batch.records) >= self._settings.batch_max_rows
                     or time.monotonic() - batch.started >= self._settings.batch_max_seconds):
                 self.flush()
+        except FatalTransportError:  # e.g. fenced by a member with the same instance id: retrying cannot help
+            raise
         except RETRYABLE as err:
             self._retry_after(err)
             return 0

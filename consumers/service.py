@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 INGEST_GROUP = "ingest"  # a consumer group name, scoped by the topic prefix like the topics
 
 
-def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP) -> IngestPipeline:
+def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP,
+                 instance_id: str | None = None) -> IngestPipeline:
+    """`instance_id`: the Kafka group.instance.id (static membership); default <host>-<group>-<slot>."""
     client = connect_store(settings.store_dsn)
     migrate(client, cluster=settings.store_cluster)
     apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days, settings.store_cluster)
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS), settings.topic(CONTROL)])
     return IngestPipeline(
-        open_consumer(settings, settings.topic(group), topics), ClickHouseWriter(client), open_producer(settings),
+        open_consumer(settings, settings.topic(group), topics, instance_id=instance_id), ClickHouseWriter(client), open_producer(settings),
         settings, detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)), on_alert=on_alert,
         codec=codec_for(settings),
         on_run_ended=GateWorker(settings).start(),  # evaluates the quality gates of every run that ends

@@ -50,11 +50,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_consume(args: argparse.Namespace) -> int:
     from trainwire.consumers.admission import DeadLetterLimitError
     from trainwire.consumers.service import build_ingest, run_ingest, tune_gc_for_ingest
+    from trainwire.infra.log.base import FatalTransportError
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # store and commit what is held, leave the group, exit
         signal.signal(sig, lambda *_: stop.set())
-    pipeline = build_ingest(_settings(args))
+    pipeline = build_ingest(_settings(args), instance_id=args.instance_id)
     tune_gc_for_ingest()
     if args.metrics_port:
         pipeline.metrics.serve(args.metrics_port)
@@ -72,6 +73,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
     except DeadLetterLimitError as err:  # the uncommitted records wait in the transport for the fix
         print(f"trainwire: ingest stopped: {err}", file=sys.stderr)
         return 3
+    except FatalTransportError as err:
+        print(f"trainwire: ingest stopped: {err}", file=sys.stderr)
+        return 4
     stats = pipeline.stats.__dict__
     _emit(args, stats, ", ".join(f"{k} {v}" for k, v in stats.items()))
     if not caught_up:
@@ -598,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--drain", action="store_true", help="exit once caught up with the transport")
     consume.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
     consume.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    consume.add_argument("--instance-id", help="Kafka group.instance.id, stable across restarts of this consumer "
+                         "(default: <host>-<group>-<slot>)")
     consume.set_defaults(func=cmd_consume)
 
     alerts = command("alerts", "the alert consumer: page through the configured sinks (docs/alerting.md); "

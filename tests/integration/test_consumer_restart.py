@@ -37,13 +37,13 @@ time.sleep(600)
 """
 
 
-def start_consumer(settings: Settings, store: str, log_path) -> subprocess.Popen:
+def start_consumer(settings: Settings, store: str, log_path, *flags: str) -> subprocess.Popen:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
            "TRAINWIRE_KAFKA": settings.kafka, "TRAINWIRE_TOPIC_PREFIX": settings.topic_prefix,
            "TRAINWIRE_STORE": store, "TRAINWIRE_HOME": str(settings.home), "TRAINWIRE_BATCH_MAX_SECONDS": "0.2",
            "TRAINWIRE_HEARTBEAT_SECONDS": "600"}
     with open(log_path, "a") as log:
-        return subprocess.Popen([sys.executable, "-m", "trainwire", "consume", "--json"], env=env, stdout=log,
+        return subprocess.Popen([sys.executable, "-m", "trainwire", "consume", "--json", *flags], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
 
 
@@ -198,3 +198,24 @@ def test_two_consumers_on_one_host_get_distinct_instance_ids_and_both_consume(se
     assert stored["a"] and stored["b"], "both consumers stored a share"
     assert set(stored["a"]) | set(stored["b"]) == produced
     assert set(stored["a"]).isdisjoint(stored["b"])
+
+
+@pytest.mark.kafka
+def test_a_consumer_fenced_by_a_duplicate_instance_id_stops_with_one_line(settings, tmp_path):
+    """Two consumers given the same --instance-id: the broker fences the first out; it must stop with one line
+    and a non-zero status, not go silent or retry for ever."""
+    logs = {name: tmp_path / f"{name}.log" for name in ("first", "second")}
+    first = start_consumer(settings, f"chdb://{tmp_path / 'a'}", logs["first"], "--instance-id", "ingest-dup")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(m.assignment.topic_partitions for m in group_members(settings)):
+            time.sleep(0.5)
+        second = start_consumer(settings, f"chdb://{tmp_path / 'b'}", logs["second"], "--instance-id", "ingest-dup")
+        assert first.wait(60) == 4, logs["first"].read_text()[-3000:]
+        output = logs["first"].read_text()
+        assert "fenced" in output and "ingest-dup" in output and "Traceback" not in output
+        stop(second, logs["second"])
+    finally:
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
