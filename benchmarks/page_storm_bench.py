@@ -161,8 +161,8 @@ def main() -> None:
     result = {"kafka": args.kafka, "runs": args.runs, "nans_logged_over_s": round(last_nan - first_nan, 2),
               "group_wait_seconds": args.group_wait, "sinks": sinks,
               "alerts_stored": len({a["run_id"] for a in stored}),
-              "path": "log_step → SDK → Kafka → trainwire up (ingest + detectors → chdb insert → alerts topic → alert "
-                      "consumer → paging policy → outbox) → 4 sinks' HTTP endpoints"}
+              "path": "log_step → SDK → Kafka → trainwire up (ingest + detectors → chdb insert → alerts topic → "
+                      "alert consumer → paging policy → outbox) → 4 sinks' HTTP endpoints"}
     print(json.dumps(result, indent=2))
     write_result(args.name, result)
 

@@ -63,7 +63,9 @@ def pages_people(sink) -> bool:
 
 
 def _ago(seconds: float) -> str:
-    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 class Pager:
@@ -147,7 +149,8 @@ class Pager:
 
     def _crossings(self, conn, alert: Alert, now: float, state: str | None = None) -> int:
         return conn.execute(
-            "SELECT count(*) FROM crossings WHERE run_id = ? AND rule = ? AND seen_at >= ? AND (? IS NULL OR state = ?)",
+            "SELECT count(*) FROM crossings WHERE run_id = ? AND rule = ? AND seen_at >= ? "
+            "AND (? IS NULL OR state = ?)",
             (alert.run_id, alert.rule, now - self.settings.flap_window_seconds, state, state)).fetchone()[0]
 
     def _flapping_page(self, conn, alert: Alert, now: float) -> Alert:

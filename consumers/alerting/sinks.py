@@ -222,8 +222,9 @@ class PagerDutySink(HttpSink):
         members = delivery.members
         experiments = {a.experiment for a in members}
         worst = max((a.severity for a in members), key=SEVERITY_RANK.__getitem__)
+        source = experiments.pop() if len(experiments) == 1 else "trainwire"
         event["payload"].update(
-            summary=describe_bundle(delivery)[:1024], source=experiments.pop() if len(experiments) == 1 else "trainwire",
+            summary=describe_bundle(delivery)[:1024], source=source,
             severity=PAGERDUTY_SEVERITY[worst], custom_details={
                 "runs": runs_of(members), "count": len(members), "page": delivery.kind or "bundle",
                 "incidents": [{"run_id": a.run_id, "rule": a.rule, "step": a.step, "value": _finite(a.value),

@@ -480,8 +480,8 @@ def paging_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[st
     client = connect_store(settings.store_dsn)
     try:
         now = datetime.now(timezone.utc).replace(microsecond=0)
-        flapping = [alert_row(runs["flappy"], "loss_spike", 10 * i, state, now - timedelta(minutes=10 - i,
-                                                                                          seconds=-10 * (state != "firing")))
+        flapping = [alert_row(runs["flappy"], "loss_spike", 10 * i, state,
+                              now - timedelta(minutes=10 - i) + timedelta(seconds=10 * (state == "resolved")))
                     for i in range(5) for state in ("firing", "resolved")]
         storm = [alert_row(runs[name], "loss_not_finite", 3, "firing", now - timedelta(seconds=30 - i), "block")
                  for i, name in enumerate(("storm-a", "storm-b", "storm-c"))]

@@ -1,5 +1,5 @@
-"""Pages people trust, end to end on the real broker and real HTTP: SDK runs → ingest and detectors → alerts topic →
-the alert consumer → sinks. A run and rule that flaps is one page and one resolution while every crossing is
+"""Pages people trust, end to end on the real broker and real HTTP: SDK runs → ingest and detectors → alerts
+topic → the alert consumer → sinks. A run and rule that flaps is one page and one resolution while every crossing is
 stored; a storm of runs going NaN at once is a handful of pages per sink that list every run, each run's alert
 stored (the 200-run version is benchmarks/page_storm_bench.py)."""
 
