@@ -728,11 +728,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from trainwire.infra.log.base import FatalTransportError
+
     try:
         return args.func(args)
     except (ConfigError, ValueError) as err:
         print(f"trainwire: error: {err}", file=sys.stderr)
         return 2
+    except FatalTransportError as err:  # e.g. a consumer fenced out of its group: stop, say why
+        print(f"trainwire: error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

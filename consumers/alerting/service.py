@@ -14,7 +14,7 @@ import time
 from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
 from trainwire.infra.log import LogConsumer, TransportError, ensure_topics, open_consumer
-from trainwire.infra.log.base import next_positions
+from trainwire.infra.log.base import FatalTransportError, next_positions
 from trainwire.infra.log.topics import ALERTS
 from trainwire.schemas import Alert, Codec, CodecUnavailableError, SchemaError
 
@@ -63,6 +63,8 @@ class AlertConsumer:
             hosts = self.silences.hosts([a.run_id for a in alerts], "host" in self.pager.settings.group_by)
             new = self.pager.record(alerts, self.sinks, self.silences.active(), hosts)
             self._consumer.commit(next_positions(records))
+        except FatalTransportError:  # fenced by a member with the same instance id: retrying cannot help
+            raise
         except (TransportError, CodecUnavailableError) as err:  # read again from the last commit; the outbox
             log.warning("alerting: %s; rewinding to the last commit", err)  # ignores what it already has
             time.sleep(0.5)
