@@ -60,8 +60,11 @@ class PageReceiver:
 
 def start_up(home: Path, kafka: str, prefix: str, webhook: str) -> subprocess.Popen:
     config = home / "trainwire.toml"
-    config.write_text(f'[[alerting.sinks]]\nkind = "webhook"\nurl = "{webhook}"\nseverities = ["block"]\n'
-                      f'states = ["firing"]\n')
+    # Each NaN's own page: the bench's jobs share an experiment, so grouping would fold them into storm pages
+    # (page_storm_bench.py measures those) and the rate limit into summaries.
+    config.write_text(f'[alerting]\ngroup_wait_seconds = 0\n\n'
+                      f'[[alerting.sinks]]\nkind = "webhook"\nurl = "{webhook}"\nseverities = ["block"]\n'
+                      f'states = ["firing"]\nrate_limit_per_minute = 0\n')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
            "TRAINWIRE_HOME": str(home / "consumer"), "TRAINWIRE_KAFKA": kafka, "TRAINWIRE_TOPIC_PREFIX": prefix,
            "TRAINWIRE_CONFIG": str(config)}
