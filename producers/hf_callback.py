@@ -47,6 +47,8 @@ from .gpu import GpuSampler
 from .lineage import config_lineage, dataset_lineage, model_lineage
 from .run import Run
 from .session import emitter_for, init
+from .stop_sync import RankStopSync
+from .token_counter import TokenCounter
 from .values import InvalidRunError
 
 log = logging.getLogger(__name__)
@@ -123,36 +125,6 @@ def _listing(directory: Path) -> dict[Path, tuple[int, int, int]]:
     return found
 
 
-class _TokenCounter:
-    """The tokens of the batches the model trains on, counted by a forward pre-hook: the attention mask's ones (the
-    tokens that are not padding), else the input ids. The sum stays on the batch's device until it is read at a
-    logging step, so counting never makes the training loop wait for the accelerator."""
-
-    def __init__(self, model):
-        self._counted = 0
-        self._on_device = None
-        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args: tuple, kwargs: dict) -> None:
-        if not module.training:  # an evaluation's batches are no training throughput
-            return
-        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
-        if getattr(mask, "ndim", 0) == 2:
-            total = mask.sum()
-            self._on_device = total if self._on_device is None else self._on_device + total
-        elif hasattr(ids, "numel"):
-            self._counted += ids.numel()
-
-    def read(self) -> int:
-        if self._on_device is not None:
-            self._counted += int(self._on_device)
-            self._on_device = None
-        return self._counted
-
-    def remove(self) -> None:
-        self._hook.remove()
-
-
 class TrainwireCallback(TrainerCallback):
     """Records a Trainer run: run started with its lineage, steps, evals, checkpoints, run ended.
 
@@ -191,15 +163,14 @@ class TrainwireCallback(TrainerCallback):
         self._artifacts: list[dict] = []
         self._gpu_only: tuple[GpuSampler, Any, float] | None = None
         self._last_tokens: tuple[float, int] | None = None
-        self._tokens: _TokenCounter | None = None
+        self._tokens: TokenCounter | None = None
         self._world_size = 1
         self._recorded: dict[Path, int] = {}  # checkpoints recorded and still on disk, by path: their step
         self._saved: list[dict] = []  # the files of the trained model's save after training
         self._watched: Any = None  # the trained model, while its save_pretrained is wrapped
         self._grace: threading.Timer | None = None
         self._ending = threading.Lock()
-        self._synced_stop = False  # multi-process with the stop switch: rank 0 broadcasts the decision
-        self._sync_group: Any = None
+        self._synced_stop: RankStopSync | None = None  # multi-process with the stop switch
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model=None, train_dataloader=None, **kwargs) -> None:
@@ -209,7 +180,7 @@ class TrainwireCallback(TrainerCallback):
         self._main, self._state, self._status, self._ended = state.is_world_process_zero, state, None, False
         self._last_checkpoint, self._artifacts, self._saved, self._recorded = None, [], [], {}
         self._show_non_finite_losses(args)
-        self._synced_stop = self._sync_stop(args)
+        self._synced_stop = RankStopSync.for_run(args.world_size, self._main) if self.stop_on_block else None
         if not self._main:
             if state.is_local_process_zero and self.sample_gpus:
                 self._sample_gpus_only(args, run_id)
@@ -228,29 +199,12 @@ class TrainwireCallback(TrainerCallback):
             log.warning("trainwire: TrainingArguments.logging_nan_inf_filter turned off, so that a NaN or Inf loss is "
                         "logged as it is (the filter logs it as a finite stand-in, and loss_not_finite never fires)")
 
-    def _sync_stop(self, args: TrainingArguments) -> bool:
-        """Whether rank 0 broadcasts the stop decision at every step's end (multi-process runs that opted in).
-        Called on every rank: the broadcast goes through a gloo group, created here (a collective) unless the
-        process group is gloo already, so that the decision stays on the CPU."""
-        if not self.stop_on_block or args.world_size <= 1:
-            return False
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            if self._main:
-                log.warning("trainwire: %d processes but no torch.distributed process group: the stop switch could "
-                            "not stop every rank; run not opted in", args.world_size)
-            return False
-        if self._sync_group is None and "gloo" not in dist.get_backend():
-            self._sync_group = dist.new_group(backend="gloo")
-        return True
-
     def _count_tokens(self, args: TrainingArguments, state: TrainerState, model) -> None:
         """Tokens for `tokens_per_s`: the Trainer's count when it keeps one (`include_num_input_tokens_seen`),
         else this process's, counted from the model's inputs, times the number of processes."""
         self._world_size = max(args.world_size, 1)
         counting = getattr(args, "include_num_input_tokens_seen", False) not in (False, "no", None)
-        self._tokens = None if counting or model is None else _TokenCounter(model)
+        self._tokens = None if counting or model is None else TokenCounter(model)
         self._last_tokens = (time.monotonic(), self._tokens_seen(state))
 
     def _start(self, args: TrainingArguments, run_id: str, fields: dict[str, Any]) -> Run:
@@ -277,7 +231,7 @@ class TrainwireCallback(TrainerCallback):
 
     def _stop_switch(self, args: TrainingArguments) -> bool:
         # only rank 0 hears the command: without the broadcast, stopping it alone would leave the others hanging
-        return self.stop_on_block and (args.world_size <= 1 or self._synced_stop)
+        return self.stop_on_block and (args.world_size <= 1 or self._synced_stop is not None)
 
     def _experiment(self, args: TrainingArguments) -> str:
         return self.experiment or Path(args.output_dir).name
@@ -317,20 +271,15 @@ class TrainwireCallback(TrainerCallback):
             emitter.flush(timeout)
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        if self._synced_stop:
+        if self._synced_stop is not None:
             self._stop_where_rank_zero_was_told(state, control)
         elif self.run is not None and self.run.should_stop:
             self._stop(state, control)
 
     def _stop_where_rank_zero_was_told(self, state: TrainerState, control: TrainerControl) -> None:
-        """Every rank stops at the same step: at each step's end rank 0, the one process that hears the stop switch,
-        broadcasts whether its run was told to stop (a one-element CPU tensor)."""
-        import torch
-        import torch.distributed as dist
-
-        told = torch.tensor([int(self.run is not None and self.run.should_stop)])
-        dist.broadcast(told, src=0, group=self._sync_group)
-        if told.item():
+        """Every rank stops at the same step: rank 0, the one process that hears the stop switch, says at each
+        step's end whether its run was told to stop."""
+        if self._synced_stop.told(self.run is not None and self.run.should_stop):
             self._stop(state, control)
 
     def _stop(self, state: TrainerState, control: TrainerControl) -> None:
@@ -345,7 +294,7 @@ class TrainwireCallback(TrainerCallback):
 
     def on_log(self, args, state: TrainerState, control, logs: dict | None = None, **kwargs) -> None:
         self._end_after_training()
-        if not self._synced_stop and self.run is not None and self.run.should_stop:
+        if self._synced_stop is None and self.run is not None and self.run.should_stop:
             self._stop(state, control)
         if self.run is None or not logs or "loss" not in logs:
             return
