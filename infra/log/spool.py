@@ -7,8 +7,8 @@ reached the spool. What is still spooled at exit stays on disk: the next produce
 `trainwire spool replay`) adopts spools whose owner is gone and sends them. A message delivered but not yet
 deleted when the process died is sent again; event ids make that one stored row.
 
-The forwarder shares the process with training: it hands rows to librdkafka in slices of about a millisecond and
-sleeps briefly between them, so the training thread never waits long for the GIL, and a message in flight holds
+The forwarder shares the process with training: idle, it sleeps until rows are spooled; busy, it hands rows to
+librdkafka in slices of about a millisecond and sleeps briefly between them, so the training thread never waits long for the GIL, and a message in flight holds
 no object the garbage collector tracks (its delivery is matched to its row by its bytes), so an outage that leaves
 100,000 messages in flight does not make every full collection of the training process longer.
 """
@@ -38,6 +38,7 @@ MAX_IN_FLIGHT = 100_000
 READ_BATCH = 1_000
 SLICE_SECONDS = 0.001  # the most the forwarder works without letting go of the GIL while rows wait
 YIELD_SECONDS = 0.0002  # then a real sleep, so that a thread waiting for the GIL takes it
+IDLE_SECONDS = 0.5  # the longest an idle forwarder sleeps (a write wakes it at once): cleanup, a fatal error
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB,
                                     value BLOB NOT NULL);
@@ -160,6 +161,7 @@ class SpoolingProducer(LogProducer):
         self._buffer_lock = threading.Lock()
         self._sources_lock = threading.Lock()
         self._stop = threading.Event()
+        self._spooled = threading.Event()  # rows written: wakes an idle forwarder
         self.sent = 0
         self.rejected = 0
         self._forwarder = threading.Thread(target=self._forward_loop, name="trainwire-forwarder", daemon=True)
@@ -174,6 +176,7 @@ class SpoolingProducer(LogProducer):
             rows, self._buffer = self._buffer, []
             if rows:
                 self._own.write(rows)
+                self._spooled.set()
 
     def undelivered(self) -> int:
         with self._sources_lock:
@@ -192,11 +195,19 @@ class SpoolingProducer(LogProducer):
     def _forward_loop(self) -> None:
         last_cleanup = time.monotonic()
         while not self._stop.is_set():
+            self._spooled.clear()  # before looking: rows spooled from here on end the idle wait below
             sent = 0
             with self._sources_lock:
                 for spool in self._sources:
                     sent += self._forward(spool)
-            self._kafka.poll(0 if sent else 0.02)
+                in_flight = any(spool.outstanding for spool in self._sources)
+            if sent:
+                self._kafka.poll(0)
+            elif in_flight:
+                self._kafka.poll(0.1)  # returns at the first delivery report
+            else:  # nothing to send or to hear back: wake when rows are spooled, not 50 times a second
+                self._kafka.poll(0)
+                self._spooled.wait(IDLE_SECONDS)
             if time.monotonic() - last_cleanup > 0.5:
                 last_cleanup = time.monotonic()
                 self._cleanup()
@@ -261,6 +272,7 @@ class SpoolingProducer(LogProducer):
         """Stop at once; whatever the broker has not acknowledged stays in the spool file."""
         undelivered = self.flush(0)
         self._stop.set()
+        self._spooled.set()
         self._forwarder.join(timeout=5)
         self._kafka.purge()  # what is left is still in the spool file, for the next start
         self._kafka.poll(0)
