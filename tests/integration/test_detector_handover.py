@@ -124,8 +124,9 @@ def test_the_store_tells_a_new_consumer_that_a_run_has_ended_unless_it_was_resum
     from trainwire.schemas import Eval
 
     run = Run("run-ended")
+    started = [run(RunStarted), *run.steps(1, [1.0, 0.9])]
     ended = run(RunEnded, status="completed")
-    send(local_settings, [run(RunStarted), *run.steps(1, [1.0, 0.9]), ended])
+    send(local_settings, [*started, ended])
     consume(local_settings)
     client = connect_store(local_settings.store_dsn)
     history = StoreHistory(client)
