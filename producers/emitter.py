@@ -4,7 +4,7 @@ Validation (pydantic) and Avro encoding happen on the sender thread, so `Run.log
 one `put_nowait`. The queue is bounded; what does not fit is counted as dropped (never blocking training).
 
 While events keep coming the sender looks for them every 50 ms rather than blocking on the queue, so that a put
-wakes no thread (waking one costs the putting thread ~40 µs on a VM). The sender never holds the GIL long against
+wakes no thread (waking one costs the putting thread 5–40 µs on a VM). The sender never holds the GIL long against
 the training thread: it works through a backlog in slices of about a millisecond and sleeps briefly between them
 (a thread that runs Python without pause keeps the training thread waiting for the switch interval, 5 ms).
 
@@ -103,7 +103,7 @@ class Emitter:
                     return
                 if time.monotonic() - last_event < POLL_SECONDS:
                     # Events are coming: look again in a moment instead of blocking on the queue, so that the next
-                    # put wakes no thread (waking one costs the training thread tens of µs in the put).
+                    # put wakes no thread (waking one costs the training thread microseconds in the put).
                     self._linger()
                     continue
                 try:
