@@ -57,6 +57,18 @@ def any_settings(request: pytest.FixtureRequest) -> Settings:
     return request.getfixturevalue(f"{request.param}_settings")
 
 
+# What the test harness itself reads (the broker and browser to use); every other TRAINWIRE_* variable is the user's.
+HARNESS_VARIABLES = frozenset({"TRAINWIRE_TEST_KAFKA", "TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT",
+                               "TRAINWIRE_CHROMIUM"})
+
+
+@pytest.fixture(autouse=True)
+def without_the_users_settings(monkeypatch):
+    """Tests never read a user's TRAINWIRE_* settings (nor pass them on to the processes they start)."""
+    for name in [n for n in os.environ if n.startswith("TRAINWIRE_") and n not in HARNESS_VARIABLES]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture(autouse=True)
 def release_embedded_store():
     """chdb serves one data directory per process: collect what a test left so the next can open its own."""
