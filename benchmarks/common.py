@@ -7,6 +7,8 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,3 +38,21 @@ def write_result(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def start_up(home: Path, kafka: str, prefix: str, settings: dict[str, str]) -> subprocess.Popen:
+    """`trainwire up` (no dashboard) on Kafka in `home`/consumer with these TRAINWIRE_* `settings`, once its API
+    answers."""
+    from trainwire.infra.store.api import running_api
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
+           "TRAINWIRE_HOME": str(home / "consumer"), "TRAINWIRE_KAFKA": kafka, "TRAINWIRE_TOPIC_PREFIX": prefix,
+           **settings}
+    process = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not running_api(home / "consumer"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("trainwire up did not start")
+        time.sleep(0.2)
+    return process

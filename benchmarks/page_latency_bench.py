@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import percentiles, write_result  # noqa: E402
+from common import start_up as start_up_on_kafka  # noqa: E402
 
 from trainwire.infra.config import Settings  # noqa: E402
 from trainwire.infra.log import ensure_topics  # noqa: E402
-from trainwire.infra.store.api import running_api  # noqa: E402
 from trainwire.producers import init  # noqa: E402
 from trainwire.producers.session import close_all  # noqa: E402
 
@@ -65,17 +64,7 @@ def start_up(home: Path, kafka: str, prefix: str, webhook: str) -> subprocess.Po
     config.write_text(f'[alerting]\ngroup_wait_seconds = 0\n\n'
                       f'[[alerting.sinks]]\nkind = "webhook"\nurl = "{webhook}"\nseverities = ["block"]\n'
                       f'states = ["firing"]\nrate_limit_per_minute = 0\n')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
-           "TRAINWIRE_HOME": str(home / "consumer"), "TRAINWIRE_KAFKA": kafka, "TRAINWIRE_TOPIC_PREFIX": prefix,
-           "TRAINWIRE_CONFIG": str(config)}
-    process = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not running_api(home / "consumer"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("trainwire up did not start")
-        time.sleep(0.2)
-    return process
+    return start_up_on_kafka(home, kafka, prefix, {"TRAINWIRE_CONFIG": str(config)})
 
 
 def main() -> None:

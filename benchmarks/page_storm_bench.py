@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
+from common import start_up as start_up_on_kafka  # noqa: E402
 
 from trainwire.infra.config import Settings  # noqa: E402
 from trainwire.infra.log import ensure_topics  # noqa: E402
@@ -90,17 +90,7 @@ def start_up(home: Path, kafka: str, prefix: str, url: str, group_wait: float) -
         {"kind": "pagerduty", "url": f"{url}/v2/enqueue", "routing_key": "BENCH", "severities": ["critical", "block"]},
         {"kind": "slack", "url": f"{url}/slack"},
         {"kind": "alertmanager", "url": url}]}
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
-           "TRAINWIRE_HOME": str(home / "consumer"), "TRAINWIRE_KAFKA": kafka, "TRAINWIRE_TOPIC_PREFIX": prefix,
-           "TRAINWIRE_ALERTING": json.dumps(alerting)}
-    process = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not running_api(home / "consumer"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("trainwire up did not start")
-        time.sleep(0.2)
-    return process
+    return start_up_on_kafka(home, kafka, prefix, {"TRAINWIRE_ALERTING": json.dumps(alerting)})
 
 
 def main() -> None:

@@ -49,6 +49,17 @@ def kafka_settings(tmp_path: Path, kafka_bootstrap: str) -> Settings:
                     topic_prefix=f"test-{uuid.uuid4().hex[:10]}.")
 
 
+@pytest.fixture
+def client(tmp_path: Path):
+    """A migrated embedded store (chdb) of the test's own, through clickhouse-connect."""
+    from trainwire.infra.store import connect_store, migrate
+
+    client = connect_store(f"chdb://{tmp_path / 'chdb'}")
+    migrate(client)
+    yield client
+    client.close()  # chdb holds one data directory per process until its clients close
+
+
 @pytest.fixture(params=["local", "kafka"])
 def any_settings(request: pytest.FixtureRequest) -> Settings:
     """Each transport in turn: the test runs once on the local log and once on the real broker."""

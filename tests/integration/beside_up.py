@@ -24,10 +24,10 @@ def cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 @contextlib.contextmanager
-def running_up(home: Path, timeout: float = 60) -> Iterator[subprocess.Popen]:
-    """`trainwire up` until the block ends; it must then stop cleanly on SIGTERM."""
-    up = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=cli_env(home),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def running_up(home: Path, timeout: float = 60, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`trainwire up` until the block ends; it must then stop cleanly on SIGTERM. `env`: instead of cli_env(home)."""
+    up = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env or cli_env(home),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
         while not (home / "up.json").exists():
@@ -37,4 +37,4 @@ def running_up(home: Path, timeout: float = 60) -> Iterator[subprocess.Popen]:
         yield up
     finally:
         up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0
+        assert up.wait(60) == 0, up.stderr.read()[-3000:]

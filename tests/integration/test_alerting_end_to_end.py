@@ -5,10 +5,10 @@ when the alerts topic is read again from the start."""
 import math
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
+from tests.paging_fakes import running
 from tests.recording_server import RecordingServer
 from trainwire.consumers.alerting.service import build_alerting, run_alerting
 from trainwire.consumers.service import build_ingest, run_ingest
@@ -17,18 +17,6 @@ from trainwire.producers import init
 
 pytestmark = pytest.mark.kafka
 WAIT = 20.0
-
-
-@contextmanager
-def running(target, component):
-    stop = threading.Event()
-    thread = threading.Thread(target=target, args=(component, stop))
-    thread.start()
-    try:
-        yield component
-    finally:
-        stop.set()
-        thread.join(WAIT)
 
 
 def paging_settings(settings, server):

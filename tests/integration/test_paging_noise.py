@@ -4,12 +4,11 @@ stored; a storm of runs going NaN at once is a handful of pages per sink that li
 stored (the 200-run version is benchmarks/page_storm_bench.py)."""
 
 import math
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
+from tests.paging_fakes import running
 from tests.recording_server import RecordingServer
 from trainwire.consumers.alerting.service import build_alerting, run_alerting
 from trainwire.consumers.service import build_ingest, run_ingest
@@ -22,18 +21,6 @@ pytestmark = pytest.mark.kafka
 WAIT = 30.0
 STORM_RUNS = 30
 CYCLES = 6  # the flapping run's NaN episodes
-
-
-@contextmanager
-def running(target, component):
-    stop = threading.Event()
-    thread = threading.Thread(target=target, args=(component, stop))
-    thread.start()
-    try:
-        yield component
-    finally:
-        stop.set()
-        thread.join(WAIT)
 
 
 def with_paging(settings, sinks, **keys):

@@ -5,20 +5,17 @@ writes the store itself."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
+from beside_up import running_up
 from tests.recording_server import RecordingServer
 from trainwire.producers import init
 
@@ -42,22 +39,6 @@ def cli(env: dict[str, str], *args: str, expect: int = 0) -> subprocess.Complete
 
 def cli_json(env: dict[str, str], *args: str):
     return json.loads(cli(env, *args, "--json").stdout)
-
-
-@contextlib.contextmanager
-def running_up(env: dict[str, str], home: Path) -> Iterator[subprocess.Popen]:
-    up = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while not (home / "up.json").exists():
-            assert up.poll() is None, up.stderr.read()
-            assert time.monotonic() < deadline, "trainwire up did not start"
-            time.sleep(0.2)
-        yield up
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0, up.stderr.read()[-3000:]
 
 
 def nan_run(settings, experiment: str) -> str:
@@ -87,7 +68,7 @@ def at(iso: str) -> float:
 def test_a_silence_holds_only_its_pages_ends_on_time_and_is_audited(kafka_settings):
     with RecordingServer() as server:
         env = env_for(kafka_settings, server.url)
-        with running_up(env, kafka_settings.home):
+        with running_up(kafka_settings.home, timeout=90, env=env):
             silence = cli_json(env, "alerts", "silence", "--experiment", "quiet", "--for", f"{SILENCE_SECONDS}s",
                                "--reason", "maintenance on node 7", "--actor", "ops-alice")
             assert silence["matchers"] == "experiment=quiet" and silence["status"] == "active"

@@ -2,22 +2,12 @@
 
 import time
 
-import pytest
-
 from trainwire.consumers.rows import columns_of, to_row
 from trainwire.infra.store import apply_retention, connect_store, migrate
 from trainwire.infra.store.read import StoreReader
 from trainwire.schemas import GpuSample, RunStarted, Step
 
 DAY_MS = 86_400_000
-
-
-@pytest.fixture
-def client(tmp_path):
-    client = connect_store(f"chdb://{tmp_path / 'chdb'}")
-    migrate(client)
-    yield client
-    client.close()  # chdb holds one data directory per process until its clients close
 
 
 def insert(client, table, kind, events):

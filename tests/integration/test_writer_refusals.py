@@ -9,18 +9,9 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 
 from trainwire.consumers.rows import to_row
 from trainwire.consumers.writer import ClickHouseWriter, is_data_error
-from trainwire.infra.store import connect_store, migrate
 from trainwire.schemas import GpuSample, Step
 
 DAY_MS = 86_400_000
-
-
-@pytest.fixture
-def client(tmp_path):
-    client = connect_store(f"chdb://{tmp_path / 'chdb'}")
-    migrate(client)
-    yield client
-    client.close()
 
 
 def gpu_row(run: str, seq: int, rank: int = 0) -> list:

@@ -4,32 +4,16 @@ lives in the outbox file, so a restarted consumer carries on; an alert read twic
 
 import json
 import sqlite3
-import time
 
 import pytest
 
+from tests.paging_fakes import Clock, Hook
 from trainwire.consumers.alerting.outbox import Outbox
 from trainwire.consumers.alerting.paging import Pager
 from trainwire.infra.alerting_settings import AlertingSettings
 from trainwire.schemas import Alert
 
 HOLD, SETTLE, WINDOW, K = 5.0, 60.0, 1800.0, 3
-
-
-class Hook:
-    name = "webhook"
-    pages_people = True
-
-    def accepts(self, alert):
-        return True
-
-
-class Clock:
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

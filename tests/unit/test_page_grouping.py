@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.paging_fakes import Clock, Hook
 from tests.recording_server import RecordingServer
 from trainwire.consumers.alerting.dispatcher import Dispatcher
 from trainwire.consumers.alerting.outbox import Outbox
@@ -20,22 +21,6 @@ from trainwire.infra.store.silences import Silence
 from trainwire.schemas import Alert
 
 WAIT = 10.0
-
-
-class Hook:
-    name = "webhook"
-    pages_people = True
-
-    def accepts(self, alert):
-        return True
-
-
-class Clock:
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
 
 
 def nan(run: str, experiment="shard", state="firing", step=7) -> Alert:
