@@ -9,15 +9,19 @@ routing key, a value out of its range — fails at start-up with its key.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from trainwire.schemas.events import AlertState, Severity
+
+from .redact import url_secrets
 
 SinkKind = Literal["console", "webhook", "pagerduty", "slack", "alertmanager"]
 GroupLabel = Literal["experiment", "team", "host"]
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+_HTTP_URL = re.compile(r"^(https?://\S+)?$")
 
 
 class SinkSettings(BaseModel):
@@ -26,11 +30,12 @@ class SinkSettings(BaseModel):
     kind: SinkKind
     name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$",
                       description="unique per deployment (default: the kind); delivery is tracked by name")
-    url: str = Field(default="", pattern=r"^(https?://\S+)?$", description="webhook, Slack incoming webhook, "
-                     "Alertmanager base URL; PagerDuty: the Events API v2 endpoint (default the public one)")
-    routing_key: str = Field(default="", description="PagerDuty integration (routing) key")
-    headers: tuple[tuple[str, str], ...] = Field(default=(), description="extra HTTP headers, a table: "
-                                                 "headers = { Authorization = \"Bearer …\" }")
+    # Secrets (a webhook's URL often is one, as Slack's is): never printed, logged or stored (infra/redact.py).
+    url: SecretStr = Field(default=SecretStr(""), description="webhook, Slack incoming webhook, Alertmanager base "
+                           "URL; PagerDuty: the Events API v2 endpoint (default the public one)")
+    routing_key: SecretStr = Field(default=SecretStr(""), description="PagerDuty integration (routing) key")
+    headers: tuple[tuple[str, SecretStr], ...] = Field(default=(), description="extra HTTP headers, a table: "
+                                                       "headers = { Authorization = \"Bearer …\" }")
     severities: tuple[Severity, ...] = Field(default=("info", "warning", "critical", "block"),
                                              description="alert severities routed to this sink")
     teams: tuple[str, ...] = Field(default=(), description="teams routed to this sink; empty: every team")
@@ -45,11 +50,18 @@ class SinkSettings(BaseModel):
     def _header_table(cls, value: object) -> object:
         return tuple(value.items()) if isinstance(value, dict) else value  # a tuple keeps the settings hashable
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        if not _HTTP_URL.match(value.get_secret_value()):  # the message leaves the URL out: it may be a secret
+            raise ValueError("expected an http:// or https:// URL without spaces")
+        return value
+
     @model_validator(mode="after")
     def _endpoint(self) -> SinkSettings:
-        if self.kind in ("webhook", "slack", "alertmanager") and not self.url:
+        if self.kind in ("webhook", "slack", "alertmanager") and not self.url.get_secret_value():
             raise ValueError(f"a {self.kind} sink needs a url")
-        if self.kind == "pagerduty" and not self.routing_key:
+        if self.kind == "pagerduty" and not self.routing_key.get_secret_value():
             raise ValueError("a pagerduty sink needs a routing_key")
         return self
 
@@ -59,7 +71,12 @@ class SinkSettings(BaseModel):
 
     @property
     def endpoint(self) -> str:
-        return self.url or (PAGERDUTY_EVENTS_URL if self.kind == "pagerduty" else "")
+        return self.url.get_secret_value() or (PAGERDUTY_EVENTS_URL if self.kind == "pagerduty" else "")
+
+    def secrets(self) -> list[str]:
+        """What must not appear in what this sink prints or stores: its URL's credentials, key and header values."""
+        return [*url_secrets(self.endpoint), self.routing_key.get_secret_value(),
+                *(value.get_secret_value() for _, value in self.headers)]
 
 
 class AlertingSettings(BaseModel):

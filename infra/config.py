@@ -14,6 +14,7 @@ from trainwire.schemas.events import Severity
 
 from .alerting_settings import AlertingSettings
 from .detector_settings import DetectorSettings
+from .redact import redact_url
 
 ENV_PREFIX = "TRAINWIRE_"
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$")
@@ -42,6 +43,8 @@ class Settings(BaseSettings):
                                         "Avro single-object encoding")
     topic_prefix: str = Field(default="trainwire.", pattern=r"^[A-Za-z0-9._-]*$")
     team: str = ""
+    metrics_host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:\-\[\]]+$", description="address the "
+                              "Prometheus /metrics endpoint listens on (--metrics-host); anything but loopback warns")
     # Every count and interval is bounded: an infinite or huge interval kills the thread that waits on it
     # (OverflowError), and a typo of a few zeros should be refused at start, not found in production.
     batch_max_rows: int = Field(default=20_000, gt=0, le=1_000_000)
@@ -103,9 +106,9 @@ class Settings(BaseSettings):
             return None
         scheme = urlsplit(value).scheme
         if scheme not in ("chdb", "http", "https"):
-            raise ValueError(f"expected a chdb:///ABSOLUTE/PATH, http:// or https:// DSN, got {value!r}")
+            raise ValueError(f"expected a chdb:///ABSOLUTE/PATH, http:// or https:// DSN, got {redact_url(value)!r}")
         if scheme == "chdb" and not value.startswith("chdb:///"):
-            raise ValueError(f"a chdb DSN needs an absolute path (chdb:///abs/path), got {value!r}")
+            raise ValueError(f"a chdb DSN needs an absolute path (chdb:///abs/path), got {redact_url(value)!r}")
         return value
 
     @field_validator("schema_registry")
@@ -116,7 +119,7 @@ class Settings(BaseSettings):
         value = value.strip()
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https", "mock") or not parts.netloc:
-            raise ValueError(f"expected an http(s)://host[:port] or mock://name URL, got {value!r}")
+            raise ValueError(f"expected an http(s)://host[:port] or mock://name URL, got {redact_url(value)!r}")
         return value
 
     @field_validator("store_cluster")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from trainwire.consumers.alerting.service import build_alerting, run_alerting
 from trainwire.consumers.service import build_ingest, run_ingest
 from trainwire.infra.config import Settings
+from trainwire.infra.redact import redact_url
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.read import StoreReader
 from trainwire.producers import init
@@ -92,7 +93,7 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
     paging.start()
     runs, threads = start_jobs(settings, jobs, steps, faults, step_seconds, stop_jobs)
     transport = f"kafka://{settings.kafka}" if settings.kafka else f"sqlite://{settings.local_log_path}"
-    _progress(f"trainwire demo: {jobs} jobs × {steps} steps → {transport} → {settings.store_dsn}")
+    _progress(f"trainwire demo: {jobs} jobs × {steps} steps → {transport} → {redact_url(settings.store_dsn)}")
     if not headless:
         from trainwire.dashboard.serve import serve_dashboard
 
@@ -115,6 +116,6 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
     paging.join(timeout=60)
     alerts = [{"run_id": a["run_id"], "rule": a["rule"], "severity": a["severity"], "step": a["step"],
                "state": a["state"]} for a in reader.incidents(run_ids)]
-    return DemoReport(produced, stored, run_ids, alerts, settings.store_dsn, transport,
+    return DemoReport(produced, stored, run_ids, alerts, redact_url(settings.store_dsn), transport,
                       pipeline.stats.dead_lettered, round(time.monotonic() - started, 2))
 

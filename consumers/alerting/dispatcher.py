@@ -16,6 +16,7 @@ import threading
 import time
 
 from trainwire.infra.alerting_settings import AlertingSettings
+from trainwire.infra.redact import redact_text
 
 from . import holders
 from .outbox import Delivery, Outbox
@@ -106,6 +107,7 @@ class SinkWorker:
 
     def _failed(self, delivery: Delivery, err: Exception) -> None:
         error = str(err) if isinstance(err, SinkError) else f"{type(err).__name__}: {err}"
+        error = getattr(self.sink, "redact", redact_text)(error)  # a sink's bug may quote its URL or key
         retryable = getattr(err, "retryable", True)
         waited = time.time() - delivery.enqueued_at
         if not retryable or waited >= self._settings.give_up_after_seconds:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainwire.infra.log.sqlite import use_wal
+from trainwire.infra.redact import redact_text
 from trainwire.schemas import Alert
 
 from . import holders
@@ -215,10 +216,11 @@ class Outbox:
                      held_only=False)
 
     def retry_at(self, delivery: Delivery, when: float, error: str) -> None:
-        self._settle(delivery, "attempts = attempts + 1, next_attempt_at = ?, last_error = ?", (when, error))
+        self._settle(delivery, "attempts = attempts + 1, next_attempt_at = ?, last_error = ?",
+                     (when, redact_text(error)))
 
     def failed(self, delivery: Delivery, error: str) -> None:
-        self._settle(delivery, "status = 'failed', attempts = attempts + 1, last_error = ?", (error,))
+        self._settle(delivery, "status = 'failed', attempts = attempts + 1, last_error = ?", (redact_text(error),))
 
     def _settle(self, delivery: Delivery, assignments: str, values: tuple, held_only: bool = True) -> None:
         """Record an attempt's outcome and release its lease in one statement, for the rows the page was claimed
@@ -290,7 +292,8 @@ class Outbox:
                 "sum(status = 'silenced'), sum(status IN ('merged', 'superseded')), sum(status = 'waiting') "
                 "FROM outbox AS o GROUP BY sink ORDER BY sink").fetchall()
         return [{"sink": sink, "pending": pending, "delivered": delivered, "failed": failed,
-                 "oldest_pending_seconds": round(now - oldest, 1) if oldest else None, "last_error": error or "",
+                 "oldest_pending_seconds": round(now - oldest, 1) if oldest else None,
+                 "last_error": redact_text(error or ""),  # rows stored before errors were redacted, too
                  "silenced": silenced, "suppressed": suppressed, "waiting": waiting}
                 for sink, pending, delivered, failed, oldest, error, silenced, suppressed, waiting in rows]
 
@@ -299,7 +302,8 @@ class Outbox:
             rows = self._conn.execute(
                 "SELECT sink, dedup_key, state, attempts, last_error FROM outbox WHERE status = 'failed' "
                 "ORDER BY enqueued_at DESC LIMIT ?", (limit,)).fetchall()
-        return [dict(zip(("sink", "dedup_key", "state", "attempts", "error"), row)) for row in rows]
+        return [{"sink": sink, "dedup_key": key, "state": state, "attempts": attempts, "error": redact_text(error)}
+                for sink, key, state, attempts, error in rows]
 
     def close(self) -> None:
         """Release the pages this outbox still holds, so another process sends them at once. A page still held here

@@ -5,6 +5,7 @@ at a time; a failure raises `SinkError`, and the dispatcher retries the retryabl
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -14,8 +15,10 @@ import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
 from trainwire.infra.alerting_settings import AlertingSettings, SinkSettings
+from trainwire.infra.redact import redact_text, redact_url
 from trainwire.schemas import Alert
 
 from .outbox import Delivery
@@ -110,10 +113,15 @@ class RoutedSink:
     def __init__(self, settings: SinkSettings):
         self.settings = settings
         self.name = settings.sink_name
+        self._secrets = settings.secrets()
 
     def accepts(self, alert: Alert) -> bool:
         s = self.settings
         return alert.severity in s.severities and alert.state in s.states and (not s.teams or alert.team in s.teams)
+
+    def redact(self, text: str) -> str:
+        """`text` without this sink's secrets: for everything printed, logged or stored about it."""
+        return redact_text(text, self._secrets)
 
     def deliver(self, alert: Alert) -> None:
         raise NotImplementedError
@@ -158,19 +166,35 @@ class HttpSink(RoutedSink):
 
     def _post(self, document: object, alert: Alert) -> None:
         body = json.dumps(document, allow_nan=False).encode()
-        request = urllib.request.Request(self.url(), data=body, method="POST", headers={
-            "Content-Type": "application/json", "User-Agent": USER_AGENT,
-            "Idempotency-Key": idempotency_key(self.name, alert), **dict(self.settings.headers)})
+        url, credentials = _without_userinfo(self.url())
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   "Idempotency-Key": idempotency_key(self.name, alert), **credentials,
+                   **{name: value.get_secret_value() for name, value in self.settings.headers}}
+        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+        shown = redact_url(self.url())
         try:
             with urllib.request.urlopen(request, timeout=self.settings.timeout_seconds) as response:
                 response.read()
         except urllib.error.HTTPError as err:
             detail = err.read(500).decode(errors="replace").strip()
             retryable = err.code in RETRYABLE_HTTP or err.code >= 500
-            raise SinkError(f"{self.name}: {self.url()} answered HTTP {err.code} {detail}", retryable) from None
+            raise SinkError(self.redact(f"{self.name}: {shown} answered HTTP {err.code} {detail}"), retryable) from None
         except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
             reason = getattr(err, "reason", err)
-            raise SinkError(f"{self.name}: cannot reach {self.url()}: {reason}") from None
+            raise SinkError(self.redact(f"{self.name}: cannot reach {shown}: {reason}")) from None
+        except ValueError as err:  # a URL urllib cannot use (http.client.InvalidURL): retrying will not help
+            raise SinkError(self.redact(f"{self.name}: cannot send to {shown}: {err}"), retryable=False) from None
+
+
+def _without_userinfo(url: str) -> tuple[str, dict[str, str]]:
+    """urllib sends no credentials from a URL (it takes user:password@ for part of the host name): they go as HTTP
+    Basic authentication instead."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    user_password = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+    return (parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(),
+            {"Authorization": f"Basic {base64.b64encode(user_password).decode()}"})
 
 
 class WebhookSink(HttpSink):
@@ -197,7 +221,7 @@ class PagerDutySink(HttpSink):
     """Events API v2: a trigger when the incident fires, a resolve when it clears, both with its dedup key."""
 
     def payload(self, alert: Alert) -> dict:
-        event = {"routing_key": self.settings.routing_key, "dedup_key": alert.dedup_key,
+        event = {"routing_key": self.settings.routing_key.get_secret_value(), "dedup_key": alert.dedup_key,
                  "event_action": "resolve" if alert.state == "resolved" else "trigger"}
         if alert.state == "resolved":
             return event
