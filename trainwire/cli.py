@@ -277,17 +277,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _actor(args: argparse.Namespace) -> str:
-    import getpass
+_ACTOR_DEFAULT = "default: the OS user; naming someone else needs act_for_others in the roles file"
 
-    return args.actor or getpass.getuser()
+
+def _os_user() -> str:
+    """The login of this process's real user: $USER and $LOGNAME are anyone's to set, the uid is not."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without an account (some containers)
+        return f"uid {os.getuid()}"
+
+
+def _actor(args: argparse.Namespace, settings: Settings | None = None) -> str:
+    """Who acts: the OS user, or `--actor NAME` when the roles file lists the OS user in `act_for_others`. Checked
+    (and a refusal logged) where the store is, as every governance operation is."""
+    from trainwire.consumers.governance.registry import normalise_actor
+
+    os_user = normalise_actor(_os_user())
+    with contextlib.suppress(ValueError):  # an actor that does not normalise is refused (and logged) below
+        if args.actor is None or normalise_actor(args.actor) == os_user:
+            return os_user
+    return _govern(settings or _settings(args), "act_as", actor=args.actor)["actor"]
 
 
 def _govern(settings: Settings, action: str, **arguments: Any) -> Any:
     """A governance operation (gates, audit, registry), run where the store is: in this process, or in the
-    `trainwire up` that owns the embedded store, over its API. Either way it is logged in the audit log."""
+    `trainwire up` that owns the embedded store, over its API. Either way it is logged in the audit log, and the
+    OS user asking goes with it: the roles file there decides whom they may act as."""
     from trainwire.infra.store.api import RemoteReader, running_api, to_json
 
+    arguments["os_user"] = _os_user()
     if settings.embedded_store and (url := running_api(settings.home)):
         return RemoteReader(url).act(action, **arguments)
     from trainwire.consumers.governance import Governance, roles_for
@@ -296,7 +317,7 @@ def _govern(settings: Settings, action: str, **arguments: Any) -> Any:
     client = connect_store(settings.store_dsn)
     try:
         migrate(client)
-        return to_json(getattr(Governance(client, roles_for(settings)), action)(**arguments))
+        return to_json(Governance(client, roles_for(settings)).actions()[action](**arguments))
     finally:
         client.close()
 
@@ -461,6 +482,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ValueError("--limit must be 0 (all) or more")
     filters = {"since": _since(args.since), "topic": args.topic, "reason_contains": args.reason_contains}
+    actor = _actor(args, settings) if args.action == "replay" else None  # refused before anything is replayed
     try:
         with _dead_letter_store(settings) as (reader, record):
             if args.action == "list":
@@ -468,7 +490,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 letters = to_json(reader.list_dead_letters(**filters, limit=limit and limit + 1))
                 return _list_dead_letters(args, letters, limit)
             letters = to_json(reader.list_dead_letters(**filters))
-            return _replay_dead_letters(args, settings, letters, lambda done: record(done, _actor(args)))
+            return _replay_dead_letters(args, settings, letters, lambda done: record(done, actor))
     except RuntimeError as err:  # the transport, a schema registry or `up`'s API failed: one line, no traceback
         print(f"trainwire: error: {err}", file=sys.stderr)
         return 1
@@ -623,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "zone)")
     alerts.add_argument("--reason", help="silence: why (required); unsilence: why it ends early")
     alerts.add_argument("--all", action="store_true", help="silences: ended ones too")
-    alerts.add_argument("--actor", help="who silences (default: $USER); recorded in the audit log")
+    alerts.add_argument("--actor", help=f"who silences ({_ACTOR_DEFAULT}); recorded in the audit log")
     alerts.set_defaults(func=cmd_alerts)
 
     command("runs", "list stored runs").set_defaults(func=cmd_runs)
@@ -654,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "were read from (each once: a second replay skips it unless --again)")
     dead_replay.add_argument("--dry-run", action="store_true", help="say what would be replayed; inject nothing")
     dead_replay.add_argument("--again", action="store_true", help="also replay dead letters replayed before")
-    dead_replay.add_argument("--actor", help="who replays, recorded with each replay (default: $USER)")
+    dead_replay.add_argument("--actor", help=f"who replays, recorded with each replay ({_ACTOR_DEFAULT})")
     dead_replay.set_defaults(func=cmd_dead_letters, action="replay", limit=None)
     for p in (dead_list, dead_replay):
         p.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka bootstrap servers (default: the local log)")
@@ -678,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--baseline", metavar="RUN_ID|FILE", help="a run, or a JSON file of metric → value")
     gates.add_argument("--metric", metavar="NAME[:higher|lower]", help="G4's metric (default: eval_loss, "
                        "eval_accuracy or train_loss, the first both have)")
-    gates.add_argument("--actor", help="who asks (default: $USER)")
+    gates.add_argument("--actor", help=f"who asks ({_ACTOR_DEFAULT})")
     gates.set_defaults(func=cmd_gates)
 
     audit = command("audit", "a run's audit record; `audit verify`: check the audit log; `audit log`: show it")
@@ -686,13 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--export", metavar="FILE", help="write the audit record to FILE as JSON")
     audit.add_argument("--head", metavar="HASH", help="verify: a head noted earlier that must still be in the log")
     audit.add_argument("--run", metavar="RUN_ID", help="log: only this run's entries")
-    audit.add_argument("--actor", help="who asks (default: $USER)")
+    audit.add_argument("--actor", help=f"who asks ({_ACTOR_DEFAULT})")
     audit.set_defaults(func=cmd_audit)
 
     registry = command("registry", "model registry: status [RUN_ID], request, approve, archive RUN_ID")
     registry.add_argument("action", choices=["status", "request", "approve", "archive"])
     registry.add_argument("run_id", nargs="?")
-    registry.add_argument("--actor", help="who acts (default: $USER)")
+    registry.add_argument("--actor", help=f"who acts ({_ACTOR_DEFAULT})")
     registry.add_argument("--reason", help="why (required to archive)")
     registry.set_defaults(func=cmd_registry)
 

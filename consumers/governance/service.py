@@ -7,8 +7,10 @@ serves them unchanged as POST actions (`actions()`) for CLI calls made while it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ from trainwire.infra.store.audit_chain import (Entry, Verification, append_entry
 
 from .audit import build_audit_record
 from .gates import EXIT_CODES, EvalPoint, GatePolicy, GateReport, RunEvidence, evaluate, g6_audit_completeness
-from .registry import SYSTEM_ACTOR, ApprovalEvidence, Roles, Transition, check_transition, current_stage
+from .registry import (SYSTEM_ACTOR, ApprovalEvidence, RegistryError, Roles, Transition, check_transition,
+                       current_stage, normalise_actor)
 
 GATE_COLUMNS = ["evaluation_id", "run_id", "evaluated_at", "trigger", "actor", "baseline", "overall", "gates_json",
                 "inputs_json", "audit_json", "result_sha256"]
@@ -199,13 +202,19 @@ class Governance:
 
     def _transition(self, run_id: str, to_stage: str, actor: str, reason: str | None) -> dict[str, Any]:
         self._started(run_id)
+        with contextlib.suppress(ValueError):  # an empty actor is refused below, and that refusal logged
+            actor = normalise_actor(actor)
         with append_lock:
             transitions = self._transitions(run_id)
             transition = Transition(run_id, current_stage(transitions), to_stage, actor, (reason or "").strip())
             approval = self._approval(run_id, transitions) if to_stage == "Production" else None
-            check_transition(transition, self.roles, approval)
-            entry = self._append(actor, "registry.transition", run_id, {
-                "from": transition.from_stage, "to": to_stage, "reason": transition.reason})
+            details = {"from": transition.from_stage, "to": to_stage, "reason": transition.reason}
+            try:
+                check_transition(transition, self.roles, approval)
+            except RegistryError as refusal:
+                self._append(actor, "registry.refused", run_id, {**details, "refusal": str(refusal)})
+                raise
+            entry = self._append(actor, "registry.transition", run_id, details)
         return {"run_id": run_id, "stage": to_stage, "from": transition.from_stage, "actor": actor,
                 "reason": transition.reason, "at": iso_utc(entry.ts), "entry_hash": entry.entry_hash}
 
@@ -232,11 +241,34 @@ class Governance:
                 "history": [{"at": iso_utc(h["ts"]), "from": h["from_stage"], "to": h["to_stage"],
                              "actor": h["actor"], "reason": h["reason"]} for h in history]}
 
+    def act_as(self, actor: str, os_user: str | None) -> dict[str, str]:
+        """The actor the OS user `os_user` may record: themself, or anyone when the roles file lists them in
+        `act_for_others`. A refusal is logged (`actor.refused`, by the OS user, naming the claimed actor) first."""
+        if os_user is None:
+            raise ValueError("no os_user: the login of the process asking is needed to decide who acts")
+        os_actor = normalise_actor(os_user)
+        try:
+            allowed = self.roles.may_act_for(os_user, normalise_actor(actor))
+            why = f"{os_actor} is not in act_for_others of the roles file, so may act only as {os_actor}"
+        except ValueError as err:
+            allowed, why = False, str(err)
+        if not allowed:
+            self._append(os_actor, "actor.refused", "", {"claimed": actor, "refusal": why})
+            raise ValueError(f"--actor {actor!r} refused: {why}")
+        return {"actor": normalise_actor(actor)}
+
+    def _acting(self, operation: Callable[..., Any]) -> Callable[..., Any]:
+        def run(actor: str, os_user: str | None = None, **arguments: Any) -> Any:
+            return operation(actor=self.act_as(actor, os_user)["actor"], **arguments)
+        return run
+
     def actions(self) -> dict[str, Any]:
-        """The operations `trainwire up` serves on POST /api/NAME."""
-        return {name: getattr(self, name) for name in (
-            "evaluate_gates", "audit_record", "verify", "audit_trail", "registry_status", "registry_request",
-            "registry_approve", "registry_archive")}
+        """The operations `trainwire up` serves on POST /api/NAME and the CLI runs: each takes the OS user asking
+        (`os_user`) and the actor, and applies `act_as` before anything else."""
+        operations = {name: self._acting(getattr(self, name)) for name in (
+            "evaluate_gates", "audit_record", "audit_bundle", "verify", "audit_trail", "registry_status",
+            "registry_request", "registry_approve", "registry_archive")}
+        return {**operations, "act_as": self.act_as}
 
 
 def _details(entry: Entry) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 Real local log, real ingest pipeline, real embedded ClickHouse (chdb); the CLI through `trainwire.cli.main`.
 """
 
-import getpass
 import json
 import os
+import pwd
 import time
 
 import pytest
@@ -13,6 +13,7 @@ from beside_up import cli as cli_beside, running_up
 
 from trainwire.cli import main
 from trainwire.infra.config import Settings
+from trainwire.consumers.governance.registry import normalise_actor
 from trainwire.consumers.ingest import IngestPipeline, event_topics
 from trainwire.consumers.service import INGEST_GROUP, build_ingest
 from trainwire.consumers.writer import ClickHouseWriter
@@ -26,6 +27,7 @@ from trainwire.producers.session import close_all
 from trainwire.producers.simulate import JobPlan, run_job
 
 SHA256_PREFIX = "sha256:"
+OS_USER = normalise_actor(pwd.getpwuid(os.getuid()).pw_name)  # who runs the tests, so who acts on the CLI
 
 
 def simulated_run(settings, tmp_path, fault=None, name="job"):
@@ -64,6 +66,23 @@ def home(local_settings, monkeypatch):
         monkeypatch.delenv(key)
     monkeypatch.setenv("TRAINWIRE_HOME", str(local_settings.home))
     return local_settings
+
+
+@pytest.fixture
+def acting_for_others(home):
+    """The roles file that lets the one OS user running the tests play alice, bob and carol (`--actor`)."""
+    home.home.mkdir(parents=True, exist_ok=True)
+    (home.home / "roles.toml").write_text('requester = ["*"]\napprover = ["*"]\narchiver = ["*"]\n'
+                                          f'act_for_others = ["{OS_USER}"]\n')
+    return home
+
+
+def audit_log(home):
+    client = connect_store(home.store_dsn)
+    try:
+        return StoreReader(client).audit_log()
+    finally:
+        client.close()
 
 
 def test_run_end_evaluates_gates_and_a_passing_run_becomes_candidate(home, tmp_path, capsys):
@@ -125,10 +144,11 @@ def test_run_end_evaluates_gates_and_a_passing_run_becomes_candidate(home, tmp_p
     actions = [e["action"] for e in entries]
     assert actions[:2] == ["gates.evaluated", "registry.transition"]
     assert "audit.viewed" in actions and "audit.exported" in actions and "registry.viewed" in actions
-    assert {e["actor"] for e in entries} == {"trainwire", getpass.getuser()}  # --actor defaults to $USER
+    assert {e["actor"] for e in entries} == {"trainwire", OS_USER}  # --actor defaults to the OS user
 
 
-def test_registry_path_to_production_and_tampering_detected(home, tmp_path, capsys):
+def test_registry_path_to_production_and_tampering_detected(acting_for_others, tmp_path, capsys):
+    home = acting_for_others
     first = simulated_run(home, tmp_path, name="first")
     second = simulated_run(home, tmp_path, name="second")
     close_all()
@@ -136,9 +156,16 @@ def test_registry_path_to_production_and_tampering_detected(home, tmp_path, caps
 
     code, _, err = cli(capsys, "registry", "approve", first.run_id, "--actor", "bob")
     assert code == 2 and f"run {first.run_id}: Candidate → Production refused: not an allowed transition" in err
-    assert cli(capsys, "registry", "request", first.run_id, "--actor", "alice", "--reason", "ship it")[0] == 0
-    code, _, err = cli(capsys, "registry", "approve", first.run_id, "--actor", "alice")
-    assert code == 2 and "approver must be someone other than the requester (alice)" in err
+    code, _, err = cli(capsys, "registry", "request", first.run_id, "--actor", "alice", "--reason", "ship it")
+    assert code == 0, err
+    for respelt in ("alice", "Alice ", "ＡＬＩＣＥ", "alice\u200b"):  # one person, however spelt
+        code, _, err = cli(capsys, "registry", "approve", first.run_id, "--actor", respelt)
+        assert code == 2 and "approver must be someone other than the requester (alice)" in err, respelt
+    refused = [e for e in audit_log(home) if e["action"] == "registry.refused"]
+    assert [e["actor"] for e in refused] == ["bob"] + ["alice"] * 4
+    details = json.loads(refused[2]["details"])
+    assert details["from"] == "Staging" and details["to"] == "Production"
+    assert "approver must be someone other than the requester" in details["refusal"]
     code, moved, _ = cli(capsys, "registry", "approve", first.run_id, "--actor", "bob", "--json")
     assert code == 0 and moved["stage"] == "Production" and moved["from"] == "Staging"
     code, _, err = cli(capsys, "registry", "archive", first.run_id, "--actor", "carol")
@@ -181,7 +208,8 @@ def test_registry_path_to_production_and_tampering_detected(home, tmp_path, caps
 
 def test_roles_file_named_by_trainwire_roles_is_enforced(home, tmp_path, capsys, monkeypatch):
     roles = tmp_path / "roles.toml"
-    roles.write_text('requester = ["alice"]\napprover = ["carol"]\narchiver = ["carol"]\n')
+    roles.write_text(f'requester = ["alice"]\napprover = ["carol"]\narchiver = ["carol"]\n'
+                     f'act_for_others = ["{OS_USER}"]\n')
     monkeypatch.setenv("TRAINWIRE_ROLES", str(roles))
     run = simulated_run(home, tmp_path, name="roles")
     close_all()
@@ -227,14 +255,14 @@ def test_unknown_run_and_bad_baseline_are_clear_errors(home, tmp_path, capsys):
     assert code == 2 and "eval_loss must be a number" in err
 
 
-def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path):
+def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path, monkeypatch):
     home = tmp_path / "home"
 
     def run_cli(*args):
         result = cli_beside(home, *args, check=False)
         return result.returncode, result.stdout, result.stderr
 
-    with running_up(home):
+    with running_up(home):  # no roles file: nobody may act for anyone else
         run = simulated_run(Settings(home=home), tmp_path, name="beside-up")
         close_all()
 
@@ -245,12 +273,44 @@ def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path):
             time.sleep(0.5)
         assert stage == "Candidate", err
 
-        code, out, err = run_cli("registry", "request", run.run_id, "--actor", "alice", "--json")
-        assert code == 0 and json.loads(out)["stage"] == "Staging", err
-        code, _, err = run_cli("registry", "approve", run.run_id, "--actor", "alice")
+        code, _, err = run_cli("registry", "request", run.run_id, "--actor", "alice")
+        assert code == 2 and err.strip() == (f"trainwire: error: --actor 'alice' refused: {OS_USER} is not in "
+                                             f"act_for_others of the roles file, so may act only as {OS_USER}")
+        code, out, err = run_cli("registry", "request", run.run_id, "--json")
+        assert code == 0 and json.loads(out)["stage"] == "Staging" and json.loads(out)["actor"] == OS_USER, err
+        monkeypatch.setenv("USER", "someone-else")  # anyone can set these; who acts stays the OS user
+        monkeypatch.setenv("LOGNAME", "someone-else")
+        code, _, err = run_cli("registry", "approve", run.run_id)
+        assert code == 2 and f"approver must be someone other than the requester ({OS_USER})" in err
+        monkeypatch.undo()
+        code, _, err = run_cli("registry", "approve", run.run_id, "--actor", f" {OS_USER.upper()}")
         assert code == 2 and "approver must be someone other than the requester" in err
+        code, out, _ = run_cli("audit", "log", "--json")
+        entries = json.loads(out)
+        assert [(e["actor"], json.loads(e["details"])["claimed"]) for e in entries
+                if e["action"] == "actor.refused"] == [(OS_USER, "alice")]
+        assert [e["actor"] for e in entries if e["action"] == "registry.refused"] == [OS_USER, OS_USER]
         code, out, _ = run_cli("audit", "verify", "--json")
         assert code == 0 and json.loads(out)["ok"]
     # up is gone: the same history, read from the store directly
     code, out, _ = run_cli("registry", "status", run.run_id, "--json")
     assert [h["to"] for h in json.loads(out)["history"]] == ["Candidate", "Staging"]
+
+
+def test_acting_as_someone_else_needs_act_for_others_in_the_roles_file(home, capsys):
+    ingest(home)  # an empty, migrated store
+    for command in (["registry", "status"], ["audit", "log"],
+                    ["alerts", "silence", "--rule", "loss_spike", "--for", "1h", "--reason", "noisy"]):
+        code, out, err = cli(capsys, *command, "--actor", "bob")
+        assert code == 2 and out == "" and err.count("\n") == 1 and "--actor 'bob' refused" in err, command
+    code, _, _ = cli(capsys, "registry", "status", "--actor", f"{OS_USER.upper()} ")  # oneself, respelt
+    assert code == 0
+    refused = [e for e in audit_log(home) if e["action"] == "actor.refused"]
+    assert [(e["actor"], json.loads(e["details"])["claimed"]) for e in refused] == [(OS_USER, "bob")] * 3
+
+    (home.home / "roles.toml").write_text(f'act_for_others = ["{OS_USER}"]\nviewer = ["*"]\n')
+    code, _, _ = cli(capsys, "registry", "status", "--actor", "Bob")
+    assert code == 0
+    viewed = [e["actor"] for e in audit_log(home) if e["action"] == "registry.viewed"]
+    assert viewed == [OS_USER, "bob"]
+    assert len([e for e in audit_log(home) if e["action"] == "actor.refused"]) == 3

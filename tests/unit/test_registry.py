@@ -82,7 +82,7 @@ def test_roles_file_restricts_who_may_do_what(tmp_path):
 def test_roles_file_with_an_unknown_role_is_a_clear_error(tmp_path):
     path = tmp_path / "roles.toml"
     path.write_text('approvers = ["carol"]\n')
-    with pytest.raises(ValueError, match="unknown role approvers"):
+    with pytest.raises(ValueError, match="unknown role key approvers"):
         Roles.load(path)
 
 
