@@ -11,20 +11,21 @@ from datetime import datetime, timedelta, timezone
 
 import streamlit as st
 
-from trainwire.dashboard.access import log_view
+from trainwire.dashboard.access import Access, admit, log_view
+from trainwire.dashboard.auth import Refusal
 from trainwire.dashboard.shared import (DEFAULT_RANGE, RANGE_LABELS, RANGES, client, from_url, kept, labels, reader,
-                                        time_range, to_url)
+                                        settings, time_range, to_url)
 from trainwire.infra.config import ConfigError
 from trainwire.infra.store.read import StoreReader
 
-VIEWS = [
+VIEWS = [  # what the viewer role sees
     st.Page("views/training.py", title="Training", icon=":material/show_chart:", default=True),
     st.Page("views/fleet.py", title="Fleet", icon=":material/dns:"),
     st.Page("views/compare.py", title="Experiment comparison", icon=":material/compare_arrows:"),
     st.Page("views/resources.py", title="Resources", icon=":material/memory:"),
     st.Page("views/alerts.py", title="Alerts", icon=":material/notifications:"),
-    st.Page("views/audit.py", title="Audit", icon=":material/verified:"),
 ]
+AUDIT_VIEW = st.Page("views/audit.py", title="Audit", icon=":material/verified:")  # auditors' and approvers'
 ONE_RUN_VIEWS = {"Training", "Resources", "Audit"}  # the views that show the sidebar's run
 WATCH_SECONDS = 2.0
 
@@ -60,16 +61,45 @@ def watch_runs(store: StoreReader, shown: tuple) -> None:
         st.rerun()
 
 
+def views_for(access: Access) -> list:
+    return VIEWS + ([AUDIT_VIEW] if access.may("auditor") or access.may("approver") else [])
+
+
+def show_refusal(refusal: Refusal) -> None:
+    """All a refused session sees: nothing from the store."""
+    if refusal.login:
+        st.title("trainwire")
+        st.info("Log in to see the dashboard.")
+        st.button("Log in", on_click=st.login, type="primary")
+        return
+    st.title(refusal.headline)
+    st.error(f"The dashboard shows nothing to this request: {refusal.reason}.")
+    if settings().dashboard_auth == "oidc" and st.user.get("is_logged_in"):  # a login without the viewer role
+        st.button("Log out", on_click=st.logout)
+
+
+def show_viewer(access: Access) -> None:
+    roles = ", ".join(sorted(access.roles))
+    st.sidebar.caption(f"{access.name} · {roles}")
+    if access.viewer.method == "oidc":
+        st.sidebar.button("Log out", on_click=st.logout)
+
+
 def main() -> None:
     st.set_page_config(page_title="trainwire", layout="wide")
-    page = st.navigation(VIEWS)
-    st.sidebar.markdown("## trainwire")
     try:
         store = reader()
-        pick_run(store)
-    except ConfigError as err:
+        access = admit(settings(), client() if store.migrated() else None)  # an empty store takes no entries
+    except (ConfigError, ValueError) as err:  # settings, or the roles file
         st.error(str(err))
         return
+    if isinstance(access, Refusal):
+        show_refusal(access)
+        return
+    page = st.navigation(views_for(access))
+    st.sidebar.markdown("## trainwire")
+    show_viewer(access)
+    pick_run(store)
     pick_time_range()
     to_url(run=st.session_state.get("run"), range=st.session_state.get("range"))
     with st.sidebar:

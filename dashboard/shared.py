@@ -10,7 +10,7 @@ from typing import Any
 import streamlit as st
 from clickhouse_connect.driver.client import Client
 
-from trainwire.infra.config import load_settings
+from trainwire.infra.config import Settings, load_settings
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.read import Row, StoreReader
 
@@ -28,13 +28,25 @@ DEFAULT_RANGE = "all"
 NO_RUNS = "No runs yet. Start one with `trainwire demo` or `trainwire.init()`; this page updates on its own."
 
 
+_served: list[Settings] = []  # what `trainwire dashboard`, `up` or `demo` serves this process's app with
+
+
+def serve_with(served: Settings) -> None:
+    _served[:] = [served]
+
+
+def settings() -> Settings:
+    """The settings the dashboard was started with, flags included; else (AppTest) the environment's."""
+    return _served[0] if _served else load_settings()
+
+
 @st.cache_resource(show_spinner=False, on_release=lambda client: client.close())
 def store_client(dsn: str) -> Client:
     return connect_store(dsn)
 
 
 def client() -> Client:
-    return store_client(load_settings().store_dsn)
+    return store_client(settings().store_dsn)
 
 
 def reader() -> StoreReader:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
 
 from trainwire.schemas.events import Severity
 
@@ -64,6 +66,17 @@ class Settings(BaseSettings):
     gpu_retention_days: int = Field(default=30, ge=1, le=365, description="GPU samples and heartbeats")
     roles: Path | None = Field(default=None, description="TOML file of registry roles; unset: $home/roles.toml "
                                "if present, else every actor holds every role")
+    # The dashboard (docs/security.md, "Dashboard"). dashboard_auth comes last: its check reads the others.
+    dashboard_host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:\-\[\]]+$", description="address "
+                                "the dashboard listens on; anything but loopback without dashboard_auth warns")
+    dashboard_trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = Field(
+        default=(), description="proxy addresses or networks whose user header is believed (comma-separated)")
+    dashboard_proxy_secret: SecretStr | None = Field(default=None, min_length=16, description="a request carrying "
+                                                     "it in X-Trainwire-Proxy-Secret comes from the proxy")
+    dashboard_proxy_user_header: str = Field(default="X-Forwarded-User", pattern=r"^[A-Za-z0-9-]+$",
+                                             description="the header in which the proxy names the user")
+    dashboard_auth: Literal["none", "oidc", "proxy"] = Field(default="none", description="none (loopback use), "
+                                                             "oidc (st.login) or proxy (a trusted proxy's header)")
     stop_switch_severities: tuple[Severity, ...] = Field(default=("block",), description="alert severities on "
                                                          "which the stop switch stops an opted-in run")
     detectors: DetectorSettings = Field(default_factory=DetectorSettings, description="rule thresholds: "
@@ -129,6 +142,24 @@ class Settings(BaseSettings):
         if value and (store is None or store.startswith("chdb://")):
             raise ValueError("a cluster needs a ClickHouse server: set TRAINWIRE_STORE to an http(s):// DSN")
         return value or None
+
+    @field_validator("dashboard_trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: object) -> object:
+        """A list (TOML), or one string: comma-separated or a JSON list (an environment variable)."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p for p in text.replace(" ", "").split(",") if p]
+        return value
+
+    @field_validator("dashboard_auth")
+    @classmethod
+    def _proxy_needs_a_trust(cls, value: str, info: ValidationInfo) -> str:
+        if value == "proxy" and not (info.data.get("dashboard_trusted_proxies") or info.data.get(
+                "dashboard_proxy_secret")):
+            raise ValueError("proxy needs TRAINWIRE_DASHBOARD_TRUSTED_PROXIES or TRAINWIRE_DASHBOARD_PROXY_SECRET: "
+                             "else anyone could name themselves in the user header")
+        return value
 
     @property
     def store_dsn(self) -> str:

@@ -20,7 +20,8 @@ from trainwire.infra.config import ConfigError, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None))
+    return load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None),
+                         dashboard_host=getattr(args, "host", None))
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
@@ -618,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--headless", action="store_true", help="no dashboard; exit once every event is stored")
     demo.add_argument("--step-seconds", type=float, help="pause between steps (default 0.25, headless 0.005)")
     demo.add_argument("--port", type=int, default=8501)
+    demo.add_argument("--host", help="dashboard address (default 127.0.0.1; TRAINWIRE_DASHBOARD_HOST)")
     demo.set_defaults(func=cmd_demo)
 
     consume = command("consume", "ingest events into ClickHouse and run the detectors")
@@ -656,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = command("up", "ingest, read API and dashboard (one process on the embedded defaults)")
     up.add_argument("--port", type=int, default=8501, help="dashboard port")
+    up.add_argument("--host", help="dashboard address (default 127.0.0.1; TRAINWIRE_DASHBOARD_HOST)")
     up.add_argument("--no-dashboard", action="store_true")
     up.set_defaults(func=cmd_up)
 
@@ -743,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dashboard = command("dashboard", "serve the Streamlit dashboard")
     dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument("--host", help="dashboard address (default 127.0.0.1; TRAINWIRE_DASHBOARD_HOST)")
     dashboard.set_defaults(func=cmd_dashboard)
     return parser
 

@@ -34,8 +34,16 @@ def _wait_for_signal() -> None:
         pass
 
 
-def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
+def serve_metrics(pipeline, settings: Settings, port: int) -> None:
+    """Ingest's Prometheus /metrics on `settings.metrics_host` (loopback unless told otherwise)."""
+    host, bound = pipeline.metrics.serve(port, settings.metrics_host)
+    _say(f"metrics on http://{f'[{host}]' if ':' in host else host}:{bound}/metrics")
+
+
+def up_embedded(settings: Settings, port: int, dashboard: bool, metrics_port: int | None = None) -> None:
     pipeline = build_ingest(settings, on_alert=lambda alert: None)  # the alert consumer's sinks say it
+    if metrics_port:
+        serve_metrics(pipeline, settings, metrics_port)
     alerting = build_alerting(settings)
     stop = threading.Event()
     threads = [threading.Thread(target=run_ingest, args=(pipeline, stop), name="ingest", daemon=True),
@@ -50,9 +58,9 @@ def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
     _say(f"read API for other trainwire commands on {api.url}")
     try:
         if dashboard:
-            from trainwire.dashboard.serve import serve_dashboard
+            from trainwire.dashboard.serve import dashboard_url, serve_dashboard
 
-            _say(f"dashboard on http://localhost:{port} (Ctrl-C to stop)")
+            _say(f"dashboard on {dashboard_url(settings, port)} (Ctrl-C to stop)")
             serve_dashboard(settings, port)
         else:
             _say("Ctrl-C or SIGTERM to stop")
@@ -64,10 +72,13 @@ def up_embedded(settings: Settings, port: int, dashboard: bool) -> None:
             thread.join(timeout=30)
 
 
-def up_services(settings: Settings, port: int, dashboard: bool) -> int:
-    commands = [[sys.executable, "-m", "trainwire", "consume"], [sys.executable, "-m", "trainwire", "alerts"]]
+def up_services(settings: Settings, port: int, dashboard: bool, metrics_port: int | None = None) -> int:
+    consume = ["consume", "--metrics-port", str(metrics_port), "--metrics-host", settings.metrics_host] \
+        if metrics_port else ["consume"]
+    commands = [[sys.executable, "-m", "trainwire", *consume], [sys.executable, "-m", "trainwire", "alerts"]]
     if dashboard:
-        commands.append([sys.executable, "-m", "trainwire", "dashboard", "--port", str(port)])
+        commands.append([sys.executable, "-m", "trainwire", "dashboard", "--port", str(port),
+                         "--host", settings.dashboard_host])
     processes = [subprocess.Popen(command) for command in commands]
     _say(f"trainwire up: {len(processes)} processes ({', '.join(c[3] for c in commands)}); Ctrl-C to stop")
     try:

@@ -1,6 +1,6 @@
 """Audit: a run's lineage (base model, dataset, config, git, seeds, environment, with their SHA-256), its
-checkpoints and output artifacts with hashes, its quality gates, registry stage and audit record, and the whole
-as a JSON download."""
+checkpoints and output artifacts with hashes, its quality gates, registry stage and audit record, the whole as a
+JSON download (auditors), and the registry actions (approvers)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from trainwire.dashboard.access import logged_download
+from trainwire.dashboard.access import current, logged_download
 from trainwire.dashboard.audit_data import audit_export, governance
+from trainwire.dashboard.registry_actions import show_registry_actions
 from trainwire.dashboard.shared import client, live, reader, require_run
 
 REFRESH_SECONDS = 5.0  # lineage is written once; gates and the registry change at run end and on review
@@ -113,16 +114,24 @@ def body(run_id: str) -> None:
     checkpoints, ended, record = store.checkpoints(run_id), store.run_ended(run_id), governance(store, run_id)
     st.caption(f"{started['experiment']} · {started['run_name']} · {run_id} · started "
                f"{started['ts']:%Y-%m-%d %H:%M:%S} UTC by {started['user'] or 'unknown user'}")
-    st.download_button("Download audit JSON",
-                       logged_download(client(), run_id, lambda: json.dumps(audit_export(store, run_id), indent=2)),
-                       file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
-                       icon=":material/download:", on_click="ignore")
+    if (access := current()) is not None and access.may("auditor"):
+        st.download_button("Download audit JSON",
+                           logged_download(client(), run_id,
+                                           lambda: json.dumps(audit_export(store, run_id), indent=2)),
+                           file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
+                           icon=":material/download:", on_click="ignore")
     st.subheader("Lineage")
     show_lineage(started)
     show_outputs(checkpoints, ended)
     show_governance(record)
 
 
+def registry_stage(run_id: str) -> str:
+    history = governance(reader(), run_id)["registry"]
+    return history[-1]["to_stage"] if history else "None"
+
+
 st.title("Audit")
 if (chosen := require_run()) is not None:
+    show_registry_actions(chosen, registry_stage(chosen))
     live(lambda: body(chosen), every=REFRESH_SECONDS)

@@ -333,13 +333,14 @@ def wait_http_ok(url: str, process: subprocess.Popen, log: Path, timeout: float 
 
 
 @contextmanager
-def serving(home: Path, *args: str) -> Iterator[str]:
-    """Run `python -m trainwire ARGS --port P` on HOME until the block ends; yields the page's URL."""
+def serving(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `python -m trainwire ARGS --port P` on HOME (with settings `env`) until the block ends; yields the
+    page's URL."""
     port = free_port()
     log = home / f"server-{port}.log"
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "trainwire", *args, "--port", str(port)],
-                                   env=trainwire_env(home), stdout=out, stderr=subprocess.STDOUT)
+                                   env={**trainwire_env(home), **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_http_ok(url, process, log)
@@ -377,7 +378,8 @@ def test_every_view_in_a_browser(demo, browser):
     home, report = demo
     bad = nan_run(report)
     ARTIFACTS.mkdir(exist_ok=True)
-    with serving(home, "dashboard") as url:
+    proxied = {"TRAINWIRE_DASHBOARD_AUTH": "proxy", "TRAINWIRE_DASHBOARD_TRUSTED_PROXIES": "127.0.0.1"}
+    with serving(home, "dashboard", env=proxied) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000},
                                 extra_http_headers={"X-Forwarded-User": "auditor@example.com"})  # as a proxy sets
         page.goto(f"{url}?run={bad}")  # a shared link picks the run
@@ -406,11 +408,12 @@ def test_every_view_in_a_browser(demo, browser):
         exported = json.loads(Path(download.value.path()).read_text())
         assert exported["run_id"] == bad and exported["lineage"]["dataset_sha256"].startswith("sha256:")
     log = [e for e in audit_log_after(f"chdb://{home}/chdb", -1) if e["actor"] == "auditor@example.com"]
-    assert {(e["actor"], e["action"]) for e in log} == {("auditor@example.com", "dashboard.viewed"),
+    assert {(e["actor"], e["action"]) for e in log} == {("auditor@example.com", "dashboard.login"),
+                                                         ("auditor@example.com", "dashboard.viewed"),
                                                          ("auditor@example.com", "dashboard.audit_downloaded")}
     assert {(json.loads(e["details"]).get("page"), e["run_id"]) for e in log} == {
         ("Training", bad), ("Fleet", ""), ("Experiment comparison", ""), ("Resources", bad), ("Alerts", ""),
-        ("Audit", bad), (None, bad)}  # the last: the download
+        ("Audit", bad), (None, bad), (None, "")}  # the last two: the download and the login
 
 
 def test_new_steps_appear_live_without_a_reload(tmp_path, browser):
