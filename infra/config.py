@@ -77,6 +77,12 @@ class Settings(BaseSettings):
                                              description="the header in which the proxy names the user")
     dashboard_auth: Literal["none", "oidc", "proxy"] = Field(default="none", description="none (loopback use), "
                                                              "oidc (st.login) or proxy (a trusted proxy's header)")
+    audit_key: Path | None = Field(default=None, description="Ed25519 private key (PEM) that signs audit entries; "
+                                   "unset: $home/audit-key.pem, made on first use")
+    audit_public_keys: tuple[Path, ...] = Field(default=(), description="public keys (PEM) whose audit signatures "
+                                                 "verify accepts, beside this home's own; env: a JSON list")
+    audit_anchor: Path | None = Field(default=None, description="append-only file of signed audit log heads; "
+                                      "unset: $home/audit-anchor.log")
     stop_switch_severities: tuple[Severity, ...] = Field(default=("block",), description="alert severities on "
                                                          "which the stop switch stops an opted-in run")
     detectors: DetectorSettings = Field(default_factory=DetectorSettings, description="rule thresholds: "
@@ -97,6 +103,16 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("audit_key", "audit_anchor")
+    @classmethod
+    def _expand_path(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value else None
+
+    @field_validator("audit_public_keys")
+    @classmethod
+    def _expand_paths(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        return tuple(path.expanduser().resolve() for path in value)
 
     @field_validator("kafka")
     @classmethod

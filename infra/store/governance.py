@@ -86,8 +86,8 @@ class GovernanceReads:
 
     def audit_head(self) -> Row | None:
         """The audit log's last entry, which the next one links to."""
-        rows = self._rows("SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash FROM audit_log "
-                          "ORDER BY seq DESC LIMIT 1")
+        rows = self._rows("SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash, key_id, signature "
+                          "FROM audit_log ORDER BY seq DESC LIMIT 1")
         return rows[0] if rows else None
 
     def stored_gate_results(self) -> list[Row]:
@@ -97,7 +97,8 @@ class GovernanceReads:
     def audit_log(self, run_id: str | None = None) -> list[Row]:
         """Who accessed or changed what, oldest first; one run's entries, or all."""
         return self._rows(
-            "SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash FROM audit_log "
+            "SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash, key_id, signature "
+            "FROM audit_log "
             "WHERE {run_id:String} = '' OR run_id = {run_id:String} ORDER BY seq",
             run_id=run_id or "",
         )
