@@ -37,7 +37,7 @@ from trainwire.consumers.service import tune_gc_for_ingest  # noqa: E402
 from trainwire.infra.detector_settings import DetectorSettings  # noqa: E402
 from trainwire.infra.config import Settings  # noqa: E402
 from trainwire.infra.log import ensure_topics  # noqa: E402
-from trainwire.infra.log.kafka import producer_config  # noqa: E402
+from trainwire.infra.log.kafka_client import client_properties, producer_config  # noqa: E402
 from trainwire.infra.store import connect_store, migrate  # noqa: E402
 from trainwire.schemas import Step, decode_record, encode  # noqa: E402
 from trainwire.schemas.checks import check_record  # noqa: E402
@@ -56,8 +56,8 @@ def step_messages(events: int, runs: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def produce_all(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
-    producer = Producer(producer_config(bootstrap))
+def produce_all(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
+    producer = Producer(producer_config(settings))
     started = time.perf_counter()
     for key, value in messages:
         while True:
@@ -71,9 +71,9 @@ def produce_all(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]])
     return len(messages) / (time.perf_counter() - started)
 
 
-def bare_consume(bootstrap: str, topic: str, expected: int) -> float:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bare-{uuid.uuid4().hex[:6]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+def bare_consume(settings: Settings, topic: str, expected: int) -> float:
+    consumer = Consumer(client_properties(settings) | {"group.id": f"bare-{uuid.uuid4().hex[:6]}",
+                                                       "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
     seen, started = 0, None
     while seen < expected:
@@ -185,9 +185,9 @@ def main() -> None:
             topic = settings.topic("events")
             ensure_topics(settings, [topic, settings.topic("gpu")])
             print(f"[{attempt + 1}/{args.repeat}] producing …", file=sys.stderr)
-            produced.append(produce_all(args.kafka, topic, messages))
+            produced.append(produce_all(settings, topic, messages))
             print(f"[{attempt + 1}/{args.repeat}] bare consume …", file=sys.stderr)
-            bare.append(bare_consume(args.kafka, topic, len(messages)))
+            bare.append(bare_consume(settings, topic, len(messages)))
             print(f"[{attempt + 1}/{args.repeat}] ingest pipeline …", file=sys.stderr)
             drain = pipeline_drain(settings)
             # what the same command takes with nothing to consume (imports, chdb, migrations, joining the group)

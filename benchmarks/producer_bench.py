@@ -34,7 +34,7 @@ from confluent_kafka import Producer  # noqa: E402
 
 from trainwire.infra.config import Settings  # noqa: E402
 from trainwire.infra.log import ensure_topics  # noqa: E402
-from trainwire.infra.log.kafka import producer_config  # noqa: E402
+from trainwire.infra.log.kafka_client import producer_config  # noqa: E402
 from trainwire.infra.log.spool import SpoolingProducer  # noqa: E402
 from trainwire.producers import Run, init  # noqa: E402
 from trainwire.producers.session import close_all  # noqa: E402
@@ -229,9 +229,10 @@ def transport_throughput(bootstrap: str, events: int) -> dict:
                         grad_norm=1.0, tokens_per_s=3000.0))
     keys = [str(uuid.uuid4()).encode() for _ in range(64)]
     topic = f"bench-transport-{uuid.uuid4().hex[:8]}"
-    ensure_topics(Settings(kafka=bootstrap), [topic])
+    settings = Settings(kafka=bootstrap)  # security settings from TRAINWIRE_KAFKA_* as for trainwire itself
+    ensure_topics(settings, [topic])
     with tempfile.TemporaryDirectory() as home:
-        producer = SpoolingProducer(bootstrap, Path(home) / "spool")
+        producer = SpoolingProducer(settings, Path(home) / "spool")
         started = time.perf_counter()
         for i in range(events):
             producer.append(topic, keys[i % 64], value)
@@ -240,7 +241,7 @@ def transport_throughput(bootstrap: str, events: int) -> dict:
         assert producer.flush(300) == 0
         spooled = time.perf_counter() - started
         producer.close()
-    raw = Producer(producer_config(bootstrap))
+    raw = Producer(producer_config(settings))
     started = time.perf_counter()
     for i in range(events):
         while True:

@@ -5,21 +5,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 from trainwire.schemas.events import Severity
 
 from .alerting_settings import AlertingSettings
 from .detector_settings import DetectorSettings
+from .kafka_settings import check_bootstrap, check_pass_through, flatten_kafka_table, table_key
 from .redact import redact_url
 
 ENV_PREFIX = "TRAINWIRE_"
-_BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}(,[A-Za-z0-9_.\-\[\]:]+:\d{1,5})*$")
 
 
 # Read by scripts and tests, not by Settings; any other TRAINWIRE_* name is a typo worth stopping for.
@@ -32,11 +33,39 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names the environment variable."""
 
 
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """The TRAINWIRE_CONFIG file, its `[kafka]` table read as the flat kafka_* keys."""
+
+    def _read_file(self, file_path):
+        return flatten_kafka_table(super()._read_file(file_path))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     home: Path = Field(default=Path("~/.trainwire"), description="holds the local log and the embedded store")
     kafka: str | None = Field(default=None, description="Kafka bootstrap servers; unset means the local log")
+    # The Kafka clients' security and the topics trainwire creates (docs/kafka.md). Each check reads the fields
+    # before it, so the order matters.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        default=None, validate_default=True)
+    kafka_sasl_username: str | None = Field(default=None, validate_default=True)
+    kafka_sasl_password: SecretStr | None = Field(default=None, validate_default=True)
+    kafka_ssl_ca_location: Path | None = Field(default=None, description="CA file (PEM) the brokers' certificates "
+                                               "are checked against; unset: the system's")
+    kafka_ssl_certificate_location: Path | None = Field(default=None, description="client certificate (mTLS)")
+    kafka_ssl_key_location: Path | None = Field(default=None, validate_default=True,
+                                                description="client private key (mTLS)")
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_client: dict[str, str | int | float | bool | SecretStr] = Field(
+        default_factory=dict, description="other librdkafka properties for every client ([kafka.client] table)")
+    kafka_partitions: int = Field(default=8, ge=1, le=10_000, description="partitions of the topics trainwire makes")
+    kafka_replication_factor: int | None = Field(default=None, ge=1, le=32, description="unset: min(3, brokers)")
+    kafka_min_insync_replicas: int | None = Field(default=None, ge=1, le=32, validate_default=True,
+                                                  description="unset: min(2, replication factor)")
+    kafka_retention_hours: float = Field(default=168.0, gt=0, le=87_600, allow_inf_nan=False,
+                                         description="how long the topics trainwire makes keep records")
     store: str | None = Field(default=None, description="clickhouse-connect DSN; unset means chdb under home")
     store_cluster: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                                       description="ClickHouse cluster name: tables become replicated and "
@@ -96,7 +125,7 @@ class Settings(BaseSettings):
         """Explicit values (CLI flags) win, then TRAINWIRE_* variables, then the TRAINWIRE_CONFIG file."""
         sources = [init_settings, env_settings]
         if path := os.environ.get(CONFIG_FILE_VARIABLE):
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            sources.append(_ConfigFileSource(settings_cls, toml_file=path))
         return tuple(sources)
 
     @field_validator("home")
@@ -117,15 +146,68 @@ class Settings(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _bootstrap(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+        return None if value in (None, "") else check_bootstrap(value)
+
+    @field_validator("kafka_security_protocol", mode="before")
+    @classmethod
+    def _protocol_upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value  # librdkafka takes either case
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _mechanism_for_sasl(cls, value: str | None, info: ValidationInfo) -> str | None:
+        protocol = info.data.get("kafka_security_protocol", "PLAINTEXT")
+        if protocol.startswith("SASL_") and value is None:
+            raise ValueError(f"security protocol {protocol} needs a SASL mechanism: PLAIN, SCRAM-SHA-256, "
+                             "SCRAM-SHA-512 or OAUTHBEARER")
+        if value is not None and not protocol.startswith("SASL_"):
+            raise ValueError(f"{value} is set but TRAINWIRE_KAFKA_SECURITY_PROTOCOL is {protocol}: set it to "
+                             "SASL_SSL (or SASL_PLAINTEXT)")
+        return value
+
+    @field_validator("kafka_sasl_username", "kafka_sasl_password")
+    @classmethod
+    def _credentials_for_mechanism(cls, value: object, info: ValidationInfo) -> object:
+        mechanism = info.data.get("kafka_sasl_mechanism")
+        if value in (None, "") and mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            raise ValueError(f"SASL {mechanism} needs a {info.field_name.rsplit('_', 1)[1]}")
+        return value or None
+
+    @field_validator("kafka_ssl_ca_location", "kafka_ssl_certificate_location", "kafka_ssl_key_location")
+    @classmethod
+    def _tls_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        protocol = info.data.get("kafka_security_protocol", "PLAINTEXT")
+        if info.field_name == "kafka_ssl_key_location" and bool(value) != bool(
+                info.data.get("kafka_ssl_certificate_location")):
+            raise ValueError("a client certificate and its key go together: set both "
+                             "TRAINWIRE_KAFKA_SSL_CERTIFICATE_LOCATION and TRAINWIRE_KAFKA_SSL_KEY_LOCATION")
+        if value is None:
             return None
-        value = value.strip()
-        if not _BOOTSTRAP.match(value):
-            raise ValueError(f"expected host:port[,host:port…], got {value!r}")
-        for server in value.split(","):
-            host, _, port = server.rpartition(":")
-            if not host or not 1 <= int(port) <= 65535:
-                raise ValueError(f"{server!r}: expected host:port with a port in 1…65535")
+        if protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"is set but TRAINWIRE_KAFKA_SECURITY_PROTOCOL is {protocol}, which uses no TLS")
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"no such file {str(value)!r}")
+        return value
+
+    @field_validator("kafka_client", mode="before")
+    @classmethod
+    def _client_table(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            raise ValueError("expected a table of librdkafka properties (a JSON object in TRAINWIRE_KAFKA_CLIENT)")
+        return value
+
+    @field_validator("kafka_client")
+    @classmethod
+    def _pass_through(cls, value: dict) -> dict:
+        return check_pass_through(value)
+
+    @field_validator("kafka_min_insync_replicas")
+    @classmethod
+    def _insync_within_replicas(cls, value: int | None, info: ValidationInfo) -> int | None:
+        replicas = info.data.get("kafka_replication_factor")
+        if value is not None and replicas is not None and value > replicas:
+            raise ValueError(f"{value} is more than the replication factor {replicas}: no write could succeed")
         return value
 
     @field_validator("store")
@@ -211,6 +293,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as err:
         problems = "; ".join(f"{_where(e['loc'], config_file)}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"invalid trainwire configuration: {problems}") from None
+    except SettingsError as err:  # a variable that is not the JSON its field takes
+        field = re.search(r'field "(\w+)"', str(err))
+        where = _where((field[1],), config_file) if field else CONFIG_FILE_VARIABLE
+        raise ConfigError(f"invalid trainwire configuration: {where}: not valid JSON") from None
     except ValueError as err:  # a config file that is not TOML
         raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {config_file!r}: {err}") from None
 
@@ -221,4 +307,17 @@ def _where(loc: tuple, config_file: str | None) -> str:
     variable = f"{ENV_PREFIX}{field.upper()}"
     if variable in os.environ or not config_file:
         return variable
+    written = _file_keys(config_file)
+    if field.startswith("kafka") and "kafka" in written and isinstance(written["kafka"], dict):
+        loc = (table_key(field), *loc[1:])  # the [kafka] table: kafka.sasl_password
+    elif field not in written:
+        return variable  # a check that reads several settings, about one set nowhere
     return f"{'.'.join(map(str, loc))} (in {config_file})"  # nested tables: detectors.loss_spike.factor
+
+
+def _file_keys(config_file: str) -> dict:
+    try:
+        with open(config_file, "rb") as file:
+            return tomllib.load(file)
+    except (OSError, ValueError):
+        return {}

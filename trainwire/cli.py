@@ -18,10 +18,19 @@ from typing import Any
 
 from trainwire.infra.config import ConfigError, Settings, load_settings
 
+EXIT_TRANSPORT_UNAVAILABLE = 5  # after 2 (bad configuration), 3 (dead-letter limit), 4 (fenced consumer)
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None),
                          dashboard_host=getattr(args, "host", None))
+
+
+def _check_transport(settings: Settings) -> None:
+    """Before a long-running command starts anything: Kafka answers and accepts these credentials (exit 5 if not)."""
+    from trainwire.infra.log import check_transport
+
+    check_transport(settings)
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
@@ -53,10 +62,12 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from trainwire.consumers.service import build_ingest, run_ingest, tune_gc_for_ingest
     from trainwire.infra.log.base import FatalTransportError
 
+    settings = _settings(args)
+    _check_transport(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # store and commit what is held, leave the group, exit
         signal.signal(sig, lambda *_: stop.set())
-    pipeline = build_ingest(_settings(args), instance_id=args.instance_id)
+    pipeline = build_ingest(settings, instance_id=args.instance_id)
     tune_gc_for_ingest()
     if args.metrics_port:
         pipeline.metrics.serve(args.metrics_port)
@@ -101,6 +112,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if settings.embedded_store and running_api(settings.home):
         raise ValueError("on the embedded defaults `trainwire up` runs the alert consumer itself; "
                          "`trainwire alerts status` shows what it delivered")
+    _check_transport(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -403,6 +415,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from trainwire.up import up_embedded, up_services
 
     settings = _settings(args)
+    _check_transport(settings)
     if settings.embedded_store:
         up_embedded(settings, args.port, dashboard=not args.no_dashboard)
         return 0
@@ -415,7 +428,8 @@ def cmd_spool_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.kafka:
         raise ValueError("spool replay sends spooled events to Kafka: set TRAINWIRE_KAFKA or --kafka")
-    producer = SpoolingProducer(settings.kafka, settings.spool_dir)
+    _check_transport(settings)
+    producer = SpoolingProducer(settings, settings.spool_dir)
     total = producer.undelivered()
     print(f"replaying {total} spooled events from {producer.adopted} spool(s) in {settings.spool_dir}",
           file=sys.stderr)
@@ -754,13 +768,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from trainwire.infra.log.base import FatalTransportError
+    from trainwire.infra.log.base import FatalTransportError, TransportUnavailableError
 
     try:
         return args.func(args)
     except (ConfigError, ValueError) as err:
         print(f"trainwire: error: {err}", file=sys.stderr)
         return 2
+    except TransportUnavailableError as err:  # Kafka unreachable, or refusing these credentials or certificates
+        print(f"trainwire: error: {err}", file=sys.stderr)
+        return EXIT_TRANSPORT_UNAVAILABLE
     except FatalTransportError as err:  # e.g. a consumer fenced out of its group: stop, say why
         print(f"trainwire: error: {err}", file=sys.stderr)
         return 4

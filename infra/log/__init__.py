@@ -1,7 +1,7 @@
 """The transport: one producer/consumer interface over Kafka and over the embedded SQLite log."""
 
-from .base import LogConsumer, LogProducer, LogTail, Record, TransportError
-from .factory import open_consumer, open_producer, open_tail, ensure_topics
+from .base import LogConsumer, LogProducer, LogTail, Record, TransportError, TransportUnavailableError
+from .factory import check_transport, ensure_topics, open_consumer, open_producer, open_tail
 
-__all__ = ["LogConsumer", "LogProducer", "LogTail", "Record", "TransportError", "ensure_topics", "open_consumer",
-           "open_producer", "open_tail"]
+__all__ = ["LogConsumer", "LogProducer", "LogTail", "Record", "TransportError", "TransportUnavailableError",
+           "check_transport", "ensure_topics", "open_consumer", "open_producer", "open_tail"]

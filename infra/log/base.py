@@ -16,6 +16,11 @@ class FatalTransportError(TransportError):
     instance id): retrying cannot help; the process should stop with this message."""
 
 
+class TransportUnavailableError(TransportError):
+    """The transport cannot be reached or refuses us at start (unreachable, wrong credentials or certificates, not
+    allowed): the process should stop with this message, which names the setting to check."""
+
+
 class Record(NamedTuple):  # not a frozen dataclass: built once per message, a third of the cost
     topic: str
     partition: int

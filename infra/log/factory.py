@@ -6,19 +6,17 @@ from ..config import Settings
 from .base import LogConsumer, LogProducer, LogTail
 from .sqlite import SqliteLogConsumer, SqliteLogProducer, SqliteLogTail
 
-DEFAULT_PARTITIONS = 8
-
 
 def open_producer(settings: Settings, spooled: bool = False) -> LogProducer:
     """`spooled`: the trainer side's producer, which writes to a local disk spool before Kafka (see spool.py)."""
     if settings.kafka and spooled:
         from .spool import SpoolingProducer
 
-        return SpoolingProducer(settings.kafka, settings.spool_dir)
+        return SpoolingProducer(settings, settings.spool_dir)
     if settings.kafka:
         from .kafka import KafkaLogProducer
 
-        return KafkaLogProducer(settings.kafka)
+        return KafkaLogProducer(settings)
     return SqliteLogProducer(settings.local_log_path)
 
 
@@ -28,7 +26,7 @@ def open_consumer(settings: Settings, group: str, topics: list[str], instance_id
     if settings.kafka:
         from .kafka import KafkaLogConsumer
 
-        return KafkaLogConsumer(settings.kafka, group, topics, instance_id=instance_id,
+        return KafkaLogConsumer(settings, group, topics, instance_id=instance_id,
                                 slot_dir=settings.home / "consumer-slots")
     return SqliteLogConsumer(settings.local_log_path, group, topics)
 
@@ -39,13 +37,23 @@ def open_tail(settings: Settings, topic: str, since_ms: int, group: str) -> LogT
     if settings.kafka:
         from .kafka import KafkaLogTail
 
-        return KafkaLogTail(settings.kafka, topic, since_ms, group)
+        return KafkaLogTail(settings, topic, since_ms, group)
     return SqliteLogTail(settings.local_log_path, topic, since_ms)
 
 
-def ensure_topics(settings: Settings, topics: list[str], partitions: int = DEFAULT_PARTITIONS) -> None:
-    """Create the topics up front on Kafka (the local log needs nothing)."""
+def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
+    """Create the topics up front on Kafka (the local log needs nothing): `partitions`, else TRAINWIRE_KAFKA_PARTITIONS;
+    replication, min.insync.replicas and retention from the settings (kafka_admin.py)."""
     if settings.kafka:
-        from .kafka import create_topics
+        from .kafka_admin import create_topics
 
-        create_topics(settings.kafka, topics, partitions)
+        create_topics(settings, topics, partitions)
+
+
+def check_transport(settings: Settings) -> None:
+    """On Kafka, that the cluster answers and accepts us (a bounded wait); raises TransportUnavailableError with
+    one line naming the cause. The local log needs no check."""
+    if settings.kafka:
+        from .kafka_admin import check_connection
+
+        check_connection(settings)

@@ -3,95 +3,24 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
+from ..config import Settings
 from .base import FatalTransportError, LogConsumer, LogProducer, LogTail, Record, TransportError
 from .base import TopicPartition as TP
 from .instance import ConsumerSlot, check_instance_id, slot_instance_id
+from .kafka_client import consumer_config, producer_config, reason
 
 log = logging.getLogger(__name__)
 
 
-class RepeatedLineFilter(logging.Filter):
-    """One line of a kind (its text, numbers aside) per `seconds`: while a broker is down librdkafka logs every
-    failed reconnect, some 20 lines a second, and the caller hears of the outage from its own calls anyway."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self._seconds = seconds
-        self._last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        facility, client = (record.args[:2] if isinstance(record.args, tuple) and len(record.args) == 3
-                            else ("", ""))
-        if facility == "FATAL" and "consumer" in str(client):
-            return False  # KafkaLogConsumer raises it as a FatalTransportError: one line, not two
-        kind, now = re.sub(r"\d+", "#", record.getMessage()), time.monotonic()
-        if now - self._last.get(kind, float("-inf")) < self._seconds:
-            return False
-        if len(self._last) > 1000:
-            self._last = {k: t for k, t in self._last.items() if now - t < self._seconds}
-        self._last[kind] = now
-        return True
-
-
-# librdkafka logs go to Python logging, not stderr (confluent-kafka calls log(level, "%s [%s] %s", facility,
-# client, text) on the logger it is given)
-librdkafka_log = logging.getLogger("trainwire.librdkafka")
-librdkafka_log.addFilter(RepeatedLineFilter(60.0))
-
-
-def reason(err: KafkaException) -> str:
-    """librdkafka's text for the error, without the KafkaError{code=…} wrapping."""
-    error = err.args[0] if err.args else None
-    return error.str() if isinstance(error, KafkaError) else str(err)
-
-
-def producer_config(bootstrap: str) -> dict:
-    return {
-        "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
-        "acks": "all",
-        "compression.type": "lz4",
-        "linger.ms": 5,
-        "batch.size": 1_000_000,
-        "queue.buffering.max.messages": 1_000_000,
-        # Same key → same partition as the Java client, so a run's events keep their order everywhere.
-        "partitioner": "murmur2_random",
-    }
-
-
-def consumer_config(bootstrap: str, group: str, instance_id: str | None = None) -> dict:
-    config = {
-        "bootstrap.servers": bootstrap,
-        "group.id": group,
-        # A member that stops heartbeating keeps its partitions this long (librdkafka's default is 45 s; the
-        # broker's group.min.session.timeout.ms, 6 s, is the floor). A static member restarted under the same
-        # instance id takes them back at once, without waiting it out.
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 3_000,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
-        "fetch.wait.max.ms": 100,
-        # librdkafka prefetches up to this much per partition: bound it, memory grows with partitions otherwise
-        "queued.max.messages.kbytes": 8192,
-    }
-    if instance_id is not None:
-        config["group.instance.id"] = instance_id
-    return config
-
-
 class KafkaLogProducer(LogProducer):
-    def __init__(self, bootstrap: str):
-        self._producer = Producer(producer_config(bootstrap), logger=librdkafka_log)
+    def __init__(self, settings: Settings):
+        self._producer = Producer(producer_config(settings))
         self.failed = 0
 
     def _on_delivery(self, err: KafkaError | None, _msg) -> None:
@@ -118,7 +47,7 @@ class KafkaLogConsumer(LogConsumer):
     """A member of `group`: a static one (see instance.py) under `instance_id`, else under a slot it claims in
     `slot_dir`; a dynamic one when given neither. librdkafka's exceptions leave it as TransportErrors."""
 
-    def __init__(self, bootstrap: str, group: str, topics: list[str], instance_id: str | None = None,
+    def __init__(self, settings: Settings, group: str, topics: list[str], instance_id: str | None = None,
                  slot_dir: Path | None = None):
         self._group = group
         self._slot: ConsumerSlot | None = None
@@ -137,7 +66,7 @@ class KafkaLogConsumer(LogConsumer):
         # per assigned partition, its committed offset (negative: none): where it starts until a record is read
         self._committed: dict[TP, int] = {}
         try:
-            self._consumer = Consumer(consumer_config(bootstrap, group, self.instance_id), logger=librdkafka_log)
+            self._consumer = Consumer(consumer_config(settings, group, self.instance_id))
             self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                      on_lost=self._on_lost)
         except BaseException:
@@ -291,9 +220,9 @@ class KafkaLogTail(LogTail):
 
     REFRESH_SECONDS = 30.0
 
-    def __init__(self, bootstrap: str, topic: str, since_ms: int, group: str):
-        config = consumer_config(bootstrap, group) | {"enable.partition.eof": False}
-        self._consumer = Consumer(config, logger=librdkafka_log)
+    def __init__(self, settings: Settings, topic: str, since_ms: int, group: str):
+        config = consumer_config(settings, group) | {"enable.partition.eof": False}
+        self._consumer = Consumer(config)
         self._topic = topic
         self._since_ms = since_ms
         self._assigned: set[int] = set()
@@ -348,17 +277,3 @@ class KafkaLogTail(LogTail):
 
     def close(self) -> None:
         self._consumer.close()
-
-
-def create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": librdkafka_log})
-    try:
-        futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics])
-    except KafkaException as err:
-        raise TransportError(f"cannot create topics {', '.join(topics)}: {reason(err)}") from err
-    for topic, future in futures.items():
-        try:
-            future.result(timeout=30)
-        except KafkaException as err:
-            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TransportError(f"cannot create topic {topic}: {reason(err)}") from err

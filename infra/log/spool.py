@@ -26,10 +26,11 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from ..config import Settings
 from .base import LogProducer
-from .kafka import librdkafka_log, producer_config
+from .kafka_client import describe_config_error, producer_config
 from .sqlite import use_wal
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,9 @@ class Spool:
 
 
 class SpoolingProducer(LogProducer):
-    def __init__(self, bootstrap: str, spool_dir: Path, adopt_orphans: bool = True):
-        config = {**producer_config(bootstrap), "message.timeout.ms": 0}  # never give up: the spool holds it
-        self._kafka = Producer(config, logger=librdkafka_log)
+    def __init__(self, settings: Settings, spool_dir: Path, adopt_orphans: bool = True):
         self._own = Spool.create(spool_dir)
+        self._kafka = _producer_or_none(settings, self._own.path)
         orphans = Spool.orphans(spool_dir) if adopt_orphans else []
         self.adopted = len(orphans)
         self._sources = [*orphans, self._own]
@@ -165,7 +165,8 @@ class SpoolingProducer(LogProducer):
         self.sent = 0
         self.rejected = 0
         self._forwarder = threading.Thread(target=self._forward_loop, name="trainwire-forwarder", daemon=True)
-        self._forwarder.start()
+        if self._kafka is not None:
+            self._forwarder.start()
 
     def append(self, topic: str, key: bytes, value: bytes) -> None:
         with self._buffer_lock:
@@ -185,6 +186,8 @@ class SpoolingProducer(LogProducer):
     def flush(self, timeout: float) -> int:
         """Spool what is buffered (durable); then wait up to `timeout` for the broker. Returns undelivered."""
         self._spool_buffer()
+        if self._kafka is None:
+            return self.undelivered()  # no producer: nothing leaves the spool in this process
         deadline = time.monotonic() + timeout
         remaining = self.undelivered()
         while remaining and time.monotonic() < deadline:
@@ -273,9 +276,10 @@ class SpoolingProducer(LogProducer):
         undelivered = self.flush(0)
         self._stop.set()
         self._spooled.set()
-        self._forwarder.join(timeout=5)
-        self._kafka.purge()  # what is left is still in the spool file, for the next start
-        self._kafka.poll(0)
+        if self._kafka is not None:
+            self._forwarder.join(timeout=5)
+            self._kafka.purge()  # what is left is still in the spool file, for the next start
+            self._kafka.poll(0)
         with self._sources_lock:
             for spool in self._sources:
                 spool.close(remove_if_empty=True)
@@ -283,3 +287,13 @@ class SpoolingProducer(LogProducer):
         if undelivered:
             log.warning("trainwire: %d events not yet delivered to Kafka stay spooled in %s", undelivered,
                         self._own.path.parent)
+
+
+def _producer_or_none(settings: Settings, spool: Path) -> Producer | None:
+    """The forwarder's producer; None, with one error line, when librdkafka refuses the settings (say a CA file
+    that is no certificate): training goes on, its events wait in the spool for `trainwire spool replay`."""
+    try:
+        return Producer(producer_config(settings) | {"message.timeout.ms": 0})  # never give up: the spool holds it
+    except KafkaException as err:
+        log.error("trainwire: no Kafka producer (%s); events stay spooled in %s", describe_config_error(err), spool)
+        return None

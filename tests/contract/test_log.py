@@ -163,7 +163,7 @@ def test_spool_left_by_a_producer_that_never_reached_the_broker_is_adopted(kafka
     with socket.socket() as sock:  # a port where no broker listens
         sock.bind(("127.0.0.1", 0))
         nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
-    stranded = SpoolingProducer(nowhere, kafka_settings.spool_dir)
+    stranded = SpoolingProducer(Settings(kafka=nowhere), kafka_settings.spool_dir)
     topic = kafka_settings.topic("stranded")
     for i in range(100):
         stranded.append(topic, b"run", str(i).encode())
@@ -172,7 +172,7 @@ def test_spool_left_by_a_producer_that_never_reached_the_broker_is_adopted(kafka
     assert len(list(kafka_settings.spool_dir.glob("*.db"))) == 1, "undelivered events stay on disk"
 
     ensure_topics(kafka_settings, [topic])
-    rescuer = SpoolingProducer(kafka_settings.kafka, kafka_settings.spool_dir)
+    rescuer = SpoolingProducer(kafka_settings, kafka_settings.spool_dir)
     assert rescuer.adopted == 1 and rescuer.flush(60) == 0
     rescuer.close()
     records = poll_all(open_consumer(kafka_settings, kafka_settings.topic("g"), [topic]), 100)
@@ -254,8 +254,8 @@ def unreachable_broker() -> str:
 def test_an_unreachable_broker_logs_a_few_lines_not_a_flood(caplog):
     bootstrap = unreachable_broker()
     with caplog.at_level(logging.DEBUG, logger="trainwire"):
-        consumer = KafkaLogConsumer(bootstrap, "g", ["t"])
-        producer = KafkaLogProducer(bootstrap)
+        consumer = KafkaLogConsumer(Settings(kafka=bootstrap), "g", ["t"])
+        producer = KafkaLogProducer(Settings(kafka=bootstrap))
         producer.append("t", b"k", b"v")
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:

@@ -36,7 +36,7 @@ def test_unknown_variable_is_refused(monkeypatch):
 
 
 def test_cli_fails_at_start_with_the_key(tmp_path):
-    env = {"TRAINWIRE_HOME": str(tmp_path), "TRAINWIRE_KAFKA": "nope", "PATH": "/usr/bin:/bin"}
+    env = {"TRAINWIRE_HOME": str(tmp_path), "TRAINWIRE_KAFKA": "no such/broker", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-m", "trainwire", "runs"], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "TRAINWIRE_KAFKA" in result.stderr

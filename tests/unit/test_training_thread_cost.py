@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import trainwire.producers.emitter as emitter_module
+from trainwire.infra.config import Settings
 from trainwire.infra.log import LogProducer
 from trainwire.infra.log.spool import SpoolingProducer
 from trainwire.producers import environment
@@ -100,7 +101,7 @@ def closed_port() -> str:
 
 
 def test_messages_in_flight_to_an_unreachable_broker_hold_nothing_the_collector_walks(tmp_path):
-    producer = SpoolingProducer(closed_port(), tmp_path / "spool")
+    producer = SpoolingProducer(Settings(kafka=closed_port()), tmp_path / "spool")
     try:
         for i in range(5_000):
             producer.append("t", b"run", f"event {i}".encode())
@@ -132,7 +133,7 @@ def test_the_same_bytes_twice_in_flight_are_both_delivered(kafka_settings):
 
     topic = kafka_settings.topic("twice")
     ensure_topics(kafka_settings, [topic])
-    producer = SpoolingProducer(kafka_settings.kafka, kafka_settings.spool_dir)
+    producer = SpoolingProducer(kafka_settings, kafka_settings.spool_dir)
     for value in (b"same", b"same", b"other", b"same"):
         producer.append(topic, b"run", value)
     assert producer.flush(30) == 0 and producer.sent == 4
