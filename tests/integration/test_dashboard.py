@@ -129,6 +129,8 @@ def app_test(monkeypatch: pytest.MonkeyPatch) -> Iterator:
 
     def start(store_dsn: str) -> AppTest:
         monkeypatch.setenv("TRAINWIRE_STORE", store_dsn)
+        # the store's home, not the user's: the dashboard writes audit entries with that home's settings
+        monkeypatch.setenv("TRAINWIRE_HOME", str(Path(store_dsn.removeprefix("chdb://")).parent))
         return AppTest.from_file(str(APP), default_timeout=60).run()
 
     yield start
