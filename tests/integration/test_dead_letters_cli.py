@@ -16,6 +16,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 from beside_up import running_up
+from tests.acting import roles_file
 
 from trainwire.infra.config import Settings
 from trainwire.infra.log import open_consumer, open_producer
@@ -176,6 +177,7 @@ def test_a_replay_the_transport_does_not_take_is_not_recorded(local_settings):
 
 def test_beside_up_list_and_replay_go_through_its_api(tmp_path):
     settings = Settings(home=tmp_path / "home")
+    roles_file(settings.home / "roles.toml")  # the test's OS user replays as oncall
     with running_up(settings.home):
         bad = poison(settings)
         letters = wait_for_letters(settings, 2)

@@ -5,15 +5,14 @@ Real local log, real ingest pipeline, real embedded ClickHouse (chdb); the CLI t
 
 import json
 import os
-import pwd
 import time
 
 import pytest
 from beside_up import cli as cli_beside, running_up
+from tests.acting import OS_USER, roles_file
 
 from trainwire.cli import main
 from trainwire.infra.config import Settings
-from trainwire.consumers.governance.registry import normalise_actor
 from trainwire.consumers.ingest import IngestPipeline, event_topics
 from trainwire.consumers.service import INGEST_GROUP, build_ingest
 from trainwire.consumers.writer import ClickHouseWriter
@@ -27,7 +26,6 @@ from trainwire.producers.session import close_all
 from trainwire.producers.simulate import JobPlan, run_job
 
 SHA256_PREFIX = "sha256:"
-OS_USER = normalise_actor(pwd.getpwuid(os.getuid()).pw_name)  # who runs the tests, so who acts on the CLI
 
 
 def simulated_run(settings, tmp_path, fault=None, name="job"):
@@ -70,10 +68,7 @@ def home(local_settings, monkeypatch):
 
 @pytest.fixture
 def acting_for_others(home):
-    """The roles file that lets the one OS user running the tests play alice, bob and carol (`--actor`)."""
-    home.home.mkdir(parents=True, exist_ok=True)
-    (home.home / "roles.toml").write_text('requester = ["*"]\napprover = ["*"]\narchiver = ["*"]\n'
-                                          f'act_for_others = ["{OS_USER}"]\n')
+    roles_file(home.home / "roles.toml")
     return home
 
 
@@ -207,9 +202,7 @@ def test_registry_path_to_production_and_tampering_detected(acting_for_others, t
 
 
 def test_roles_file_named_by_trainwire_roles_is_enforced(home, tmp_path, capsys, monkeypatch):
-    roles = tmp_path / "roles.toml"
-    roles.write_text(f'requester = ["alice"]\napprover = ["carol"]\narchiver = ["carol"]\n'
-                     f'act_for_others = ["{OS_USER}"]\n')
+    roles = roles_file(tmp_path / "roles.toml", requester=["alice"], approver=["carol"], archiver=["carol"])
     monkeypatch.setenv("TRAINWIRE_ROLES", str(roles))
     run = simulated_run(home, tmp_path, name="roles")
     close_all()
@@ -308,7 +301,7 @@ def test_acting_as_someone_else_needs_act_for_others_in_the_roles_file(home, cap
     refused = [e for e in audit_log(home) if e["action"] == "actor.refused"]
     assert [(e["actor"], json.loads(e["details"])["claimed"]) for e in refused] == [(OS_USER, "bob")] * 3
 
-    (home.home / "roles.toml").write_text(f'act_for_others = ["{OS_USER}"]\nviewer = ["*"]\n')
+    roles_file(home.home / "roles.toml")
     code, _, _ = cli(capsys, "registry", "status", "--actor", "Bob")
     assert code == 0
     viewed = [e["actor"] for e in audit_log(home) if e["action"] == "registry.viewed"]

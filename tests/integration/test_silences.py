@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from beside_up import running_up
+from tests.acting import roles_file
 from tests.recording_server import RecordingServer
 from trainwire.producers import init
 
@@ -25,6 +26,7 @@ SILENCE_SECONDS = 10  # short, yet long enough on a busy machine for two runs to
 
 def env_for(settings, server_url: str) -> dict[str, str]:
     alerting = {"sinks": [{"kind": "webhook", "url": f"{server_url}/hook"}], "silence_refresh_seconds": 0.5}
+    roles_file(settings.home / "roles.toml")  # the test's one OS user silences as ops-alice and ops-bob
     return {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
             "TRAINWIRE_HOME": str(settings.home), "TRAINWIRE_KAFKA": settings.kafka,
             "TRAINWIRE_TOPIC_PREFIX": settings.topic_prefix, "TRAINWIRE_ALERTING": json.dumps(alerting)}
@@ -120,6 +122,7 @@ def test_without_up_the_cli_writes_silences_to_the_store_itself(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
            "TRAINWIRE_HOME": str(tmp_path / "home")}
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat(timespec="minutes")
+    roles_file(tmp_path / "home" / "roles.toml")
     created = cli_json(env, "alerts", "silence", "--host", "node-7", "--until", tomorrow, "--reason",
                        "node 7 drained", "--actor", "ops")
     human = cli(env, "alerts", "silences").stdout
