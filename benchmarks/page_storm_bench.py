@@ -129,7 +129,7 @@ def main() -> None:
             while not all(named >= every for named in receiver.named().values()) and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(3.0)  # anything more would have come by now
-            stored = [a for a in RemoteReader(running_api(home / "consumer")).alerts()
+            stored = [a for a in RemoteReader(running_api(home / "consumer"), home / "consumer").alerts()
                       if a["rule"] == "loss_not_finite" and a["run_id"] in every and a["state"] == "firing"]
         finally:
             up.terminate()

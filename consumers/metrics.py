@@ -1,6 +1,11 @@
-"""Prometheus metrics of the ingest tier, served as text on /metrics (`trainwire consume --metrics-port`)."""
+"""Prometheus metrics of the ingest tier, served as text on /metrics (`trainwire consume --metrics-port`), on
+loopback unless `metrics_host` (`--metrics-host`) says otherwise: the endpoint has no authentication."""
 
 from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -28,5 +33,23 @@ class IngestMetrics:
         self.insert_seconds = Histogram("trainwire_ingest_insert_seconds", "Time to insert one batch", registry=r,
                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
-    def serve(self, port: int, address: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=address, registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> tuple[str, int]:
+        """Serves /metrics from a thread; the address and port it listens on."""
+        if not is_loopback(address):
+            print(f"trainwire: warning: metrics on {address}:{port} can be read by anyone who reaches that address "
+                  "(no authentication); the default is 127.0.0.1", file=sys.stderr, flush=True)
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return server.server_address[:2]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) means this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)

@@ -23,7 +23,7 @@ EXIT_TRANSPORT_UNAVAILABLE = 5  # after 2 (bad configuration), 3 (dead-letter li
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None),
-                         dashboard_host=getattr(args, "host", None))
+                         dashboard_host=getattr(args, "host", None), metrics_host=getattr(args, "metrics_host", None))
 
 
 def _check_transport(settings: Settings) -> None:
@@ -70,8 +70,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
     pipeline = build_ingest(settings, instance_id=args.instance_id)
     tune_gc_for_ingest()
     if args.metrics_port:
-        pipeline.metrics.serve(args.metrics_port)
-        print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics", file=sys.stderr)
+        from trainwire.up import serve_metrics
+
+        serve_metrics(pipeline, settings, args.metrics_port)
     caught_up = True
     try:
         if args.drain:
@@ -198,7 +199,7 @@ def _silence_call(settings: Settings, action: str, **arguments: Any) -> Any:
     from trainwire.infra.store.api import RemoteReader, running_api, to_json
 
     if settings.embedded_store and (url := running_api(settings.home)):
-        return RemoteReader(url).act(action, **arguments)
+        return RemoteReader(url, settings.home).act(action, **arguments)
     from trainwire.infra.store import connect_store, migrate
     from trainwire.infra.store.silences import SilenceBook
 
@@ -261,7 +262,7 @@ def _reader(settings: Settings):
     from trainwire.infra.store.api import RemoteReader, running_api
 
     if settings.embedded_store and (url := running_api(settings.home)):
-        return RemoteReader(url)
+        return RemoteReader(url, settings.home)
     from trainwire.infra.store import connect_store
     from trainwire.infra.store.read import StoreReader
 
@@ -323,7 +324,7 @@ def _govern(settings: Settings, action: str, **arguments: Any) -> Any:
 
     arguments["os_user"] = _os_user()
     if settings.embedded_store and (url := running_api(settings.home)):
-        return RemoteReader(url).act(action, **arguments)
+        return RemoteReader(url, settings.home).act(action, **arguments)
     from trainwire.consumers.governance import Governance, roles_for
     from trainwire.infra.store import connect_store, migrate
 
@@ -417,9 +418,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _check_transport(settings)
     if settings.embedded_store:
-        up_embedded(settings, args.port, dashboard=not args.no_dashboard)
+        up_embedded(settings, args.port, dashboard=not args.no_dashboard, metrics_port=args.metrics_port)
         return 0
-    return up_services(settings, args.port, dashboard=not args.no_dashboard)
+    return up_services(settings, args.port, dashboard=not args.no_dashboard, metrics_port=args.metrics_port)
 
 
 def cmd_spool_replay(args: argparse.Namespace) -> int:
@@ -459,6 +460,9 @@ def _since(value: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+_REPLAYS_PER_REQUEST = 5_000  # (topic, partition, offset) each: well under the read API's 1 MiB body
+
+
 @contextlib.contextmanager
 def _dead_letter_store(settings: Settings) -> Iterator[tuple[Any, Callable[..., Any]]]:
     """(reader, record replays) where the store is: the running `trainwire up` that owns the embedded store, over
@@ -466,9 +470,13 @@ def _dead_letter_store(settings: Settings) -> Iterator[tuple[Any, Callable[..., 
     from trainwire.infra.store.api import RemoteReader, running_api
 
     if settings.embedded_store and (url := running_api(settings.home)):
-        remote = RemoteReader(url)
-        yield remote, lambda letters, replayed_by: remote.act("record_dead_letter_replays", letters=letters,
-                                                              replayed_by=replayed_by)
+        remote = RemoteReader(url, settings.home)
+
+        def record(letters: list[dict[str, Any]], replayed_by: str) -> int:  # in parts: the API bounds a body
+            return sum(remote.act("record_dead_letter_replays", letters=letters[i:i + _REPLAYS_PER_REQUEST],
+                                  replayed_by=replayed_by) for i in range(0, len(letters), _REPLAYS_PER_REQUEST))
+
+        yield remote, record
         return
     from trainwire.infra.store import connect_store, migrate
     from trainwire.infra.store.read import StoreReader
@@ -639,7 +647,6 @@ def build_parser() -> argparse.ArgumentParser:
     consume = command("consume", "ingest events into ClickHouse and run the detectors")
     consume.add_argument("--drain", action="store_true", help="exit once caught up with the transport")
     consume.add_argument("--idle-seconds", type=float, default=2.0, help="with --drain: quiet time that ends it")
-    consume.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     consume.add_argument("--instance-id", help="Kafka group.instance.id, stable across restarts of this consumer "
                          "(default: <host>-<group>-<slot>)")
     consume.set_defaults(func=cmd_consume)
@@ -675,6 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", help="dashboard address (default 127.0.0.1; TRAINWIRE_DASHBOARD_HOST)")
     up.add_argument("--no-dashboard", action="store_true")
     up.set_defaults(func=cmd_up)
+    for p in (consume, up):
+        p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on PORT (/metrics)")
+        p.add_argument("--metrics-host", metavar="ADDRESS", help="address of the metrics endpoint (default 127.0.0.1, "
+                       "TRAINWIRE_METRICS_HOST; anything else warns: it has no authentication)")
 
     spool = sub.add_parser("spool", help="events spooled on this machine while Kafka was unreachable")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True)

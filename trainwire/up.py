@@ -73,8 +73,8 @@ def up_embedded(settings: Settings, port: int, dashboard: bool, metrics_port: in
 
 
 def up_services(settings: Settings, port: int, dashboard: bool, metrics_port: int | None = None) -> int:
-    consume = ["consume", "--metrics-port", str(metrics_port), "--metrics-host", settings.metrics_host] \
-        if metrics_port else ["consume"]
+    consume = (["consume", "--metrics-port", str(metrics_port), "--metrics-host", settings.metrics_host]
+               if metrics_port else ["consume"])
     commands = [[sys.executable, "-m", "trainwire", *consume], [sys.executable, "-m", "trainwire", "alerts"]]
     if dashboard:
         commands.append([sys.executable, "-m", "trainwire", "dashboard", "--port", str(port),

@@ -3,13 +3,22 @@
 chdb lets one process open a data directory. `trainwire up` on the embedded defaults is that process, so it
 also serves the read API on 127.0.0.1 and writes the address to `$TRAINWIRE_HOME/up.json`; the CLI's read
 commands in other processes find it there and ask over HTTP. Results are JSON (timestamps ISO 8601 UTC).
+
+Loopback is not a boundary: every web page the operator opens and every local user can reach it, and its actions
+archive models. So (docs/security.md) every request carries the token `up` writes to `$TRAINWIRE_HOME/up.token`
+(readable by the owner only), the Host must be this server's own address (no DNS rebinding), a POST must be
+`application/json` with a bounded body (a web page cannot send that without a CORS preflight, which is refused),
+and a client gets `REQUEST_SECONDS` to send its request.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import os
+import secrets
+import socket
 import threading
 import urllib.parse
 import urllib.request
@@ -19,8 +28,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from trainwire.infra.redact import redact_text
+
 from .read import StoreReader
 from .silences import SilenceBook
+
+TOKEN_FILE = "up.token"
+MAX_BODY_BYTES = 1 << 20
+REQUEST_SECONDS = 10.0  # to send the whole request: a slow or stalled client is dropped after this
+MAX_CONNECTIONS = 32  # served at once; more are answered 503 at once
 
 # The read methods a remote caller may use, with how to parse their query-string arguments.
 METHODS: dict[str, dict[str, type]] = {
@@ -89,22 +105,77 @@ def to_json(value: Any) -> Any:
     return value
 
 
+def write_token(home: Path) -> str:
+    """A new random token in `home/up.token`, readable by its owner only from the moment it exists."""
+    token = secrets.token_urlsafe(32)
+    home.mkdir(parents=True, exist_ok=True)
+    staged = home / f".{TOKEN_FILE}.{os.getpid()}"
+    staged.unlink(missing_ok=True)
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(token)
+    os.replace(staged, home / TOKEN_FILE)
+    return token
+
+
+def read_token(home: Path) -> str:
+    try:
+        return (home / TOKEN_FILE).read_text().strip()
+    except OSError as err:
+        raise RuntimeError(f"cannot read the read API's token ({home / TOKEN_FILE}): {err.strerror}") from None
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most `MAX_CONNECTIONS` requests served at once; one more is answered 503 and closed."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class ReadApiServer:
     """`actions`: write operations served on POST /api/NAME with a JSON object of keyword arguments (e.g. the
     registry's transitions, which must run in the process that owns the store); a ValueError they raise is
     the caller's error (400), with its message."""
 
-    def __init__(self, reader: StoreReader, home: Path, actions: dict[str, Callable[..., Any]] | None = None):
+    def __init__(self, reader: StoreReader, home: Path, actions: dict[str, Callable[..., Any]] | None = None, *,
+                 request_seconds: float = REQUEST_SECONDS, max_connections: int = MAX_CONNECTIONS):
         self._reader = reader
         # A replay beside `up` records what it replayed here, like every other write to the store `up` owns.
         self.actions = {"record_dead_letter_replays": reader.record_dead_letter_replays,
                         **silence_actions(reader), **(actions or {})}
         self._lock = threading.Lock()  # one query at a time through the shared client
         self._home = home
-        handler = type("Handler", (_Handler,), {"api": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.request_seconds = request_seconds
+        self.token = ""
+        handler = type("Handler", (_Handler,), {"api": self, "timeout": request_seconds})
+        self._server = _BoundedServer(("127.0.0.1", 0), handler, max_connections)
+        port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.hosts = frozenset({f"127.0.0.1:{port}", f"localhost:{port}"})
         self._thread = threading.Thread(target=self._server.serve_forever, name="read-api", daemon=True)
+
+    def authorised(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token.encode())
 
     def call(self, method: str, arguments: dict[str, str]) -> Any:
         spec = METHODS[method]
@@ -117,19 +188,53 @@ class ReadApiServer:
             return to_json(self.actions[action](**arguments))
 
     def start(self) -> ReadApiServer:
+        self.token = write_token(self._home)
         self._thread.start()
         (self._home / "up.json").write_text(json.dumps({"pid": os.getpid(), "api": self.url}))
         return self
 
     def stop(self) -> None:
         (self._home / "up.json").unlink(missing_ok=True)
+        (self._home / TOKEN_FILE).unlink(missing_ok=True)
         self._server.shutdown()
+        self._server.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
     api: ReadApiServer
 
+    def setup(self) -> None:
+        super().setup()  # sets the socket timeout (`timeout`): a client silent that long is dropped
+        # …and one that trickles bytes is dropped once the whole request took longer than that
+        self._reading = threading.Timer(self.api.request_seconds, self._drop)
+        self._reading.daemon = True
+        self._reading.start()
+
+    def _drop(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._reading.cancel()
+        super().finish()
+
+    def _refused(self) -> bool:
+        """Answers and returns True when the request is not this server's to serve."""
+        if self.headers.get("Host", "").lower() not in self.api.hosts:  # DNS rebinding: a name that is not ours
+            self._reply(403, {"error": "Host must be this server's loopback address"})
+        elif not self.api.authorised(self.headers.get("Authorization", "")):
+            self._reply(401, {"error": f"missing or wrong token: send Authorization: Bearer <the token in "
+                                      f"$TRAINWIRE_HOME/{TOKEN_FILE}>"})
+        else:
+            return False
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        self._reading.cancel()
+        if self._refused():
+            return
         url = urllib.parse.urlsplit(self.path)
         method = url.path.removeprefix("/api/")
         if method not in METHODS:
@@ -138,33 +243,54 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             result = self.api.call(method, dict(urllib.parse.parse_qsl(url.query)))
         except Exception as err:  # a failed query is the caller's answer, not the server's death
-            self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+            self._reply(500, {"error": redact_text(f"{type(err).__name__}: {err}")})
             return
         self._reply(200, result)
 
     def do_POST(self) -> None:  # noqa: N802
+        if self._refused() or (body := self._body()) is None:
+            return
         action = urllib.parse.urlsplit(self.path).path.removeprefix("/api/")
         if action not in self.api.actions:
             self._reply(404, {"error": f"unknown action {action!r}"})
             return
         try:
-            arguments = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            arguments = json.loads(body or b"{}")
             if not isinstance(arguments, dict):
                 raise ValueError("the body must be a JSON object of arguments")
             result = self.api.act(action, arguments)
         except (ValueError, TypeError) as err:
-            self._reply(400, {"error": str(err)})
+            self._reply(400, {"error": redact_text(str(err))})
             return
         except Exception as err:
-            self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+            self._reply(500, {"error": redact_text(f"{type(err).__name__}: {err}")})
             return
         self._reply(200, result)
+
+    def _body(self) -> bytes | None:
+        """The POST body, or None once the request was refused: only JSON (a web page cannot send that across
+        origins without a preflight), with its length given, up to `MAX_BODY_BYTES`."""
+        content_type = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        length = self.headers.get("Content-Length", "")
+        if content_type != "application/json":
+            self._reply(415, {"error": "a POST must be Content-Type: application/json"})
+        elif not length.isdigit():
+            self._reply(411, {"error": "a POST needs a Content-Length"})
+        elif int(length) > MAX_BODY_BYTES:
+            self._reply(413, {"error": f"the body is over {MAX_BODY_BYTES} bytes"})
+        else:
+            body = self.rfile.read(int(length))
+            self._reading.cancel()
+            return body
+        self.close_connection = True
+        return None
 
     def _reply(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         self.wfile.write(data)
 
@@ -173,10 +299,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RemoteReader:
-    """The read methods of `METHODS`, answered by the `trainwire up` process that owns the store."""
+    """The read methods of `METHODS`, answered by the `trainwire up` process that owns the store `home` holds."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, home: Path):
         self.url = url
+        self._headers = {"Authorization": f"Bearer {read_token(home)}"}
 
     def __getattr__(self, method: str):
         if method not in METHODS:
@@ -185,23 +312,31 @@ class RemoteReader:
         def call(**kwargs: Any) -> Any:
             query = urllib.parse.urlencode({k: _query_value(v) for k, v in kwargs.items() if v is not None})
             try:
-                with urllib.request.urlopen(f"{self.url}/api/{method}?{query}", timeout=30) as response:
+                request = urllib.request.Request(f"{self.url}/api/{method}?{query}", headers=self._headers)
+                with urllib.request.urlopen(request, timeout=30) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as err:
-                raise RuntimeError(json.loads(err.read()).get("error", str(err))) from None
+                raise RuntimeError(_refusal(err)) from None
 
         return call
 
     def act(self, action: str, **arguments: Any) -> Any:
         """A write action of the `up` process; its refusal (400) comes back as a ValueError with its message."""
         request = urllib.request.Request(f"{self.url}/api/{action}", data=json.dumps(arguments).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+                                         headers={**self._headers, "Content-Type": "application/json"},
+                                         method="POST")
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
-            message = json.loads(err.read()).get("error", str(err))
-            raise (ValueError if err.code in (400, 404) else RuntimeError)(message) from None
+            raise (ValueError if err.code in (400, 404) else RuntimeError)(_refusal(err)) from None
+
+
+def _refusal(err: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(err.read()).get("error", str(err))
+    except ValueError:  # not our JSON (a 503 for too many connections)
+        return str(err)
 
 
 def silence_actions(reader: StoreReader) -> dict[str, Callable[..., Any]]:
@@ -217,4 +352,5 @@ def running_api(home: Path) -> str | None:
         os.kill(info["pid"], 0)
     except (OSError, ValueError, KeyError):
         return None
-    return info["api"]
+    url = info.get("api", "")
+    return url if url.startswith("http://127.0.0.1:") else None  # the token goes to loopback only

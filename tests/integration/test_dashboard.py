@@ -104,7 +104,7 @@ def test_view_reads_answer_over_the_loopback_read_api(demo):
     store = StoreReader(connect_store(f"chdb://{home}/chdb"))
     api = ReadApiServer(store, home).start()
     try:
-        remote, bad = RemoteReader(api.url), nan_run(report)
+        remote, bad = RemoteReader(api.url, home), nan_run(report)
         since = datetime.now(timezone.utc) - timedelta(days=1)
         assert remote.curve(run_id=bad, since=since, max_points=20) == to_json(store.curve(bad, since, None, 20))
         assert len(remote.curve(run_id=bad, max_points=20)) == 20
