@@ -17,6 +17,7 @@ from trainwire.consumers.alerting.service import build_alerting, run_alerting
 from trainwire.consumers.governance import Governance, roles_for
 from trainwire.consumers.service import build_ingest, run_ingest
 from trainwire.infra.config import Settings
+from trainwire.infra.redact import redact_url
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.api import ReadApiServer
 from trainwire.infra.store.read import StoreReader
@@ -53,7 +54,7 @@ def up_embedded(settings: Settings, port: int, dashboard: bool, metrics_port: in
     client = connect_store(settings.store_dsn)
     governance = Governance(client, roles_for(settings))  # registry and audit commands of other processes
     api = ReadApiServer(StoreReader(client), settings.home, actions=governance.actions()).start()
-    _say(f"trainwire up (embedded): ingest from {settings.local_log_path} into {settings.store_dsn}")
+    _say(f"trainwire up (embedded): ingest from {settings.local_log_path} into {redact_url(settings.store_dsn)}")
     _say(f"alerts page through: {', '.join(sink.name for sink in alerting.sinks)}")
     _say(f"read API for other trainwire commands on {api.url}")
     try:
