@@ -94,6 +94,25 @@ def grant(admin: AdminClient, prefix: str) -> None:
     retried("creating the ACLs", create)
 
 
+def wait_until_effective(bootstrap: str, ca: str, passwords: dict[str, str], prefix: str,
+                         seconds: float = 30.0) -> None:
+    """The broker applies new ACLs a moment (~0.5 s) after the controller has them, and a producer that meets a
+    topic it may not describe fails its messages for good: return only once each principal sees its topics."""
+    topics: dict[str, set[str]] = {}
+    for who, kind, name, _, _ in grants(prefix):
+        if kind == ResourceType.TOPIC:
+            topics.setdefault(who, set()).add(name)
+    deadline = time.monotonic() + seconds
+    for who, names in sorted(topics.items()):
+        admin = AdminClient(client(bootstrap, ca, who, passwords[who]))
+        for topic in sorted(names):
+            while (error := retried("reading the metadata", lambda: admin.list_topics(topic, timeout=10))
+                   .topics[topic].error) is not None:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"infra/kafka/grant.py: {who} cannot see {topic} after its ACLs: {error.str()}")
+                time.sleep(0.1)
+
+
 def settings_of(user: str, bootstrap: str, ca: str, prefix: str) -> dict[str, str]:
     return {"kafka": bootstrap, "kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": MECHANISM,
             "kafka_sasl_username": user, "kafka_ssl_ca_location": ca, "topic_prefix": prefix}
@@ -132,6 +151,7 @@ def main() -> None:
     admin = AdminClient(client(args.bootstrap, args.ca, "admin", passwords["admin"]))
     make_topics(admin, args.topic_prefix, args.partitions)
     grant(admin, args.topic_prefix)
+    wait_until_effective(args.bootstrap, args.ca, passwords, args.topic_prefix)
 
     print(f"# client settings per principal; passwords are in the 0600 files named"
           f"{'' if args.print_secrets else ' (--print-secrets prints them)'}")
