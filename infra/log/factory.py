@@ -41,13 +41,14 @@ def open_tail(settings: Settings, topic: str, since_ms: int, group: str) -> LogT
     return SqliteLogTail(settings.local_log_path, topic, since_ms)
 
 
-def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
+def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None,
+                  config: dict[str, str] | None = None) -> None:
     """Create the topics up front on Kafka (the local log needs nothing): `partitions`, else TRAINWIRE_KAFKA_PARTITIONS;
     replication, min.insync.replicas and retention from the settings (kafka_admin.py)."""
     if settings.kafka:
         from .kafka_admin import create_topics
 
-        create_topics(settings, topics, partitions)
+        create_topics(settings, topics, partitions, config)
 
 
 def check_transport(settings: Settings) -> None:

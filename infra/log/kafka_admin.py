@@ -64,9 +64,11 @@ def replication_for(settings: Settings, brokers: int) -> tuple[int, int]:
     return replicas, insync
 
 
-def create_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
-    """Create the missing topics with the configured partitions, replication, min.insync.replicas and retention;
-    say once (a warning) which existing ones have fewer replicas than that."""
+def create_topics(settings: Settings, topics: list[str], partitions: int | None = None,
+                  config: dict[str, str] | None = None) -> None:
+    """Create the missing topics with the configured partitions, replication, min.insync.replicas and retention
+    (`config`: more topic configs, or other values, e.g. cleanup.policy=compact); say once (a warning) which existing
+    ones have fewer replicas than that."""
     admin = AdminClient(admin_config(settings))
     try:
         metadata = admin.list_topics(timeout=30)
@@ -78,7 +80,8 @@ def create_topics(settings: Settings, topics: list[str], partitions: int | None 
     missing = [t for t in topics if t not in existing]
     if not missing:
         return
-    config = {"min.insync.replicas": str(insync), "retention.ms": str(int(settings.kafka_retention_hours * 3.6e6))}
+    config = {"min.insync.replicas": str(insync), "retention.ms": str(int(settings.kafka_retention_hours * 3.6e6)),
+              **(config or {})}
     futures = admin.create_topics([NewTopic(t, num_partitions=partitions or settings.kafka_partitions,
                                             replication_factor=replicas, config=config) for t in missing])
     for topic, future in futures.items():

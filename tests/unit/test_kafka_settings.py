@@ -229,3 +229,47 @@ def test_librdkafka_errors_become_one_line_naming_what_to_check(env, code, text,
     scram(env)
     line = describe(KafkaError(code, text), load_settings())
     assert says in line and "\n" not in line and PASSWORD not in line
+
+
+def metadata_of(replicas_by_topic: dict[str, list[int]]):
+    """Cluster metadata as librdkafka returns it: per topic, the replica count of each partition."""
+    from confluent_kafka.admin import ClusterMetadata, PartitionMetadata, TopicMetadata
+
+    metadata = ClusterMetadata()
+    for topic, counts in replicas_by_topic.items():
+        metadata.topics[topic] = TopicMetadata()
+        for index, count in enumerate(counts):
+            partition = PartitionMetadata()
+            partition.replicas = list(range(count))
+            metadata.topics[topic].partitions[index] = partition
+    return metadata
+
+
+def test_existing_topics_with_fewer_replicas_than_wanted_are_said_once_in_one_line(caplog):
+    from trainwire.infra.log.kafka_admin import _warn_under_replicated
+
+    metadata = metadata_of({"t.events": [3, 1, 3], "t.gpu": [3, 3], "t.alerts": [2, 2]})
+    with caplog.at_level("WARNING", logger="trainwire"):
+        _warn_under_replicated(metadata, ["t.alerts", "t.events", "t.gpu"], 3)
+        _warn_under_replicated(metadata, ["t.alerts", "t.events", "t.gpu"], 3)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "t.alerts (2), t.events (1)" in line and "t.gpu" not in line and "\n" not in line
+
+
+@pytest.mark.parametrize("configured, insync, brokers, expected", [
+    (None, None, 1, (1, 1)), (None, None, 2, (2, 2)), (None, None, 5, (3, 2)), (2, None, 5, (2, 2)),
+    (3, 3, 3, (3, 3)), (1, None, 3, (1, 1)),
+])
+def test_replication_defaults_follow_the_broker_count(env, configured, insync, brokers, expected):
+    from trainwire.infra.log.kafka_admin import replication_for
+
+    settings = load_settings(kafka="b:9092", kafka_replication_factor=configured, kafka_min_insync_replicas=insync)
+    assert replication_for(settings, brokers) == expected
+
+
+def test_min_insync_above_the_default_replication_is_refused_naming_it(env):
+    from trainwire.infra.log.kafka_admin import replication_for
+
+    settings = load_settings(kafka="b:9092", kafka_min_insync_replicas=2)
+    with pytest.raises(ConfigError, match="TRAINWIRE_KAFKA_MIN_INSYNC_REPLICAS is 2 but topics get 1 replica"):
+        replication_for(settings, 1)
