@@ -359,39 +359,6 @@ def cmd_gates(args: argparse.Namespace) -> int:
     return result["exit_code"]
 
 
-def _flatten(value: Any, prefix: str = "") -> list[str]:
-    if isinstance(value, dict) and value:
-        return [line for key, item in value.items() for line in _flatten(item, f"{prefix}{key}.")]
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        return [line for i, item in enumerate(value) for line in _flatten(item, f"{prefix}{i}.")]
-    return [f"{prefix.rstrip('.'):<52} {value}"]
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    import json as json_module
-
-    settings = _settings(args)
-    if args.target == "verify":
-        result = _govern(settings, "verify", actor=_actor(args), head=args.head)
-        human = (f"audit log verified: {result['entries']} entries, head {result['head']}" if result["ok"] else
-                 "AUDIT LOG DOES NOT VERIFY:\n" + "\n".join(f"  {p}" for p in result["problems"]))
-        _emit(args, result, human)
-        return 0 if result["ok"] else 1
-    if args.target == "log":
-        entries = _govern(settings, "audit_trail", actor=_actor(args), run_id=args.run)
-        _emit(args, entries, "\n".join(f"{e['seq']:>6} {e['ts']} {e['actor']:<12} {e['action']:<20} "
-                                        f"{e['run_id'] or '-':<36} {e['details']}" for e in entries))
-        return 0
-    record = _govern(settings, "audit_record", run_id=args.target, actor=_actor(args), export=args.export)
-    if args.export:
-        with open(args.export, "w", encoding="utf-8") as handle:
-            json_module.dump(record, handle, indent=2)
-        _emit(args, {"run_id": args.target, "file": args.export}, f"audit record of {args.target} → {args.export}")
-    else:
-        _emit(args, record, "\n".join(_flatten(record)))
-    return 0
-
-
 def cmd_registry(args: argparse.Namespace) -> int:
     settings, actor = _settings(args), _actor(args)
     if args.action == "status":
@@ -731,13 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--actor", help=f"who asks ({_ACTOR_DEFAULT})")
     gates.set_defaults(func=cmd_gates)
 
-    audit = command("audit", "a run's audit record; `audit verify`: check the audit log; `audit log`: show it")
-    audit.add_argument("target", metavar="RUN_ID|verify|log")
-    audit.add_argument("--export", metavar="FILE", help="write the audit record to FILE as JSON")
-    audit.add_argument("--head", metavar="HASH", help="verify: a head noted earlier that must still be in the log")
-    audit.add_argument("--run", metavar="RUN_ID", help="log: only this run's entries")
-    audit.add_argument("--actor", help=f"who asks ({_ACTOR_DEFAULT})")
-    audit.set_defaults(func=cmd_audit)
+    from trainwire.cli_audit import add_audit_command
+
+    add_audit_command(command)
 
     registry = command("registry", "model registry: status [RUN_ID], request, approve, archive RUN_ID")
     registry.add_argument("action", choices=["status", "request", "approve", "archive"])
@@ -776,12 +739,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_audit(args: argparse.Namespace) -> None:
+    """The audit log's key, anchor and lock for this process's store (docs/governance.md)."""
+    try:
+        from trainwire.infra.store.audit_config import configure_audit
+    except ImportError:  # a producer-only install: no store here
+        return
+    configure_audit(_settings(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from trainwire.infra.log.base import FatalTransportError, TransportUnavailableError
 
     try:
+        _configure_audit(args)
         return args.func(args)
     except (ConfigError, ValueError) as err:
         print(f"trainwire: error: {err}", file=sys.stderr)

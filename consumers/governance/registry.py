@@ -52,7 +52,7 @@ class RegistryError(ValueError):
 @dataclass(frozen=True)
 class Roles:
     """Role → normalised actors holding it; `*` is anyone, and `admin` holds every role. `None` (no roles file):
-    anyone holds every role except `act_for_others`, which nobody holds."""
+    anyone holds every role except `act_for_others`, which nobody holds. A file without `viewer` lets anyone view."""
 
     members: dict[str, frozenset[str]] | None = None
 
@@ -97,6 +97,8 @@ class Roles:
                 members[role] = frozenset(a if a == "*" else normalise_actor(a) for a in actors)
             except ValueError as err:
                 raise ValueError(f"roles file {path}: {role}: {err}") from None
+        # Seeing the dashboard was never restricted: a roles file written for the registry alone keeps it open.
+        members.setdefault("viewer", frozenset({"*"}))
         return cls(members)
 
 

@@ -21,8 +21,11 @@ from trainwire.infra.config import Settings
 from trainwire.infra.store.api import to_json
 from trainwire.infra.store.read import StoreReader
 
+from trainwire.infra.store.audit_anchor import latest_anchor, published_head
+from trainwire.infra.store.audit_bundle import build_bundle
 from trainwire.infra.store.audit_chain import (Entry, Verification, append_entry, append_lock, canonical_json,
-                                              iso_utc, sha256_of, verify_chain)
+                                              iso_utc, read_entries, sha256_of, verify_log)
+from trainwire.infra.store.audit_config import config_for, store_identity
 
 from .audit import build_audit_record
 from .gates import EXIT_CODES, EvalPoint, GatePolicy, GateReport, RunEvidence, evaluate, g6_audit_completeness
@@ -71,7 +74,15 @@ class Governance:
     # ---- the audit log -------------------------------------------------------------------------------------
 
     def _entries(self) -> list[Entry]:
-        return [Entry(**row) for row in self.reader.audit_log()]
+        return read_entries(self._client)
+
+    def _anchored_heads(self) -> dict[str, dict[str, Any] | None]:
+        """The latest head anchored outside the store: in the anchor file, and on Kafka when configured."""
+        config, store = config_for(self._client), store_identity(self._client)
+        heads = {f"anchor file {config.anchor_path}": latest_anchor(config.anchor_path, store)}
+        if config.settings is not None and config.settings.kafka:
+            heads[f"Kafka topic {config.settings.topic('audit-head')}"] = published_head(config.settings, store)
+        return heads
 
     def _append(self, actor: str, action: str, run_id: str, details: dict[str, Any]) -> Entry:
         return append_entry(self._client, actor, action, run_id, to_json(details))
@@ -79,7 +90,7 @@ class Governance:
     def _check_trail(self, head: str | None = None) -> Verification:
         """The chain, and every stored gate evaluation against the log entry that vouches for it."""
         entries = self._entries()
-        verification = verify_chain(entries, head)
+        verification = verify_log(entries, config_for(self._client).trusted_keys(), self._anchored_heads(), head)
         problems = list(verification.problems)
         vouched = {}
         for entry in entries:
@@ -94,17 +105,17 @@ class Governance:
             elif row["result_sha256"] != vouched[row["evaluation_id"]] or _result_sha256(row) != row["result_sha256"]:
                 problems.append(f"gate evaluation {row['evaluation_id']} of run {row['run_id']}: altered")
         problems += [f"gate evaluation {evaluation_id}: deleted" for evaluation_id in vouched.keys() - stored]
-        return Verification(verification.entries, problems, verification.head)
+        return Verification(verification.entries, problems, verification.head, verification.anchors)
 
     def verify(self, actor: str, head: str | None = None) -> dict[str, Any]:
         verification = self._check_trail(head)
         self._append(actor, "audit.verified", "", {"ok": verification.ok, "entries": verification.entries,
                                                    "problems": len(verification.problems)})
         return {"ok": verification.ok, "entries": verification.entries, "head": verification.head,
-                "problems": verification.problems}
+                "anchors": verification.anchors, "problems": verification.problems}
 
     def audit_trail(self, actor: str, run_id: str | None = None) -> list[dict[str, Any]]:
-        entries = [Entry(**row).to_dict() for row in self.reader.audit_log(run_id)]
+        entries = [entry.to_dict() for entry in read_entries(self._client, run_id)]
         self._append(actor, "audit.log_viewed", run_id or "", {})
         return entries
 
@@ -184,9 +195,20 @@ class Governance:
         record["output_artifacts"] = {**record["output_artifacts"], "gate_status": gate_status}
         record["registry_stage"] = current_stage(self._transitions(run_id))
         record["generated_at"] = iso_utc(datetime.now(timezone.utc))
+        # the log vouches for the record: an exported bundle is checked against this hash
         self._append(actor, "audit.exported" if export else "audit.viewed", run_id,
-                     {"file": export} if export else {})
+                     {"file": export, "record_sha256": sha256_of(to_json(record))} if export else {})
         return record
+
+    def audit_bundle(self, run_id: str, actor: str, export: str) -> dict[str, Any]:
+        """The run's audit record with the chain up to the anchored head, the anchor and the public keys: what an
+        auditor verifies offline (`trainwire audit verify-bundle`)."""
+        record = to_json(self.audit_record(run_id, actor, export=export))
+        config = config_for(self._client)
+        anchor = latest_anchor(config.anchor_path, store_identity(self._client))
+        if anchor is None:
+            raise RuntimeError(f"no anchored head in {config.anchor_path} for this store")
+        return build_bundle(run_id, record, self._entries(), anchor, config.trusted_keys().pems(), config.signer())
 
     # ---- registry --------------------------------------------------------------------------------------------
 

@@ -75,6 +75,7 @@ def _ensure_compacted(settings: Settings, topic: str) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(_client_properties(settings))
+    # one partition: the heads of a store stay in order; replication as the broker's default
     futures = admin.create_topics([NewTopic(topic, 1, config={"cleanup.policy": "compact"})],
                                   operation_timeout=10, request_timeout=15)
     for future in futures.values():
@@ -86,10 +87,8 @@ def _ensure_compacted(settings: Settings, topic: str) -> None:
 
 
 def _client_properties(settings: Settings) -> dict[str, Any]:
-    try:  # one builder for every client's security settings, where it exists
-        from trainwire.infra.log.kafka_client import client_properties
-    except ImportError:
-        return {"bootstrap.servers": settings.kafka}
+    from trainwire.infra.log.kafka_client import client_properties  # bootstrap, security and pass-through
+
     return client_properties(settings)
 
 

@@ -2,8 +2,8 @@
 
 The bundle holds the record, every audit log entry from the first up to the anchored head (the chain has to be
 walked from genesis), the anchor line, and the public keys that signed them. The record is vouched for by its
-hash in the signed `audit.exported` entry of the export. The file is canonical JSON, so any edit, a reformat
-included, is refused.
+hash in the signed `audit.exported` entry of the export, and the whole file by the exporting host's signature.
+The file is canonical JSON, so a reformat is refused too.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ import json
 from typing import Any
 
 from .audit_chain import Entry, anchor_problems, canonical_json, sha256_of, signature_problems, verify_chain
-from .audit_signing import TrustedKeys
+from .audit_signing import BUNDLE, Signer, TrustedKeys, key_id, load_public_key
 
 FORMAT = "trainwire-audit-bundle/1"
 EXPORTED = "audit.exported"
 
 
 def build_bundle(run_id: str, record: dict[str, Any], entries: list[Entry], anchor: dict[str, Any],
-                 public_keys: dict[str, str]) -> dict[str, Any]:
+                 public_keys: dict[str, str], signer: Signer) -> dict[str, Any]:
     covered = [e.to_dict() for e in entries if e.seq <= anchor["seq"]]
-    return {"format": FORMAT, "run_id": run_id, "record": record, "entries": covered, "anchor": anchor,
-            "public_keys": public_keys}
+    bundle = {"format": FORMAT, "run_id": run_id, "record": record, "entries": covered, "anchor": anchor,
+              "public_keys": public_keys}
+    return {**bundle, "signature": {"key_id": signer.key_id, "signature": signer.sign(sha256_of(bundle), BUNDLE)}}
 
 
 def bundle_bytes(bundle: dict[str, Any]) -> bytes:
@@ -41,17 +42,39 @@ def verify_bundle(data: bytes, public_keys: list[bytes] | None = None) -> dict[s
         return _result(None, ["not a trainwire audit bundle (or damaged)"])
     if data != bundle_bytes(bundle):
         return _result(bundle, ["the file is not as exported (edited or reformatted)"])
-    try:
-        entries = [Entry.from_dict(row) for row in bundle["entries"]]
-        trusted = TrustedKeys.from_pems(public_keys if public_keys else list(bundle["public_keys"].values()))
-    except (KeyError, TypeError, ValueError) as err:
-        return _result(bundle, [f"unreadable bundle: {err}"])
-    problems = verify_chain(entries).problems + signature_problems(entries, trusted)
+    try:  # a damaged bundle may lack any part, or hold anything in it
+        problems = _problems(bundle, public_keys)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        problems = [f"unreadable bundle: {type(err).__name__} {err}"]
+    return _result(bundle, problems, own_keys=not public_keys)
+
+
+def _problems(bundle: dict[str, Any], public_keys: list[bytes] | None) -> list[str]:
+    entries = [Entry.from_dict(row) for row in bundle["entries"]]
+    trusted = TrustedKeys.from_pems(public_keys if public_keys else list(bundle["public_keys"].values()))
+    problems = _file_problems(bundle, trusted) + verify_chain(entries).problems
+    problems += signature_problems(entries, trusted)
     problems += anchor_problems(entries, bundle["anchor"], trusted, "the bundle's anchor")
     if entries and entries[-1].seq != bundle["anchor"]["seq"]:
         problems.append(f"entries after the anchored head (entry {bundle['anchor']['seq']})")
-    problems += _record_problems(bundle, entries)
-    return _result(bundle, problems, own_keys=not public_keys)
+    return problems + _record_problems(bundle, entries)
+
+
+def _file_problems(bundle: dict[str, Any], trusted: TrustedKeys) -> list[str]:
+    """The exporting host's signature over the whole bundle, and the bundle's keys named by their own ids."""
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    signed = bundle.get("signature") or {}
+    problems = []
+    if problem := trusted.problem(sha256_of(unsigned), signed.get("key_id", ""), signed.get("signature", ""),
+                                  BUNDLE):
+        problems.append(f"the bundle as a whole: {problem}")
+    for named, pem in bundle["public_keys"].items():
+        try:
+            if key_id(load_public_key(pem)) != named:
+                problems.append(f"public key {named} in the bundle is another key")
+        except ValueError as err:
+            problems.append(f"public key {named} in the bundle is unreadable: {err}")
+    return problems
 
 
 def _record_problems(bundle: dict[str, Any], entries: list[Entry]) -> list[str]:

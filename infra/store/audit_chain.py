@@ -151,7 +151,7 @@ def anchor_problems(entries: list[Entry], anchored: dict[str, Any], trusted: Tru
     seq, expected = anchored["seq"], anchored["entry_hash"]
     problems = []
     if problem := trusted.problem(expected, anchored.get("key_id", ""), anchored.get("signature", "")):
-        problems.append(f"{where}: the anchored head (entry {seq}) is {problem}")
+        problems.append(f"{where}: the anchored head (entry {seq}): {problem}")
     stored = {e.entry_hash for e in entries if e.seq == seq}
     if not stored:
         last = f"entry {entries[-1].seq}" if entries else "no entry"

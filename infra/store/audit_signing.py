@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 PRIVATE_KEY_NAME = "audit-key.pem"
 PUBLIC_KEY_NAME = "audit-key.pub.pem"
-# Domain separation: an entry signature can never be taken for a signature over anything else.
-_ENTRY_CONTEXT = b"trainwire-audit-entry:"
+# Domain separation: an entry's signature can never pass for a bundle's, nor the other way round.
+ENTRY = b"trainwire-audit-entry:"
+BUNDLE = b"trainwire-audit-bundle:"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -101,8 +102,8 @@ class Signer:
     private_key: Ed25519PrivateKey
     key_id: str
 
-    def sign(self, entry_hash: str) -> str:
-        return base64.b64encode(self.private_key.sign(_ENTRY_CONTEXT + entry_hash.encode())).decode()
+    def sign(self, digest: str, context: bytes = ENTRY) -> str:
+        return base64.b64encode(self.private_key.sign(context + digest.encode())).decode()
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -137,13 +138,13 @@ class TrustedKeys:
     def pems(self) -> dict[str, str]:
         return {kid: public_pem(key) for kid, key in sorted(self.keys.items())}
 
-    def problem(self, entry_hash: str, signing_key: str, signature: str) -> str | None:
-        """Why this signature of `entry_hash` is not acceptable, or None when it is."""
+    def problem(self, digest: str, signing_key: str, signature: str, context: bytes = ENTRY) -> str | None:
+        """Why this signature of `digest` (an entry hash) is not acceptable, or None when it is."""
         key = self.keys.get(signing_key)
         if key is None:
             return f"signed by a key that is not trusted ({signing_key or 'no key id'})"
         try:
-            key.verify(base64.b64decode(signature, validate=True), _ENTRY_CONTEXT + entry_hash.encode())
+            key.verify(base64.b64decode(signature, validate=True), context + digest.encode())
         except (InvalidSignature, ValueError):
             return f"signature does not verify (key {signing_key})"
         return None

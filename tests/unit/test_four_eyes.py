@@ -124,3 +124,11 @@ def test_acting_as_oneself_respelt_or_for_others_when_listed(client, tmp_path):
     governance.actions()["registry_status"](actor="Bob", os_user="ci-runner")
     assert [e["actor"] for e in audit_entries(client, "registry.viewed")] == ["alice", "bob"]
     assert audit_entries(client, "actor.refused") == []
+
+
+def test_a_roles_file_without_viewer_keeps_the_dashboard_open_and_an_empty_one_closes_it(tmp_path):
+    registry_only = roles_file(tmp_path, 'approver = ["carol"]\n')
+    assert registry_only.allows("anyone", "viewer") and not registry_only.allows("anyone", "approver")
+    (tmp_path / "closed").mkdir()
+    closed = roles_file(tmp_path / "closed", 'viewer = []\nadmin = ["root"]\n')
+    assert not closed.allows("anyone", "viewer") and closed.allows("root", "viewer")
