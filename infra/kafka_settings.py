@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from .redact import redact_text
+
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # What librdkafka's bootstrap.servers takes: [PROTOCOL://]host[:port], comma-separated; IPv6 in brackets.
 _SERVER = re.compile(r"^(?:(?P<proto>[A-Za-z_]+)://)?(?P<host>\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[A-Za-z0-9_.-]+)"
@@ -54,10 +56,10 @@ def check_bootstrap(value: str) -> str:
     servers = [server.strip() for server in value.strip().split(",")]
     for server in servers:
         match = _SERVER.match(server)
-        if not match:
-            raise ValueError(f"expected [PROTOCOL://]host[:port][,…] (IPv6 in brackets), got {value!r}")
+        if not match:  # shown redacted: a pasted URL may carry a password
+            raise ValueError(f"expected [PROTOCOL://]host[:port][,…] (IPv6 in brackets), got {redact_text(value)!r}")
         if match["proto"] and match["proto"].upper() not in SECURITY_PROTOCOLS:
-            raise ValueError(f"{server!r}: unknown protocol {match['proto']!r} (one of {', '.join(SECURITY_PROTOCOLS)})")
+            raise ValueError(f"{redact_text(server)!r}: unknown protocol (one of {', '.join(SECURITY_PROTOCOLS)})")
         if match["port"] is not None and not 1 <= int(match["port"]) <= 65535:
             raise ValueError(f"{server!r}: expected host:port with a port in 1…65535")
     return ",".join(servers)

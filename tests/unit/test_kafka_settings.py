@@ -48,13 +48,13 @@ def test_what_librdkafka_takes_for_bootstrap_servers_is_accepted(env, bootstrap)
 
 @pytest.mark.parametrize("bootstrap", [
     "not a bootstrap", "ftp://broker:21", "broker:0", "broker:65536", "broker-1:9092,,broker-2:9092", "::1:9092",
-    "broker/path:9092", "https://user:pw@broker:9092",
+    "broker/path:9092", f"https://user:{PASSWORD}@broker:9092", f"sasl_ssl://user:{PASSWORD}@broker:9093",
 ])
 def test_garbage_bootstrap_is_refused_in_one_line_naming_the_variable(env, bootstrap):
     env.setenv("TRAINWIRE_KAFKA", bootstrap)
     with pytest.raises(ConfigError, match="TRAINWIRE_KAFKA:") as refused:
         load_settings()
-    assert "\n" not in str(refused.value)
+    assert "\n" not in str(refused.value) and PASSWORD not in str(refused.value)
 
 
 @pytest.mark.parametrize("change, says", [
