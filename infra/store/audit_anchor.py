@@ -59,10 +59,11 @@ class HeadPublisher:
     """Publishes each anchored head to the compacted `<prefix>audit-head` topic when Kafka is configured."""
 
     def __init__(self, settings: Settings):
-        from trainwire.infra.log.factory import open_producer
+        from trainwire.infra.log.factory import ensure_topics, open_producer
 
         self.topic = settings.topic(HEAD_TOPIC)
-        _ensure_compacted(settings, self.topic)
+        # one partition keeps a store's heads in order; compaction keeps the last of each store
+        ensure_topics(settings, [self.topic], partitions=1, config={"cleanup.policy": "compact"})
         self._producer = open_producer(settings)
 
     def publish(self, line: dict[str, Any]) -> None:
@@ -71,33 +72,14 @@ class HeadPublisher:
             log.error("audit head %s of %s not confirmed by Kafka within 5 s", line["seq"], line["store"])
 
 
-def _ensure_compacted(settings: Settings, topic: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient(_client_properties(settings))
-    # one partition: the heads of a store stay in order; replication as the broker's default
-    futures = admin.create_topics([NewTopic(topic, 1, config={"cleanup.policy": "compact"})],
-                                  operation_timeout=10, request_timeout=15)
-    for future in futures.values():
-        try:
-            future.result()
-        except Exception as err:  # noqa: BLE001 - TOPIC_ALREADY_EXISTS is the usual answer
-            if "TOPIC_ALREADY_EXISTS" not in str(err):
-                raise
-
-
-def _client_properties(settings: Settings) -> dict[str, Any]:
-    from trainwire.infra.log.kafka_client import client_properties  # bootstrap, security and pass-through
-
-    return client_properties(settings)
-
-
 def published_head(settings: Settings, store: str, timeout: float = 10.0) -> dict[str, Any] | None:
     """The last head published for this store on the topic (read whole: it is compacted, one line per store)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+    from trainwire.infra.log.kafka_client import client_properties
+
     topic = settings.topic(HEAD_TOPIC)
-    consumer = Consumer({**_client_properties(settings), "group.id": f"trainwire-audit-verify-{os.getpid()}",
+    consumer = Consumer({**client_properties(settings), "group.id": f"trainwire-audit-verify-{os.getpid()}",
                          "enable.auto.commit": False})
     try:
         try:

@@ -121,3 +121,29 @@ def test_a_rewritten_tail_is_caught(logged, capsys):
     assert code == 1
     assert any(p.startswith(f"rewritten: the anchor records entry {head['seq']} with hash {head['entry_hash']}")
                for p in verified["problems"]), verified
+
+
+@pytest.mark.kafka
+def test_heads_published_to_kafka_catch_a_truncation_the_anchor_file_no_longer_can(kafka_settings):
+    from trainwire.consumers.governance import Governance
+    from trainwire.infra.store import migrate
+    from trainwire.infra.store.audit_anchor import published_head
+    from trainwire.infra.store.audit_chain import append_entry
+    from trainwire.infra.store.audit_config import configure_audit, store_identity
+
+    config = configure_audit(kafka_settings)
+    client = connect_store(kafka_settings.store_dsn)
+    migrate(client)
+    for i in range(3):
+        append_entry(client, "alice", "audit.viewed", "", {"i": i})
+    head = StoreReader(client).audit_head()
+    assert published_head(kafka_settings, store_identity(client))["entry_hash"] == head["entry_hash"]
+
+    config.anchor_path.unlink()  # this home's anchor gone too: the topic still holds the head
+    client.command(f"ALTER TABLE audit_log DELETE WHERE seq = {head['seq']} SETTINGS mutations_sync = 2")
+    verified = Governance(client).verify("auditor")
+    topic = kafka_settings.topic("audit-head")
+    assert verified["problems"] == [f"truncated: the anchor records entry {head['seq']} with hash "
+                                    f"{head['entry_hash']} (Kafka topic {topic}); the store's last is entry "
+                                    f"{head['seq'] - 1}"]
+    client.close()
