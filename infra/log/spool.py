@@ -30,7 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from ..config import Settings
 from .base import LogProducer
-from .kafka_client import describe_config_error, producer_config
+from .kafka_client import describe_config_error, librdkafka_log, producer_config
 from .sqlite import use_wal
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ MAX_IN_FLIGHT = 100_000
 READ_BATCH = 1_000
 SLICE_SECONDS = 0.001  # the most the forwarder works without letting go of the GIL while rows wait
 YIELD_SECONDS = 0.0002  # then a real sleep, so that a thread waiting for the GIL takes it
+_NOT_ALLOWED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED})
 IDLE_SECONDS = 0.5  # the longest an idle forwarder sleeps (a write wakes it at once): cleanup, a fatal error
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, key BLOB,
@@ -152,6 +153,7 @@ class SpoolingProducer(LogProducer):
     def __init__(self, settings: Settings, spool_dir: Path, adopt_orphans: bool = True):
         self._own = Spool.create(spool_dir)
         self._kafka = _producer_or_none(settings, self._own.path)
+        self._principal = settings.kafka_sasl_username or "this client"
         orphans = Spool.orphans(spool_dir) if adopt_orphans else []
         self.adopted = len(orphans)
         self._sources = [*orphans, self._own]
@@ -255,6 +257,11 @@ class SpoolingProducer(LogProducer):
                 log.error("kafka producer failed for good (%s); events stay spooled in %s", err, spool.path)
                 self._stop.set()
             return  # not sent: the row stays in the spool for the next start or `trainwire spool replay`
+        elif err.code() in _NOT_ALLOWED:  # an ACL: a grant may come, so the row stays spooled, said once a minute
+            librdkafka_log.error("kafka producer: %s may not write to %s (%s): grant it WRITE, or check "
+                                 "TRAINWIRE_KAFKA_SASL_USERNAME; events stay spooled in %s", self._principal, row[1],
+                                 err.str(), spool.path.parent)
+            return
         else:
             # with no message timeout only errors about this message come back (e.g. too large): keep it aside
             self.rejected += 1
