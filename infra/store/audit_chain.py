@@ -7,7 +7,10 @@ Altering an entry breaks its own hash; deleting or inserting one breaks the sequ
 Each entry's hash is signed with an Ed25519 key the store never holds (audit_signing.py), so entries appended
 around trainwire, however well chained, carry no valid signature. After each append the new head goes to an
 append-only anchor outside the store (audit_anchor.py), so a truncated or rewritten tail is caught too.
-Appends are serialised across threads, processes sharing a home, and hosts sharing a server (audit_claims.py).
+Appends are serialised across threads and processes sharing a home (audit_lock.py); across hosts the store itself
+takes one entry per sequence number: each insert carries a deduplication token naming its seq, and the table keeps
+a deduplication window (migration 009), so of two entries for seq N only the first lands, and the other appender,
+reading back a hash not its own, retries on the new head.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -25,19 +27,14 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from .audit_anchor import HeadPublisher, anchor_line, append_anchor
-from .audit_claims import CLAIM_STALE_SECONDS, AppendLock, claim
-from .audit_config import AuditConfig, chdb_path, config_for, store_identity
+from .audit_config import AuditConfig, config_for, store_identity
+from .audit_lock import AppendLock, append_lock
 from .audit_signing import Signer, TrustedKeys
 
 log = logging.getLogger(__name__)
 GENESIS = "sha256:" + "0" * 64
 ENTRY_COLUMNS = ["seq", "ts", "actor", "action", "run_id", "details", "prev_hash", "entry_hash", "key_id",
                  "signature"]
-# One appender at a time (ingest hook, read API, CLI, dashboard): an entry must link to the true last entry.
-# Re-entrant, so an operation that appends holds it across its own reads and writes.
-append_lock = AppendLock()
-
-
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -187,13 +184,15 @@ def _head(client: Client) -> Entry | None:
     return Entry(**row) if row else None
 
 
-class Appender:
-    """Appends signed entries. `lock`, `file_lock` and `claims` are for tests that act as separate processes
-    (each its own lock, no shared file lock); `claims` defaults to on for a ClickHouse server and off for chdb,
-    which one process owns."""
+APPEND_ATTEMPTS = 100
 
-    def __init__(self, lock: AppendLock = append_lock, file_lock: bool = True, claims: bool | None = None):
-        self.lock, self.file_lock, self.claims = lock, file_lock, claims
+
+class Appender:
+    """Appends signed entries. `lock` and `file_lock` are for tests that act as separate hosts (each its own lock,
+    no shared file lock)."""
+
+    def __init__(self, lock: AppendLock = append_lock, file_lock: bool = True):
+        self.lock, self.file_lock = lock, file_lock
         self._publishers: dict[AuditConfig, HeadPublisher | None] = {}
 
     def append(self, client: Client, actor: str, action: str, run_id: str, details: dict[str, Any]) -> Entry:
@@ -201,26 +200,12 @@ class Appender:
             raise ValueError(f"{action}: no actor (pass --actor or set $USER)")
         config = config_for(client)
         signer, store = config.signer(), store_identity(client)
-        claims = self.claims if self.claims is not None else chdb_path(client) is None
         with self.lock:
             if self.file_lock:
                 self.lock.hold_file(config.lock_path)
-            entry = self._insert_next(client, signer, claims, actor, action, run_id, details)
+            entry = _insert_next(client, signer, actor, action, run_id, details)
             self._anchor(config, anchor_line(store, entry.seq, entry.entry_hash, entry.key_id, entry.signature))
         return entry
-
-    def _insert_next(self, client: Client, signer: Signer, claims: bool, *fields: Any) -> Entry:
-        claimant, deadline = uuid.uuid4().hex, time.monotonic() + 2 * CLAIM_STALE_SECONDS
-        while True:
-            head = _head(client)
-            entry = next_entry(head, *fields)
-            entry = replace(entry, key_id=signer.key_id, signature=signer.sign(entry.entry_hash))
-            if not claims or (claim(client, entry.seq, claimant) and _seq_of(_head(client)) < entry.seq):
-                client.insert("audit_log", [[getattr(entry, c) for c in ENTRY_COLUMNS]], column_names=ENTRY_COLUMNS)
-                return entry
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"audit log: could not append entry {entry.seq} (other appenders hold it)")
-            _await_entry(client, entry.seq)
 
     def _anchor(self, config: AuditConfig, line: dict[str, Any]) -> None:
         try:
@@ -242,15 +227,24 @@ class Appender:
             log.error("audit head %s not published to Kafka: %s", line["seq"], err)
 
 
-def _seq_of(entry: Entry | None) -> int:
-    return -1 if entry is None else entry.seq
-
-
-def _await_entry(client: Client, seq: int) -> None:
-    """Wait for the claim's winner to append `seq` (or for its claim to go stale)."""
-    give_up = time.monotonic() + CLAIM_STALE_SECONDS
-    while _seq_of(_head(client)) < seq and time.monotonic() < give_up:
-        time.sleep(random.uniform(0.005, 0.03))
+def _insert_next(client: Client, signer: Signer, *fields: Any) -> Entry:
+    """Insert the entry after the current head; if another host took that seq first, again after the new head."""
+    generation = 0  # a deleted entry's token still blocks its seq (the window remembers it): then the next one
+    for _ in range(APPEND_ATTEMPTS):
+        entry = next_entry(_head(client), *fields)
+        entry = replace(entry, key_id=signer.key_id, signature=signer.sign(entry.entry_hash))
+        token = f"trainwire-audit-seq-{entry.seq}" + (f"-{generation}" if generation else "")
+        client.insert("audit_log", [[getattr(entry, c) for c in ENTRY_COLUMNS]], column_names=ENTRY_COLUMNS,
+                      settings={"insert_deduplication_token": token,
+                                "insert_distributed_sync": 1})  # on a cluster: the shard's answer, not a queue's
+        stored = client.query("SELECT entry_hash FROM audit_log WHERE seq = {seq:UInt64}",
+                              parameters={"seq": entry.seq}).result_rows
+        if (entry.entry_hash,) in stored:
+            return entry
+        generation = 0 if stored else generation + 1
+        if stored:  # lost the seq to another host: let its entry settle, then follow it
+            time.sleep(random.uniform(0.001, 0.02))
+    raise RuntimeError(f"audit log: no entry appended after {APPEND_ATTEMPTS} attempts (seq taken each time)")
 
 
 _default_appender = Appender()

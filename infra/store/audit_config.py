@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trainwire.infra.config import ConfigError, Settings, load_settings
 
+from .audit_lock import append_lock
 from .audit_signing import Signer, TrustedKeys, ensure_home_key, load_public_key, signer_for
 
 ANCHOR_NAME = "audit-anchor.log"
@@ -100,6 +101,7 @@ def configure_audit(settings: Settings) -> AuditConfig:
     global _for_servers
     config = AuditConfig.from_settings(settings)
     config.check()
+    append_lock.home_file = config.lock_path
     with _lock:
         if path := _dsn_chdb_path(settings.store_dsn):
             _by_chdb_path[path] = config

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 
-# The audit log is one hash chain: it lives whole on one shard (a constant key), replicated like the rest, and
-# the claims on its next sequence number with it. A dead letter's replays live with it.
+# The audit log is one hash chain: it lives whole on one shard (a constant key), replicated like the rest. A dead
+# letter's replays live with it.
 SHARDING_KEYS = {"dead_letters": "cityHash64(topic, partition)", "dead_letter_replays": "cityHash64(topic, partition)",
-                 "schema_migrations": "version", "audit_log": "0", "audit_claims": "0"}
+                 "schema_migrations": "version", "audit_log": "0"}
 DEFAULT_SHARDING_KEY = "cityHash64(run_id)"
 
 _CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS (?P<name>\w+)\s*\((?P<body>.*)\)\s*ENGINE\s*=\s*"

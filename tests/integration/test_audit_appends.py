@@ -1,8 +1,8 @@
-"""Appends serialised across processes: the store-level claim (appenders on different hosts, one server) and the
-home's file lock (processes sharing a home).
+"""Appends serialised across processes: the store takes one entry per seq (appenders on different hosts, one
+server), and the home's file lock (processes sharing a home).
 
 chdb serves one process per data directory, so appenders that share no lock are threads here, each with its own
-client and its own lock, as separate processes would be; the file lock is taken by real subprocesses.
+client and its own lock, as processes on separate hosts would be; the file lock is taken by real subprocesses.
 """
 
 import subprocess
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.audit_anchor import latest_anchor
+from trainwire.infra.store import audit_chain
 from trainwire.infra.store.audit_chain import Appender, append_entry, read_entries, verify_log
-from trainwire.infra.store.audit_claims import AppendLock, claim
 from trainwire.infra.store.audit_config import config_for, store_identity
+from trainwire.infra.store.audit_lock import AppendLock
 
 APPENDERS, EACH = 4, 5
 
@@ -27,7 +28,7 @@ def test_appenders_sharing_no_lock_never_take_the_same_seq(client, tmp_path):
 
     def appender(number: int) -> None:
         own_client = connect_store(dsn)
-        own = Appender(lock=AppendLock(), file_lock=False, claims=True)  # as if another process on another host
+        own = Appender(lock=AppendLock(), file_lock=False)  # as if a process on another host
         try:
             start.wait()
             for i in range(EACH):
@@ -52,20 +53,28 @@ def test_appenders_sharing_no_lock_never_take_the_same_seq(client, tmp_path):
     assert verification.ok, verification.problems
 
 
-def test_one_claimant_of_a_seq_wins_and_a_stale_claim_no_longer_counts(client):
-    assert claim(client, 7, "first") is True
-    assert claim(client, 7, "second") is False
-    assert claim(client, 7, "first") is True  # the winner asking again is still the winner
-    client.command("INSERT INTO audit_claims (seq, claimant, claimed_at) VALUES (8, 'dead', now64(9) - 60)")
-    assert claim(client, 8, "alive") is True
+def test_an_appender_that_read_a_stale_head_loses_the_seq_and_appends_after_the_winner(client, monkeypatch):
+    append_entry(client, "alice", "audit.viewed", "", {})
+    stale = audit_chain._head(client)
+    append_entry(client, "bob", "audit.viewed", "", {})  # another host, between carol's read and her insert
+    reads, read_head = iter([stale]), audit_chain._head
+    monkeypatch.setattr(audit_chain, "_head", lambda c: next(reads, None) or read_head(c))
+
+    assert append_entry(client, "carol", "audit.viewed", "", {}).seq == 2
+    entries = read_entries(client)
+    assert [(e.seq, e.actor) for e in entries] == [(0, "alice"), (1, "bob"), (2, "carol")]
+    assert verify_log(entries, config_for(client).trusted_keys(), {}).ok
 
 
 LOCKED_INCREMENT = """
 import os, sys, time
 from pathlib import Path
-from trainwire.infra.store.audit_claims import AppendLock
+from trainwire.infra.store.audit_lock import AppendLock
 counter, lock_file, use_lock = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "lock"
 lock = AppendLock()
+counter.with_name(f"ready-{os.getpid()}").touch()
+while not counter.with_name("go").exists():  # all start together, not one after another's start-up
+    time.sleep(0.01)
 for _ in range(int(sys.argv[4])):
     with lock:
         if use_lock:
@@ -79,10 +88,16 @@ for _ in range(int(sys.argv[4])):
 
 
 def _increments(tmp_path: Path, mode: str, processes: int = 4, each: int = 25) -> int:
-    counter = tmp_path / f"counter-{mode}"
+    directory = tmp_path / mode
+    directory.mkdir()
+    counter = directory / "counter"
     counter.write_text("0")
     children = [subprocess.Popen([sys.executable, "-c", LOCKED_INCREMENT, str(counter), str(tmp_path / "audit.lock"),
                                   mode, str(each)]) for _ in range(processes)]
+    deadline = time.monotonic() + 60
+    while len(list(directory.glob("ready-*"))) < processes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (directory / "go").touch()
     assert [child.wait(120) for child in children] == [0] * processes
     return int(counter.read_text())
 
@@ -110,3 +125,29 @@ def test_append_entry_waits_for_another_process_holding_the_home_lock(client, tm
     append_entry(client, "bob", "audit.viewed", "", {})
     assert time.monotonic() - started > 1.0
     assert holder.wait(30) == 0
+
+
+TRY_THE_HOME_LOCK = """
+import fcntl, os, sys
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+try:
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(1)
+"""
+
+
+def test_a_configured_process_holds_its_home_lock_for_a_whole_operation(tmp_path):
+    """A registry transition reads, checks, then appends under `with append_lock:`: another process sharing the
+    home must not append between its reads and its entry."""
+    from trainwire.infra.config import Settings
+    from trainwire.infra.store.audit_lock import append_lock
+    from trainwire.infra.store.audit_config import configure_audit
+
+    lock_file = configure_audit(Settings(home=tmp_path / "home")).lock_path
+    try:
+        with append_lock:  # nothing appended yet
+            assert subprocess.run([sys.executable, "-c", TRY_THE_HOME_LOCK, str(lock_file)]).returncode == 1
+        assert subprocess.run([sys.executable, "-c", TRY_THE_HOME_LOCK, str(lock_file)]).returncode == 0
+    finally:
+        append_lock.home_file = None

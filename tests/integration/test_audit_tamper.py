@@ -95,6 +95,8 @@ def test_a_truncated_tail_is_caught(logged, capsys):
     truncated = [p for p in verified["problems"] if p.startswith("truncated")]
     assert truncated and truncated[0].startswith(
         f"truncated: the anchor records entry {head['seq']} with hash {head['entry_hash']}"), verified
+    # the log still takes entries (verify logged itself), though the deleted entries' seqs were taken before
+    assert StoreReader(logged).audit_head()["seq"] == head["seq"] - 2
 
 
 def test_a_log_recreated_without_its_tail_is_caught(logged, capsys):

@@ -24,8 +24,7 @@ def test_every_table_becomes_a_replicated_local_table_and_a_distributed_table_sh
         (distributed,) = [s for s in CLUSTER if s.startswith(f"CREATE TABLE IF NOT EXISTS {table} ON CLUSTER prod AS")]
         key = distributed.rsplit(",", 1)[1]
         assert f"Distributed(prod, currentDatabase(), {table}_local" in distributed
-        assert "run_id" in key or table in ("dead_letters", "dead_letter_replays", "schema_migrations", "audit_log",
-                                            "audit_claims")
+        assert "run_id" in key or table in ("dead_letters", "dead_letter_replays", "schema_migrations", "audit_log")
 
 
 def test_views_read_and_write_each_shards_local_tables():

@@ -4,8 +4,8 @@
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS key_id String DEFAULT '';
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS signature String DEFAULT '';
 
--- Claims on the next sequence number, so processes on different hosts appending to one server never both take
--- seq N: the first claim by the server's clock (then by claimant) appends. Only recent claims matter.
-CREATE TABLE IF NOT EXISTS audit_claims (
-    seq UInt64, claimant String, claimed_at DateTime64(9, 'UTC') DEFAULT now64(9)
-) ENGINE = MergeTree ORDER BY (seq, claimed_at, claimant) TTL toDateTime(claimed_at) + INTERVAL 7 DAY;
+-- One entry per sequence number, whoever appends: each append carries the deduplication token
+-- `trainwire-audit-seq-<seq>`, and the store drops a second insert with a token among its last 1000, so two hosts
+-- appending at once cannot both take seq N (the loser reads back another hash and retries on the new head).
+-- Replicated tables deduplicate by default (replicated_deduplication_window).
+ALTER TABLE audit_log MODIFY SETTING non_replicated_deduplication_window = 1000;
