@@ -6,19 +6,14 @@ import os
 import shutil
 
 import pytest
-from test_governance import ingest, simulated_run
+from test_governance import cli, ingest, simulated_run
 
 from trainwire.cli import main
+from trainwire.infra.config import Settings
 from trainwire.infra.store.audit_bundle import bundle_bytes
 from trainwire.infra.store.audit_chain import sha256_of
 from trainwire.infra.store.audit_signing import write_key_pair
 from trainwire.producers.session import close_all
-
-
-def cli(capsys, *args):
-    code = main([*args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if "--json" in args and code in (0, 1) else out), err
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +21,21 @@ def exported(tmp_path_factory):
     """One run ingested, its bundle exported; the auditor gets the bundle and the public key, nothing else."""
     tmp_path = tmp_path_factory.mktemp("bundle")
     home = tmp_path / "home"
-    previous = os.environ.get("TRAINWIRE_HOME")
-    os.environ["TRAINWIRE_HOME"] = str(home)
-    try:
-        from trainwire.infra.config import Settings
-
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the autouse fixture has not cleared these yet
+        for name in [n for n in os.environ if n.startswith("TRAINWIRE_")]:
+            patch.delenv(name)
+        patch.setenv("TRAINWIRE_HOME", str(home))
         settings = Settings(home=home, batch_max_seconds=0.2)
         run = simulated_run(settings, tmp_path)
         close_all()
         ingest(settings)
         bundle = tmp_path / "bundle.json"
         assert main(["audit", "export", run.run_id, "--out", str(bundle)]) == 0
-        auditor = tmp_path / "auditor"
-        auditor.mkdir()
-        shutil.copy(home / "audit-key.pub.pem", auditor / "trainwire.pub.pem")
-        shutil.copy(bundle, auditor / "bundle.json")
-        return run.run_id, auditor
-    finally:
-        os.environ.pop("TRAINWIRE_HOME") if previous is None else os.environ.update(TRAINWIRE_HOME=previous)
+    auditor = tmp_path / "auditor"
+    auditor.mkdir()
+    shutil.copy(home / "audit-key.pub.pem", auditor / "trainwire.pub.pem")
+    shutil.copy(bundle, auditor / "bundle.json")
+    return run.run_id, auditor
 
 
 @pytest.fixture

@@ -6,11 +6,9 @@ entries deleted, or the table re-created without them, leaves a chain that links
 ClickHouse (chdb); the CLI through `trainwire.cli.main`.
 """
 
-import json
-
 import pytest
+from test_governance import cli, home  # noqa: F401 - home is a fixture
 
-from trainwire.cli import main
 from trainwire.infra.store import connect_store
 from trainwire.infra.store.audit_chain import Entry, next_entry
 from trainwire.infra.store.read import StoreReader
@@ -18,18 +16,6 @@ from trainwire.infra.store.read import StoreReader
 # What an attacker writes: the columns of the log as they were before signing (no key id, no signature).
 CHAINED_COLUMNS = ["seq", "ts", "actor", "action", "run_id", "details", "prev_hash", "entry_hash"]
 RUN = "11111111-2222-3333-4444-555555555555"
-
-
-def cli(capsys, *args):
-    code = main([*args])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if "--json" in args and code in (0, 1) else out), err
-
-
-@pytest.fixture
-def home(local_settings, monkeypatch):
-    monkeypatch.setenv("TRAINWIRE_HOME", str(local_settings.home))
-    return local_settings
 
 
 @pytest.fixture
