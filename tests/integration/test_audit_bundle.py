@@ -4,8 +4,10 @@ chain that vouches for it, checked offline with only the public key (no store, n
 import json
 import os
 import shutil
+import time
 
 import pytest
+from beside_up import cli as cli_beside, running_up
 from test_governance import cli, ingest, simulated_run
 
 from trainwire.cli import main
@@ -92,3 +94,18 @@ def test_a_record_swapped_in_canonical_form_is_refused(offline, tmp_path, capsys
         f"the bundle as a whole: signature does not verify (key {bundle['signature']['key_id']})",
         f"the record of run {run_id} is not the one the log vouches for (no audit.exported entry with its hash "
         f"{sha256_of(bundle['record'])})"]
+
+
+def test_export_goes_through_up_when_it_owns_the_store(tmp_path):
+    home = tmp_path / "home"
+    with running_up(home):
+        run = simulated_run(Settings(home=home), tmp_path, name="beside-up")
+        close_all()
+        deadline = time.monotonic() + 60
+        while cli_beside(home, "runs", "--json", check=False).stdout.count(run.run_id) == 0:
+            assert time.monotonic() < deadline, "the run never reached the store"
+            time.sleep(0.5)
+        cli_beside(home, "audit", "export", run.run_id, "--out", str(tmp_path / "bundle.json"))
+    result = cli_beside(tmp_path / "no-home", "audit", "verify-bundle", str(tmp_path / "bundle.json"),
+                        "--public-key", str(home / "audit-key.pub.pem"), "--json", check=False)
+    assert result.returncode == 0 and json.loads(result.stdout)["run_id"] == run.run_id, result.stderr
