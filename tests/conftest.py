@@ -73,6 +73,24 @@ HARNESS_VARIABLES = frozenset({"TRAINWIRE_TEST_KAFKA", "TRAINWIRE_KAFKA_CACHE", 
                                "TRAINWIRE_CHROMIUM"})
 
 
+# The broker's jars and data stay where infra/kafka/up keeps them for the user; HOME itself is a stand-in (below).
+os.environ.setdefault("TRAINWIRE_KAFKA_CACHE", str(Path.home() / ".cache/trainwire/kafka"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stand_in_home(tmp_path_factory: pytest.TempPathFactory):
+    """HOME is a directory of the session's own, for this process and every one it starts: a test that falls back
+    to the default home (~/.trainwire) or to a user's dotfiles (~/.streamlit) cannot read or write the real ones,
+    and one that made ~/.trainwire at all fails the session, naming what it left there."""
+    real_home, home = os.environ.get("HOME"), tmp_path_factory.mktemp("home")
+    os.environ["HOME"] = str(home)
+    yield home
+    if real_home is not None:
+        os.environ["HOME"] = real_home
+    left = sorted(str(p.relative_to(home)) for p in (home / ".trainwire").rglob("*"))
+    assert not left, f"a test used the default home ~/.trainwire instead of its own: {left}"
+
+
 @pytest.fixture(autouse=True)
 def without_the_users_settings(monkeypatch):
     """Tests never read a user's TRAINWIRE_* settings (nor pass them on to the processes they start)."""
