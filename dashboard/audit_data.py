@@ -9,7 +9,8 @@ from trainwire.infra.store.read import StoreReader
 
 # The reads `trainwire.consumers.governance` backs (infra/store/governance.py). A reader without one, or a run
 # with nothing recorded yet, shows that section as "not evaluated yet".
-GOVERNANCE_READS = {"gates": "latest_gates", "registry": "registry_history", "audit_record": "stored_audit_record"}
+GOVERNANCE_READS = {"gates": "latest_gates", "registry": "registry_history", "audit_record": "stored_audit_record",
+                    "unvouched": "unvouched_transitions"}
 
 
 def governance(store: StoreReader, run_id: str) -> dict[str, Any]:

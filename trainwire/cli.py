@@ -369,7 +369,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
         else:
             human = "\n".join([f"run {result['run_id']}: stage {result['stage']} (gates {result['gates']})"] + [
                 f"  {h['at']}  {h['from']:>10} → {h['to']:<10} by {h['actor']}: {h['reason']}"
-                for h in result["history"]])
+                for h in result["history"]] + [
+                f"  ignored: entry {u['seq']} ({u['from']} → {u['to']} by {u['actor']}) is {u['problem']}; "
+                "run `trainwire audit verify`" for u in result["unvouched"]])
         _emit(args, result, human)
         return 0
     if args.run_id is None:

@@ -261,7 +261,10 @@ class Governance:
         return {"run_id": run_id, "stage": history[-1]["to_stage"] if history else "None",
                 "gates": latest["overall"] if latest else None,
                 "history": [{"at": iso_utc(h["ts"]), "from": h["from_stage"], "to": h["to_stage"],
-                             "actor": h["actor"], "reason": h["reason"]} for h in history]}
+                             "actor": h["actor"], "reason": h["reason"]} for h in history],
+                "unvouched": [{"seq": u["seq"], "at": iso_utc(u["ts"]), "from": u["from_stage"], "to": u["to_stage"],
+                               "actor": u["actor"], "problem": u["problem"]}
+                              for u in self.reader.unvouched_transitions(run_id)]}
 
     def act_as(self, actor: str, os_user: str | None) -> dict[str, str]:
         """The actor the OS user `os_user` may record: themself, or anyone when the roles file lists them in

@@ -97,6 +97,10 @@ def show_governance(record: dict[str, Any]) -> None:
         st.markdown(f"**{history[-1]['to_stage']}** since {history[-1]['ts']:%Y-%m-%d %H:%M:%S} UTC")
         st.dataframe(pd.DataFrame(history)[["ts", "from_stage", "to_stage", "actor", "reason"]], hide_index=True,
                      width="stretch")
+    for entry in record.get("unvouched") or []:
+        st.error(f"Audit log entry {entry['seq']} claims {entry['from_stage']} → {entry['to_stage']} by "
+                 f"{entry['actor']}, but is {entry['problem']}: it sets no stage. Run `trainwire audit verify`.",
+                 icon=":material/gpp_bad:")
     st.subheader("Audit record")
     if record["audit_record"] is None:
         st.caption(f"Audit record: {NOT_EVALUATED}")

@@ -55,6 +55,7 @@ METHODS: dict[str, dict[str, type]] = {
     "stored_audit_record": {"run_id": str},
     "registry_history": {"run_id": str},
     "registry_stages": {},
+    "unvouched_transitions": {"run_id": str},
     "audit_log": {"run_id": str},
     # dashboard views (infra/store/views.py)
     "curve": {"run_id": str, "since": datetime.fromisoformat, "until": datetime.fromisoformat, "max_points": int},

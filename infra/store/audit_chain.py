@@ -160,6 +160,19 @@ def anchor_problems(entries: list[Entry], anchored: dict[str, Any], trusted: Tru
     return problems
 
 
+def unvouched_reason(entry: Entry, trusted: TrustedKeys, first_signed: int | None) -> str | None:
+    """Why one entry, read on its own, is not the log's word: altered, signed by no trusted key, or unsigned where
+    entries are signed (None: it is). What registry reads rest on, so entries appended around trainwire never set a
+    stage, whatever `verify` says of the rest of the log."""
+    if entry.computed_hash() != entry.entry_hash:
+        return "altered (its hash does not match its contents)"
+    if entry.signature or entry.key_id:
+        return trusted.problem(entry.entry_hash, entry.key_id, entry.signature)
+    if first_signed is not None and entry.seq > first_signed:
+        return f"not signed, after signed entry {first_signed} (appended around trainwire)"
+    return None
+
+
 def verify_log(entries: list[Entry], trusted: TrustedKeys, anchored: dict[str, dict[str, Any] | None],
                head: str | None = None) -> Verification:
     """The chain, the signatures, and each anchored head (by where it was read: the file, the Kafka topic)."""

@@ -12,8 +12,7 @@ from typing import Any
 Row = dict[str, Any]
 
 _TRANSITIONS = """
-SELECT seq, ts, actor, run_id, JSONExtractString(details, 'from') AS from_stage,
-       JSONExtractString(details, 'to') AS to_stage, JSONExtractString(details, 'reason') AS reason
+SELECT seq, ts, actor, action, run_id, details, prev_hash, entry_hash, key_id, signature
 FROM audit_log WHERE action = 'registry.transition' AND ({run_id:String} = '' OR run_id = {run_id:String})
 ORDER BY seq
 """
@@ -29,6 +28,8 @@ def _parsed(row: Row) -> Row:
 
 
 class GovernanceReads:
+    client: Any  # provided by StoreReader
+
     def _rows(self, sql: str, **parameters: Any) -> list[Row]:  # provided by StoreReader
         raise NotImplementedError
 
@@ -75,14 +76,40 @@ class GovernanceReads:
             "(SELECT run_id FROM gate_results WHERE trigger = 'run_end') ORDER BY run_id")]
 
     def registry_history(self, run_id: str) -> list[Row]:
-        """A run's registry transitions, oldest first: from, to, actor, time, reason."""
-        return self._rows(_TRANSITIONS, run_id=run_id)
+        """A run's registry transitions that the audit log vouches for, oldest first: from, to, actor, time,
+        reason. A transition entry that is altered or not signed by a trusted key is left out: it never sets a
+        stage (`unvouched_transitions` names them; `trainwire audit verify` fails on them)."""
+        return self._transitions(run_id)[0]
+
+    def unvouched_transitions(self, run_id: str) -> list[Row]:
+        """A run's registry transition entries that set no stage, each with why (`problem`)."""
+        return self._transitions(run_id)[1]
 
     def registry_stages(self) -> list[Row]:
         """Every run that has left stage None: its current stage and the transition that set it."""
-        return self._rows(
-            "SELECT run_id, argMax(to_stage, seq) AS stage, max(ts) AS since, argMax(actor, seq) AS actor "
-            f"FROM ({_TRANSITIONS}) GROUP BY run_id ORDER BY since DESC", run_id="")
+        latest = {t["run_id"]: t for t in self._transitions("")[0]}  # in sequence order: the last one wins
+        stages = [{"run_id": run_id, "stage": t["to_stage"], "since": t["ts"], "actor": t["actor"]}
+                  for run_id, t in latest.items()]
+        return sorted(stages, key=lambda row: row["since"], reverse=True)
+
+    def _transitions(self, run_id: str) -> tuple[list[Row], list[Row]]:
+        from .audit_chain import Entry, unvouched_reason
+        from .audit_config import config_for
+
+        rows = self._rows(_TRANSITIONS, run_id=run_id)
+        if not rows:
+            return [], []
+        trusted = config_for(self.client).trusted_keys()
+        first_signed = self._rows("SELECT minOrNull(seq) AS seq FROM audit_log WHERE signature != ''")[0]["seq"]
+        vouched, unvouched = [], []
+        for row in rows:
+            details = json.loads(row["details"] or "{}")
+            transition = {"seq": row["seq"], "ts": row["ts"], "actor": row["actor"], "run_id": row["run_id"],
+                          "from_stage": details.get("from", ""), "to_stage": details.get("to", ""),
+                          "reason": details.get("reason", "")}
+            problem = unvouched_reason(Entry(**row), trusted, first_signed)
+            (vouched if problem is None else unvouched).append(transition | ({"problem": problem} if problem else {}))
+        return vouched, unvouched
 
     def audit_head(self) -> Row | None:
         """The audit log's last entry, which the next one links to."""

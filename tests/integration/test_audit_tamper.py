@@ -6,6 +6,8 @@ entries deleted, or the table re-created without them, leaves a chain that links
 ClickHouse (chdb); the CLI through `trainwire.cli.main`.
 """
 
+import json
+
 import pytest
 from test_governance import cli, home  # noqa: F401 - home is a fixture
 
@@ -50,7 +52,10 @@ def _forge_promotion(client, head: Entry) -> list[Entry]:
 
 def test_forged_appends_are_caught_and_named(logged, capsys):
     forged = _forge_promotion(logged, _head(logged))
-    assert [h["to_stage"] for h in StoreReader(logged).registry_history(RUN)][-1] == "Production"
+    store = StoreReader(logged)
+    assert store.registry_history(RUN) == [] and RUN not in {r["run_id"] for r in store.registry_stages()}
+    assert [(u["seq"], u["to_stage"]) for u in store.unvouched_transitions(RUN)] == [
+        (e.seq, json.loads(e.details)["to"]) for e in forged]
 
     code, verified, _ = cli(capsys, "audit", "verify", "--json")
     assert code == 1 and not verified["ok"]
@@ -70,6 +75,7 @@ def test_forged_appends_carrying_a_copied_signature_are_caught(logged, capsys):
     assert code == 1
     for entry in forged:
         assert f"entry {entry.seq}: signature does not verify (key {genuine['key_id']})" in verified["problems"]
+    assert StoreReader(logged).registry_history(RUN) == []
 
 
 def test_a_truncated_tail_is_caught(logged, capsys):

@@ -259,7 +259,7 @@ def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path, monkey
         run = simulated_run(Settings(home=home), tmp_path, name="beside-up")
         close_all()
 
-        deadline, stage = time.monotonic() + 60, None
+        deadline, stage = time.monotonic() + 120, None
         while stage != "Candidate" and time.monotonic() < deadline:
             code, out, err = run_cli("registry", "status", run.run_id, "--json")
             stage = json.loads(out)["stage"] if code == 0 else None
