@@ -155,9 +155,10 @@ def restart_killed_nodes() -> None:
                    check=True)
 
 
-SELF_FENCED = pytest.mark.xfail(strict=True, raises=ConsumeExited, reason=(
-    "a static member of the ingest group whose coordinator dies is fenced by its own rejoin (FENCED_INSTANCE_ID on "
-    "commit) and trainwire consume stops with exit 4"))
+# Not strict: it happens in some runs only (about half here). Any other failure of that case still fails the test.
+SELF_FENCED = pytest.mark.xfail(strict=False, raises=ConsumeExited, reason=(
+    "a static member of the ingest group whose coordinator dies may be fenced by its own rejoin (FENCED_INSTANCE_ID "
+    "on commit), and trainwire consume then stops with exit 4"))
 
 
 @pytest.mark.parametrize("victim", ["partition leader",
