@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainwire.infra.log import LogProducer, TransportError
+from trainwire.infra.log.base import DeliveryRefusedError
 from trainwire.schemas import Codec, CodecUnavailableError
 
 Letter = dict[str, Any]  # a row of `StoreReader.list_dead_letters`
@@ -50,11 +51,14 @@ def replay_dead_letters(letters: list[Letter], producer: LogProducer | None, cod
         (result.skipped if letter.get("replayed_at") and not again else result.replayed).append(letter)
     if producer is None or not result.replayed:
         return result
-    failed_before = getattr(producer, "failed", 0)  # Kafka counts deliveries the broker refused
     for letter in result.replayed:
         payload = base64.b64decode(letter["payload_base64"])
         producer.append(letter["topic"], replay_key(payload, codec), payload)
-    undelivered = producer.flush(flush_timeout) + getattr(producer, "failed", 0) - failed_before
+    try:
+        undelivered = producer.flush(flush_timeout)
+    except DeliveryRefusedError as err:
+        raise TransportError(f"{err}: of {len(result.replayed)} dead letters, none recorded as replayed (run the "
+                             "replay again once the cause is fixed)") from err
     if undelivered:
         raise TransportError(f"{undelivered} of {len(result.replayed)} dead letters not delivered to the transport; "
                              "none recorded as replayed (run the replay again)")

@@ -288,7 +288,9 @@ class IngestPipeline:
                 log.exception("ingest: run ended hook failed for run %s", run_id)
 
     def _publish(self, batch: _Batch) -> None:
-        """Alerts to the alerts topic, dead letters to the dead-letter topic; delivered before the commit."""
+        """Alerts to the alerts topic, dead letters to the dead-letter topic; delivered before the commit. One the
+        broker refuses (flush raises) leaves the batch uncommitted, to be read and published again: the alert keeps
+        its id and dedup key, and the alert consumer records each (sink, key, state) once, so it pages once."""
         if self._alert_producer is None or not (batch.alerts or batch.dead_letters):
             return
         for alert in batch.alerts:

@@ -112,7 +112,7 @@ class StopSwitchSink:
             producer = self._open()
             producer.append(self._topic, alert.run_id.encode(), self._codec.encode(command))
             undelivered = producer.flush(self._settings.flush_timeout_seconds)
-        except TransportError as err:
+        except TransportError as err:  # refused by the broker too (not allowed, too large): retried, never "told"
             raise SinkError(f"stop switch: stop command for run {alert.run_id} not published: {err}") from err
         if undelivered:
             raise SinkError(f"stop switch: stop command for run {alert.run_id} not delivered within "

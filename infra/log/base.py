@@ -16,6 +16,11 @@ class FatalTransportError(TransportError):
     instance id): retrying cannot help; the process should stop with this message."""
 
 
+class DeliveryRefusedError(TransportError):
+    """The transport answered, and refused messages (not allowed to write the topic, a message too large): they
+    are not delivered and will not be unless appended again, once the cause is fixed."""
+
+
 class TransportUnavailableError(TransportError):
     """The transport cannot be reached or refuses us at start (unreachable, wrong credentials or certificates, not
     allowed): the process should stop with this message, which names the setting to check."""
@@ -37,7 +42,9 @@ class LogProducer(ABC):
 
     @abstractmethod
     def flush(self, timeout: float) -> int:
-        """Deliver what is queued; return how many messages are still undelivered."""
+        """Deliver what is queued; return how many messages are still undelivered (in flight: they may yet be).
+        Raises DeliveryRefusedError when the transport refused any message since the last flush (the SDK's
+        spooling producer keeps such messages aside in its spool instead: it never raises into training)."""
 
     def close(self) -> None:
         self.flush(10.0)

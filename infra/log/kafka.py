@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from ..config import Settings
-from .base import FatalTransportError, LogConsumer, LogProducer, LogTail, Record, TransportError
+from .base import DeliveryRefusedError, FatalTransportError, LogConsumer, LogProducer, LogTail, Record, TransportError
 from .base import TopicPartition as TP
 from .instance import ConsumerSlot, check_instance_id, slot_instance_id
 from .kafka_client import consumer_config, producer_config, reason
@@ -21,12 +22,11 @@ log = logging.getLogger(__name__)
 class KafkaLogProducer(LogProducer):
     def __init__(self, settings: Settings):
         self._producer = Producer(producer_config(settings))
-        self.failed = 0
+        self._refused: list[tuple[str, KafkaError]] = []  # (topic, why) since the last flush, which raises them
 
-    def _on_delivery(self, err: KafkaError | None, _msg) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg) -> None:
         if err is not None:
-            self.failed += 1
-            log.error("kafka delivery failed: %s", err)
+            self._refused.append((msg.topic(), err))
 
     def append(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -40,7 +40,18 @@ class KafkaLogProducer(LogProducer):
         self._producer.poll(0)
 
     def flush(self, timeout: float) -> int:
-        return self._producer.flush(timeout)
+        undelivered = self._producer.flush(timeout)
+        refused, self._refused = self._refused, []
+        if refused:
+            raise DeliveryRefusedError(describe_refusals(refused))
+        return undelivered
+
+
+def describe_refusals(refused: list[tuple[str, KafkaError]]) -> str:
+    """One line: how many messages Kafka refused, per topic and librdkafka's reason."""
+    counts = Counter((topic, f"{err.str()} ({err.name()})") for topic, err in refused)
+    said = ", ".join(f"{n} to {topic}: {why}" for (topic, why), n in counts.items())
+    return f"kafka refused {len(refused)} message{'s' if len(refused) != 1 else ''} ({said})"
 
 
 class KafkaLogConsumer(LogConsumer):
