@@ -54,6 +54,9 @@ def describe_refusals(refused: list[tuple[str, KafkaError]]) -> str:
     return f"kafka refused {len(refused)} message{'s' if len(refused) != 1 else ''} ({said})"
 
 
+FENCE_REJOINS, FENCE_WINDOW_SECONDS = 3, 300.0  # rejoins after a fence before a twin is assumed
+
+
 class KafkaLogConsumer(LogConsumer):
     """A member of `group`: a static one (see instance.py) under `instance_id`, else under a slot it claims in
     `slot_dir`; a dynamic one when given neither. librdkafka's exceptions leave it as TransportErrors."""
@@ -74,30 +77,41 @@ class KafkaLogConsumer(LogConsumer):
         self.instance_id = instance_id
         self._assigned = False
         self._fatal: FatalTransportError | None = None
+        self._fenced_at: list[float] = []  # when this member was fenced and rejoined, within FENCE_WINDOW_SECONDS
+        self._revoked_on_rejoin: set[TP] = set()  # what the fenced consumer held, told to on_revoke at the next poll
         # per assigned partition, its committed offset (negative: none): where it starts until a record is read
         self._committed: dict[TP, int] = {}
+        self._config, self._topics = consumer_config(settings, group, self.instance_id), topics
         try:
-            self._consumer = Consumer(consumer_config(settings, group, self.instance_id))
-            self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                     on_lost=self._on_lost)
+            self._consumer = self._joined()
         except BaseException:
             self._release_slot()
             raise
 
-    def _on_assign(self, _consumer, partitions: list[TopicPartition]) -> None:
+    def _joined(self) -> Consumer:
+        consumer = Consumer(self._config)
+        consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        return consumer
+
+    def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         # called after every rebalance, with an empty list too: this member has its share, if any
+        if consumer is not self._consumer:
+            return
         self._assigned = True
         if partitions:
             self._learn_committed(partitions, timeout=5.0)
 
-    def _on_revoke(self, _consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._committed.pop((tp.topic, tp.partition), None)
-        if self.on_revoke is not None and partitions:
+        if consumer is not self._consumer:  # a fenced consumer closing: the caller hears of it at its next poll
+            self._revoked_on_rejoin.update((tp.topic, tp.partition) for tp in partitions)
+        elif self.on_revoke is not None and partitions:
             self.on_revoke([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned = False  # out of the group (e.g. the session timed out) until it is assigned again
+        if consumer is self._consumer:
+            self._assigned = False  # out of the group (e.g. the session timed out) until it is assigned again
         self._on_revoke(consumer, partitions)
 
     def _learn_committed(self, partitions: list[TopicPartition], timeout: float) -> None:
@@ -114,6 +128,7 @@ class KafkaLogConsumer(LogConsumer):
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:
         self._raise_if_fatal()
+        self._tell_revoked_on_rejoin()
         # Wait for the first record only, then take what is already fetched: consume(n, timeout) would wait out
         # its timeout for n records whenever traffic is light, and a page waits on every hop.
         try:
@@ -137,16 +152,43 @@ class KafkaLogConsumer(LogConsumer):
             out.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), ts))
         return out
 
-    def _failed_for_good(self, err: KafkaError) -> FatalTransportError:
+    def _failed_for_good(self, err: KafkaError) -> TransportError:
         # librdkafka hands a consumer its fatal error (FENCED_INSTANCE_ID is the one there is) wrapped as _FATAL
         if "fenced" in err.str().lower():
-            message = (f"kafka consumer {self.instance_id} was fenced out of group {self._group}: another consumer "
-                       f"joined under the same instance id (consumers on one host take distinct ids only under "
-                       f"one trainwire home)")
-        else:
-            message = f"kafka consumer of group {self._group} failed for good: {err.str()}"
-        self._fatal = FatalTransportError(message)
+            return self._rejoin_after_fence()
+        self._fatal = FatalTransportError(f"kafka consumer of group {self._group} failed for good: {err.str()}")
         return self._fatal
+
+    def _rejoin_after_fence(self) -> TransportError:
+        """A static member is fenced when another member joins under its instance id. That other member is most
+        often itself: when the group's coordinator dies, librdkafka rejoins at the new one and can be fenced by
+        that very rejoin. So it rejoins as a new consumer (the retry that follows reads again from the last
+        commit); fenced again and again, it is a true twin, and stops for good."""
+        now = time.monotonic()
+        self._fenced_at = [t for t in self._fenced_at if now - t < FENCE_WINDOW_SECONDS] + [now]
+        message = f"kafka consumer {self.instance_id} was fenced out of group {self._group}"
+        if len(self._fenced_at) > FENCE_REJOINS:
+            self._fatal = FatalTransportError(
+                f"{message} {len(self._fenced_at)} times in {FENCE_WINDOW_SECONDS:.0f} s: another consumer runs "
+                "under the same instance id (consumers on one host take distinct ids only under one trainwire home)")
+            return self._fatal
+        fenced, self._consumer, self._assigned = self._consumer, self._joined(), False
+        try:
+            self._revoked_on_rejoin.update((tp.topic, tp.partition) for tp in fenced.assignment())
+            fenced.close()
+        except (KafkaException, RuntimeError) as err:
+            log.debug("closing the fenced consumer: %s", err)
+        # Raised from within poll or commit, often in the middle of the caller's flush: the caller's retry drops the
+        # batch in hand, and its on_revoke (which would flush again) is told at the next poll.
+        return TransportError(f"{message}; rejoined it, reading again from the last commit")
+
+    def _tell_revoked_on_rejoin(self) -> None:
+        if self._revoked_on_rejoin:
+            revoked, self._revoked_on_rejoin = sorted(self._revoked_on_rejoin), set()
+            for key in revoked:
+                self._committed.pop(key, None)
+            if self.on_revoke is not None:
+                self.on_revoke(revoked)
 
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
@@ -160,6 +202,10 @@ class KafkaLogConsumer(LogConsumer):
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as err:
+            error = err.args[0] if err.args else None
+            if isinstance(error, KafkaError) and (error.code() == KafkaError.FENCED_INSTANCE_ID
+                                                  or error.fatal() and "fenced" in error.str().lower()):
+                raise self._rejoin_after_fence() from err
             raise TransportError(f"kafka commit failed: {reason(err)}") from err
         self._committed.update(positions)
 

@@ -155,14 +155,8 @@ def restart_killed_nodes() -> None:
                    check=True)
 
 
-# Not strict: it happens in some runs only (about half here). Any other failure of that case still fails the test.
-SELF_FENCED = pytest.mark.xfail(strict=False, raises=ConsumeExited, reason=(
-    "a static member of the ingest group whose coordinator dies may be fenced by its own rejoin (FENCED_INSTANCE_ID "
-    "on commit), and trainwire consume then stops with exit 4"))
-
-
 @pytest.mark.parametrize("victim", ["partition leader",
-                                    pytest.param("partition leader and group coordinator", marks=SELF_FENCED)])
+                                    "partition leader and group coordinator"])
 def test_a_busy_partitions_leader_killed_mid_stream_loses_and_duplicates_nothing_and_never_blocks_training(
         kafka_cluster, tmp_path, victim):
     settings = cluster_settings(kafka_cluster, tmp_path / "home")
