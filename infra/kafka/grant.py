@@ -18,6 +18,7 @@ from confluent_kafka.admin import (AclBinding, AclOperation, AclPermissionType, 
                                    ResourcePatternType, ResourceType)
 
 TOPICS = ("events", "gpu", "alerts", "control", "dead-letters")
+AUDIT_HEAD = "audit-head"  # compacted, one partition (trainwire.infra.store.audit_anchor.HEAD_TOPIC)
 INGEST_GROUP = "ingest"
 ALERTS_GROUP = "alerts-pager"
 RUN_CONTROL_GROUPS = "run-control-"  # each run's stop listener names a group of its own under this
@@ -50,6 +51,9 @@ def grants(prefix: str) -> list[tuple[str, ResourceType, str, ResourcePatternTyp
         ("alerting", topic, f"{prefix}alerts", exact, READ),
         ("alerting", group, f"{prefix}{ALERTS_GROUP}", exact, READ),
         ("alerting", topic, f"{prefix}control", exact, WRITE),
+        # the heads of the audit log (docs/governance.md): every process that appends to the log publishes them
+        ("ingest", topic, f"{prefix}{AUDIT_HEAD}", exact, WRITE),
+        ("alerting", topic, f"{prefix}{AUDIT_HEAD}", exact, WRITE),
     ]
 
 
@@ -73,8 +77,10 @@ def retried(what: str, action, seconds: float = 60.0):
 def make_topics(admin: AdminClient, prefix: str, partitions: int) -> None:
     def create() -> None:
         # replication factor -1: the broker's default.replication.factor (min.insync.replicas is its default too)
-        futures = admin.create_topics([NewTopic(f"{prefix}{t}", num_partitions=partitions, replication_factor=-1)
-                                       for t in TOPICS], request_timeout=15)
+        topics = [NewTopic(f"{prefix}{t}", num_partitions=partitions, replication_factor=-1) for t in TOPICS]
+        topics.append(NewTopic(f"{prefix}{AUDIT_HEAD}", num_partitions=1, replication_factor=-1,
+                               config={"cleanup.policy": "compact"}))
+        futures = admin.create_topics(topics, request_timeout=15)
         for future in futures.values():
             try:
                 future.result()
