@@ -54,7 +54,12 @@ def test_topics_trainwire_makes_have_three_replicas_and_need_two_in_sync(kafka_c
     ensure_topics(settings, topics)
 
     admin = AdminClient({"bootstrap.servers": kafka_cluster.bootstrap})
-    metadata = admin.list_topics(timeout=10)
+    # the node asked may learn of topics just made a moment after the controller has them
+    def knows_them():
+        metadata = admin.list_topics(timeout=10)
+        return metadata if set(topics) <= set(metadata.topics) else None
+
+    metadata = wait_for("every node knows the topics", knows_them)
     for topic in topics:
         assert {len(p.replicas) for p in metadata.topics[topic].partitions.values()} == {3}, topic
     described = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics])
