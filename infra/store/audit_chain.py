@@ -210,7 +210,7 @@ class Appender:
 
     def append(self, client: Client, actor: str, action: str, run_id: str, details: dict[str, Any]) -> Entry:
         if not actor or not actor.strip():
-            raise ValueError(f"{action}: no actor (pass --actor or set $USER)")
+            raise ValueError(f"{action}: no actor (an empty name)")
         config = config_for(client)
         signer, store = config.signer(), store_identity(client)
         with self.lock:
