@@ -8,8 +8,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
@@ -56,3 +59,22 @@ def start_up(home: Path, kafka: str, prefix: str, settings: dict[str, str]) -> s
             raise SystemExit("trainwire up did not start")
         time.sleep(0.2)
     return process
+
+
+def serve_webhook(on_post: Callable[[str, object], None]) -> str:
+    """A receiving end for pages on loopback: `on_post(path, JSON body)` for each POST, answered 200. Returns its
+    base URL; it serves until the process ends."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            on_post(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"

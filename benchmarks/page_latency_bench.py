@@ -15,15 +15,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import percentiles, write_result  # noqa: E402
+from common import percentiles, serve_webhook, write_result  # noqa: E402
 from common import start_up as start_up_on_kafka  # noqa: E402
 
 from trainwire.infra.config import Settings  # noqa: E402
@@ -37,24 +35,12 @@ class PageReceiver:
 
     def __init__(self):
         self.arrived: dict[tuple[str, int], float] = {}
-        receiver = self
+        self.url = f"{serve_webhook(self._received)}/page"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                now = time.time()
-                if body["state"] == "firing":
-                    receiver.arrived.setdefault((body["run_id"], body["step"]), now)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/page"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _received(self, _path: str, body) -> None:
+        now = time.time()
+        if body["state"] == "firing":
+            self.arrived.setdefault((body["run_id"], body["step"]), now)
 
 
 def start_up(home: Path, kafka: str, prefix: str, webhook: str) -> subprocess.Popen:

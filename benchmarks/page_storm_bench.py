@@ -20,12 +20,11 @@ import tempfile
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result  # noqa: E402
+from common import serve_webhook, write_result  # noqa: E402
 from common import start_up as start_up_on_kafka  # noqa: E402
 
 from trainwire.infra.config import Settings  # noqa: E402
@@ -57,24 +56,12 @@ class Receiver:
     def __init__(self):
         self.requests: list[tuple[str, float, set[str], str]] = []  # (sink, arrival, runs named, page kind)
         self.lock = threading.Lock()
-        receiver = self
+        self.url = serve_webhook(self._received)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                kind = body.get("page", "alert") if isinstance(body, dict) else f"{len(body)} alerts"
-                with receiver.lock:
-                    receiver.requests.append((SINKS[self.path], time.time(), runs_named(self.path, body), kind))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _received(self, path: str, body) -> None:
+        kind = body.get("page", "alert") if isinstance(body, dict) else f"{len(body)} alerts"
+        with self.lock:
+            self.requests.append((SINKS[path], time.time(), runs_named(path, body), kind))
 
     def named(self) -> dict[str, set[str]]:
         with self.lock:
