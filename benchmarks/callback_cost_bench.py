@@ -30,11 +30,14 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.tiny_training: the model and data of the tests
 
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from common import write_result  # noqa: E402
+
+from tests.tiny_training import TokenDataset, tiny_lora_model  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, TrainerCallback  # noqa: E402
 
 from trainwire.infra.config import Settings  # noqa: E402
@@ -43,28 +46,6 @@ from trainwire.producers.session import close_all  # noqa: E402
 from trainwire.schemas import decode_record  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Rows that count upward from a random start: something the tiny model can learn."""
-
-    def __init__(self, rows: int, length: int = 16, vocab: int = 64, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = (torch.randint(0, vocab, (rows, 1), generator=generator) + torch.arange(length)) % vocab
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
-
-
-def tiny_lora_model():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    torch.manual_seed(0)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
 
 
 class TimedCallback(TrainwireCallback):

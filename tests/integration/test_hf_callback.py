@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from tests.tiny_training import TokenDataset, tiny_lora_model  # noqa: E402
 from trainwire.consumers.service import build_ingest  # noqa: E402
 from trainwire.infra.store import connect_store  # noqa: E402
 from trainwire.infra.store.read import StoreReader  # noqa: E402
@@ -20,30 +21,6 @@ from trainwire.producers import TrainwireCallback, hf_callback  # noqa: E402
 from trainwire.producers.environment import packages_sha256  # noqa: E402
 from trainwire.producers.hf_callback import shared_run_id  # noqa: E402
 from trainwire.producers.lineage import sha256_rows  # noqa: E402
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Random token sequences with a learnable pattern (each row counts upward from a random start)."""
-
-    def __init__(self, rows: int, length: int = 16, vocab: int = 64, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, vocab, (rows, 1), generator=generator)
-        self.ids = (starts + torch.arange(length)) % vocab
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
-
-
-def tiny_lora_model():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return peft.get_peft_model(base, lora)
 
 
 def trainer_for(tmp_path, callback, train_dataset, **overrides):
