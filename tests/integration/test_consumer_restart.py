@@ -15,9 +15,9 @@ import sys
 import time
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from tests.integration.test_consumer_group import uncommitted
 from trainwire.consumers.service import INGEST_GROUP
 from trainwire.infra.config import Settings
 from trainwire.infra.log import ensure_topics, open_consumer, open_producer
@@ -67,25 +67,10 @@ def send_events(settings: Settings, runs: list[str], first_seq: int, count: int)
     return ids
 
 
-def uncommitted(settings: Settings) -> int:
-    """Records the ingest group has not committed (stored), read without joining the group."""
-    reader = Consumer({"bootstrap.servers": settings.kafka, "group.id": settings.topic(INGEST_GROUP)},
-                      logger=logging.getLogger("librdkafka"))
-    partitions = []
-    for topic in (settings.topic(EVENTS), settings.topic(GPU)):
-        partitions += [TopicPartition(topic, p) for p in reader.list_topics(topic, timeout=10).topics[topic].partitions]
-    pending = 0
-    for tp in reader.committed(partitions, timeout=10):
-        low, high = reader.get_watermark_offsets(tp, timeout=10)
-        pending += high - (tp.offset if tp.offset >= 0 else low)
-    reader.close()
-    return pending
-
-
 def seconds_until_stored(settings: Settings, since: float, timeout: float) -> float | None:
     """Seconds from `since` until every record is committed, or None if that took longer than `timeout`."""
     while time.monotonic() - since < timeout:
-        if uncommitted(settings) == 0:
+        if uncommitted(settings, [settings.topic(EVENTS), settings.topic(GPU)]) == 0:
             return time.monotonic() - since
         time.sleep(0.2)
     return None
