@@ -1,0 +1,33 @@
+"""A batch of records as columns: ClickHouse parses the Avro bodies of a whole batch at once, and checks, de-duplication,
+detectors and the insert all work on the columns (see docs/ingest.md). What cannot be parsed or checked goes to the
+dead letters with its reason, record by record, while the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class Frame:
+    """One kind's admitted events of a batch, as columns.
+
+    `table` is reader-shaped: exactly the fields of the newest schema of `kind`, by their Avro names (`ts_ms`, not
+    the table's `ts`), one row per admitted event, in batch order; fields an older writer lacks hold the reader's
+    default. The other members are parallel to its rows."""
+
+    kind: str
+    table: pa.Table
+    positions: np.ndarray  # int64: the index of each row's record in the batch's record list, ascending
+    bodies: list[bytes]  # each row's Avro binary body (the message without the codec's header)
+    writer_ids: np.ndarray  # int32: each row's writer schema, an index into `writers`
+    writers: list[str]  # writer schemas as JSON text
+
+
+@dataclass
+class Decoded:
+    frames: dict[str, Frame] = field(default_factory=dict)  # by kind
+    dead_letters: list[tuple[int, str]] = field(default_factory=list)  # (record index, reason), in record order
