@@ -6,9 +6,12 @@ dead letters with its reason, record by record, while the rest of the batch goes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import pyarrow as pa
+
+from trainwire.schemas.codec import latest
 
 
 @dataclass
@@ -31,3 +34,29 @@ class Frame:
 class Decoded:
     frames: dict[str, Frame] = field(default_factory=dict)  # by kind
     dead_letters: list[tuple[int, str]] = field(default_factory=list)  # (record index, reason), in record order
+
+
+def _arrow_type(avro: object) -> tuple[pa.DataType, bool]:
+    """(Arrow type, nullable) of an Avro type as the reader sees it."""
+    if isinstance(avro, list):  # a union: trainwire's are ["null", T]
+        (inner,) = [t for t in avro if t != "null"]
+        return _arrow_type(inner)[0], True
+    if isinstance(avro, dict):
+        if avro["type"] == "map":
+            return pa.map_(pa.string(), _arrow_type(avro["values"])[0]), False
+        if avro["type"] == "array":
+            return pa.list_(_arrow_type(avro["items"])[0]), False
+        if avro["type"] == "record":
+            return pa.struct([pa.field(f["name"], *_arrow_type(f["type"])) for f in avro["fields"]]), False
+        return _arrow_type(avro["type"])
+    return _PRIMITIVES[avro], False
+
+
+_PRIMITIVES = {"string": pa.string(), "long": pa.int64(), "int": pa.int32(), "double": pa.float64(),
+               "float": pa.float32(), "boolean": pa.bool_(), "bytes": pa.binary()}
+
+
+@cache
+def reader_schema(kind: str) -> pa.Schema:
+    """The Arrow schema of a Frame's table for `kind`: the newest Avro schema's fields, names and types."""
+    return pa.schema([pa.field(f["name"], *_arrow_type(f["type"])) for f in latest(kind).parsed["fields"]])
