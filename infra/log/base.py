@@ -67,6 +67,20 @@ class LogConsumer(ABC):
     def rewind(self) -> None:
         """Go back to the committed positions: what was polled but not committed will be polled again."""
 
+    def pause(self) -> None:
+        """Back-pressure: hand out no more records until `resume`, while `poll` keeps the membership alive (a record
+        already on its way may still come, and is to be processed as usual)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    _paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def assigned(self) -> bool:
         """Whether this member has been given its share of the partitions (possibly none, in a group with more
         members than partitions). Not yet after subscribing to Kafka, nor while out of the group after a lost

@@ -126,9 +126,28 @@ class KafkaLogConsumer(LogConsumer):
     def assigned(self) -> bool:
         return self._assigned and self._fatal is None
 
+    def pause(self) -> None:
+        super().pause()
+        self._pause_assigned()
+
+    def resume(self) -> None:
+        super().resume()
+        try:
+            self._consumer.resume(self._consumer.assignment())
+        except KafkaException as err:
+            raise TransportError(f"kafka resume failed: {reason(err)}") from err
+
+    def _pause_assigned(self) -> None:
+        try:
+            self._consumer.pause(self._consumer.assignment())
+        except KafkaException as err:
+            raise TransportError(f"kafka pause failed: {reason(err)}") from err
+
     def poll(self, max_records: int, timeout: float) -> list[Record]:
         self._raise_if_fatal()
         self._tell_revoked_on_rejoin()
+        if self._paused:  # partitions assigned since the pause are paused too
+            self._pause_assigned()
         # Wait for the first record only, then take what is already fetched: consume(n, timeout) would wait out
         # its timeout for n records whenever traffic is light, and a page waits on every hop.
         try:

@@ -107,6 +107,9 @@ class SqliteLogConsumer(LogConsumer):
         self._position = {topic: committed.get(topic, 0) for topic in self._topics}
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:
+        if self._paused:
+            time.sleep(timeout)
+            return []
         deadline = time.monotonic() + timeout
         while True:
             records = self._read(max_records)

@@ -1,0 +1,145 @@
+"""The first step of ingest: polled records become events in the batch (stored rows or frames), dead letters with
+their reasons, and the alerts the detectors raise on them.
+
+Two ways, chosen by `ingest_path`: the columnar one (ClickHouse parses the whole poll, checks and detectors run on
+columns; the default) and the per-record one (fastavro per record, detectors per event), kept as the reference
+the columnar one is measured and tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from trainwire.infra.log import Record
+from trainwire.schemas import Codec, CodecUnavailableError, SchemaError
+from trainwire.schemas.checks import check_record
+from trainwire.schemas.codec import CorruptPayloadError
+
+from .admission import Admission, DeadLetterBudget
+from .batch import Batch
+from .detectors import DetectorEngine, HistoryUnavailableError
+from .frames import Decoded
+from .rows import to_row
+
+log = logging.getLogger("trainwire.consumers.ingest")
+DeadLetter = Callable[[Batch, Record, str], None]
+
+
+class DetectorErrors:
+    """Counts detector failures; the event is stored all the same: a detector bug must not stop ingest."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, what: str) -> None:
+        self.count += 1
+        if self.count == 1 or self.count % 1000 == 0:
+            log.exception("ingest: detectors failed on %s (%d so far)", what, self.count)
+
+
+class RecordDecoding:
+    """Per record: fastavro decodes, the models' checks validate, the detectors observe one event at a time."""
+
+    def __init__(self, codec: Codec, admission: Admission, budget: DeadLetterBudget, detectors: DetectorEngine,
+                 dead_letter: DeadLetter, detector_errors: DetectorErrors):
+        self._codec = codec
+        self._admission = admission
+        self._budget = budget
+        self._detectors = detectors
+        self._dead_letter = dead_letter
+        self._errors = detector_errors
+
+    def add(self, records: list[Record], batch: Batch) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        decoded = [self._decode(record, now_ms) for record in records]
+        self._detectors.prefetch(event for event in decoded if not isinstance(event, SchemaError))
+        for record, event in zip(records, decoded):
+            self._process(batch, record, event)
+
+    def _decode(self, record: Record, now_ms: int) -> tuple[str, dict] | SchemaError:
+        """The record as a checked event (kind, fields), or why it cannot be one. Whatever a record holds, its
+        failure is its own dead letter, never the process's; only an unreachable schema registry is retried."""
+        try:
+            if record.value is None:
+                raise CorruptPayloadError("null value (a tombstone): trainwire events are never deleted by key")
+            kind, fields = self._codec.decode_record(record.value)
+            self._admission.check(record.topic, kind, fields, now_ms)
+            check_record(kind, fields)
+        except CodecUnavailableError:
+            raise
+        except SchemaError as err:
+            return err
+        except Exception as err:  # a codec or check tripped on something no test foresaw
+            return CorruptPayloadError(f"cannot decode the record: {err!r}")
+        return kind, fields
+
+    def _process(self, batch: Batch, record: Record, event: tuple[str, dict] | SchemaError) -> None:
+        batch.records.append(record)
+        if isinstance(event, SchemaError):
+            self._dead_letter(batch, record, f"{type(event).__name__}: {event}")
+            return
+        kind, fields = event
+        try:
+            row = to_row(kind, fields)
+        except Exception as err:
+            self._dead_letter(batch, record, f"cannot make a {kind} row: {err!r}")
+            return
+        self._budget.observe(False)
+        batch.rows[kind].append(row)
+        batch.sources[kind].append(record)
+        try:
+            alerts = self._detectors.observe(kind, fields, (record.topic, record.partition))
+        except HistoryUnavailableError:
+            raise
+        except Exception:
+            self._errors(f"a {kind} event of run {fields.get('run_id')}")
+            alerts = []
+        if alerts:
+            batch.add_alerts(alerts)
+        if kind == "run_ended":
+            batch.ended_runs.append(fields["run_id"])
+
+
+class ColumnarDecoding:
+    """Per poll: ClickHouse parses the bodies into columns (FrameDecoder), which the detectors read as arrays."""
+
+    def __init__(self, decoder, budget: DeadLetterBudget, detectors: DetectorEngine,
+                 dead_letter: DeadLetter, detector_errors: DetectorErrors):
+        self._decoder = decoder
+        self._budget = budget
+        self._detectors = detectors
+        self._dead_letter = dead_letter
+        self._errors = detector_errors
+
+    def add(self, records: list[Record], batch: Batch) -> None:
+        decoded = self._decoder.decode(records, time.time_ns() // 1_000_000)
+        first = len(batch.records)
+        batch.records.extend(records)
+        self._observe_dead_letters(batch, records, decoded.dead_letters)
+        if not decoded.frames:
+            return
+        batch.decoded.append((first, decoded))
+        try:
+            alerts = self._detectors.observe_frames(decoded.frames, [(r.topic, r.partition) for r in records])
+        except HistoryUnavailableError:
+            raise
+        except Exception:
+            self._errors(f"a batch of {len(records)} records")
+            alerts = []
+        if alerts:
+            batch.add_alerts(alerts)
+        if (ended := decoded.frames.get("run_ended")) is not None:
+            batch.ended_runs.extend(ended.table.column("run_id").to_pylist())
+
+    def _observe_dead_letters(self, batch: Batch, records: list[Record], dead_letters: list[tuple[int, str]]) -> None:
+        """Tell the budget of every record in order, as the per-record path does, visiting only the dead ones."""
+        after = -1
+        for index, reason in dead_letters:
+            if index != after + 1:
+                self._budget.observe(False)
+            self._dead_letter(batch, records[index], reason)
+            after = index
+        if after != len(records) - 1:
+            self._budget.observe(False)
