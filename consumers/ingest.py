@@ -25,6 +25,7 @@ from trainwire.infra.log.base import FatalTransportError, next_positions
 from trainwire.infra.log.topics import ALERTS, CONSUMER_TOPICS, DEAD_LETTERS, dead_letter_message, topic_for
 from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, SingleObjectCodec
 
+from .alert_printer import alert_line
 from .admission import Admission, DeadLetterBudget
 from .batch import Batch
 from .decoding import ColumnarDecoding, DetectorErrors, RecordDecoding
@@ -60,8 +61,7 @@ class RunEndHook(Protocol):
 
 
 def print_alert(alert: Alert) -> None:
-    print(f"ALERT {alert.state:<8} {alert.severity:<8} {alert.rule:<16} run={alert.run_id} step={alert.step} "
-          f"{alert.message}", file=sys.stderr, flush=True)
+    print(alert_line(alert), file=sys.stderr, flush=True)
 
 
 class IngestPipeline:
@@ -303,6 +303,8 @@ class IngestPipeline:
             self._alert_producer.close()
         if self._on_run_ended is not None:
             self._on_run_ended.close()
+        if callable(close_printer := getattr(self._on_alert, "close", None)):
+            close_printer()
         self._writer.close()  # chdb serves one data directory per process: let go of it
 
     def drain(self, idle_seconds: float = 1.0, deadline: float | None = None,

@@ -14,14 +14,15 @@ from trainwire.infra.store import apply_retention, connect_store, migrate
 
 from .detectors import DetectorEngine, StoreHistory
 from .governance.worker import GateWorker
-from .ingest import IngestPipeline, event_topics, print_alert
+from .alert_printer import AlertPrinter
+from .ingest import IngestPipeline, event_topics
 from .writer import ClickHouseWriter
 
 log = logging.getLogger(__name__)
 INGEST_GROUP = "ingest"  # a consumer group name, scoped by the topic prefix like the topics
 
 
-def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_GROUP,
+def build_ingest(settings: Settings, on_alert=None, group: str = INGEST_GROUP,
                  instance_id: str | None = None) -> IngestPipeline:
     """`instance_id`: the Kafka group.instance.id (static membership); default <host>-<group>-<slot>."""
     client = connect_store(settings.store_dsn)
@@ -31,7 +32,8 @@ def build_ingest(settings: Settings, on_alert=print_alert, group: str = INGEST_G
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS), settings.topic(CONTROL)])
     return IngestPipeline(
         open_consumer(settings, settings.topic(group), topics, instance_id=instance_id), ClickHouseWriter(client), open_producer(settings),
-        settings, detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)), on_alert=on_alert,
+        settings, detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)),
+        on_alert=on_alert or AlertPrinter(),
         codec=codec_for(settings),
         on_run_ended=GateWorker(settings).start(),  # evaluates the quality gates of every run that ends
     )
