@@ -107,8 +107,8 @@ class StoredEvents:
         taken = set(events.event_ids(np.flatnonzero(fresh)))
         if len(lookup):
             result = self._client.query(
-                f"SELECT DISTINCT event_id FROM {TABLE_FOR_KIND[events.kind]} WHERE run_id IN {{run_ids:Array(String)}} "
-                f"AND event_id IN {{ids:Array(String)}}",
+                f"SELECT DISTINCT event_id FROM {TABLE_FOR_KIND[events.kind]} "
+                f"WHERE run_id IN {{run_ids:Array(String)}} AND event_id IN {{ids:Array(String)}}",
                 parameters={"run_ids": sorted({events.keys[code][1] for code in events.codes[lookup].tolist()}),
                             "ids": sorted(set(events.event_ids(lookup)))},
             )

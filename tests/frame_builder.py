@@ -17,9 +17,13 @@ from trainwire.schemas.codec import HEADER_LEN, registry
 
 def decoded_of(events: list[BaseModel]) -> Decoded:
     """`events` (pydantic events, in batch order) as a Decoded batch with no dead letters."""
+    return decoded_of_messages([encode(event) for event in events])
+
+
+def decoded_of_messages(messages: list[bytes]) -> Decoded:
+    """Single-object messages of any shipped schema version (in batch order) as a Decoded batch."""
     by_kind: dict[str, list[tuple[int, dict, bytes]]] = defaultdict(list)
-    for position, event in enumerate(events):
-        message = encode(event)
+    for position, message in enumerate(messages):
         kind, record = decode_record(message)
         by_kind[kind].append((position, record, message))
     frames = {}
