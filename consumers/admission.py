@@ -9,6 +9,8 @@ import time
 from collections import deque
 from datetime import datetime, timezone
 
+import numpy as np
+
 from trainwire.infra.config import Settings
 from trainwire.infra.log.topics import CONSUMER_TOPICS, topic_for
 from trainwire.schemas import EVENT_TYPES, SchemaError
@@ -49,12 +51,20 @@ class Admission:
         self._ahead_ms = int(settings.accept_days_ahead * DAY_MS)
         self._settings = settings
 
+    def accepts(self, topic: str, kind: str) -> bool:
+        """Whether `kind` events may arrive on `topic` (a topic ingest does not know carries any kind)."""
+        kinds = self._kinds.get(topic)
+        return kinds is None or kind in kinds
+
+    def outside_window(self, ts_ms: np.ndarray, now_ms: int) -> np.ndarray:
+        """The columnar form of the date check: which of these `ts_ms` (int64) `check` would refuse."""
+        return (ts_ms < now_ms - self._back_ms) | (ts_ms > now_ms + self._ahead_ms)
+
     def check(self, topic: str, kind: str, fields: dict, now_ms: int | None = None) -> None:
         """Raise RejectedEventError unless a `kind` event may arrive on `topic`, dated as `fields` says."""
-        kinds = self._kinds.get(topic)
-        if kinds is not None and kind not in kinds:
+        if not self.accepts(topic, kind):
             raise RejectedEventError(f"{kind} events are not accepted on topic {topic} (it carries "
-                                     f"{', '.join(sorted(kinds))})")
+                                     f"{', '.join(sorted(self._kinds[topic]))})")
         ts_ms = fields.get("ts_ms")
         if ts_ms is None:
             return

@@ -5,13 +5,26 @@ dead letters with its reason, record by record, while the rest of the batch goes
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
 import pyarrow as pa
 
-from trainwire.schemas.codec import latest
+from trainwire.infra.config import Settings
+from trainwire.infra.log import Record
+from trainwire.schemas import Codec, CodecUnavailableError, CorruptPayloadError, SchemaError
+from trainwire.schemas.checks import check_record, failing_rows
+from trainwire.schemas.codec import Writer, latest
+from trainwire.schemas.ocf import container
+
+from .admission import Admission
+from .avro_parser import AvroParser, AvroRefusedError
+from .avro_plan import Unsupported, WriterPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,3 +73,208 @@ _PRIMITIVES = {"string": pa.string(), "long": pa.int64(), "int": pa.int32(), "do
 def reader_schema(kind: str) -> pa.Schema:
     """The Arrow schema of a Frame's table for `kind`: the newest Avro schema's fields, names and types."""
     return pa.schema([pa.field(f["name"], *_arrow_type(f["type"])) for f in latest(kind).parsed["fields"]])
+
+
+# -- the columnar decoder ----------------------------------------------------------------------------------------
+
+Decision = tuple[str, dict] | SchemaError  # what the per-record path makes of one record
+
+
+def decode_one(codec: Codec, admission: Admission, record: Record, now_ms: int) -> Decision:
+    """The per-record path: the record as a checked event (kind, fields), or why it cannot be one. The columnar
+    decoder sends every record it cannot vouch for through here, so their dead letters read as they always did;
+    only an unreachable schema registry is raised (retried), never a record's own failure."""
+    try:
+        if record.value is None:
+            raise CorruptPayloadError("null value (a tombstone): trainwire events are never deleted by key")
+        kind, fields = codec.decode_record(record.value)
+        admission.check(record.topic, kind, fields, now_ms)
+        check_record(kind, fields)
+    except CodecUnavailableError:
+        raise
+    except SchemaError as err:
+        return err
+    except Exception as err:  # a codec or check tripped on something no test foresaw
+        return CorruptPayloadError(f"cannot decode the record: {err!r}")
+    return kind, fields
+
+
+def reason_of(error: SchemaError) -> str:
+    """A dead letter's reason, as the per-record path words it."""
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class _Group:
+    """The records of one batch written with one writer schema, and where each sits in the batch."""
+
+    writer: Writer
+    positions: list[int] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+
+
+@dataclass
+class _Parsed:
+    """ClickHouse's reading of some bodies of a group: `table` holds the faithful ones, reader-shaped."""
+
+    indices: np.ndarray  # into the group, one per body parsed
+    faithful: np.ndarray  # per body parsed
+    table: pa.Table
+
+
+@dataclass
+class _Rows:
+    """Admitted rows of one kind from one writer, before the kind's rows are joined in batch order."""
+
+    positions: np.ndarray
+    table: pa.Table
+    bodies: list[bytes]
+    writer: str
+
+
+class FrameDecoder:
+    """A batch of records into frames: ClickHouse parses each writer schema's bodies at once, admission and the
+    models' checks run as masks over the columns, and only the records they cannot vouch for take the per-record
+    path (`decode_one`), which says what they are. Every record ends as a frame row or a dead letter.
+
+    Per record only the header is read (the codec's `writer_of`); the rest is per writer schema or per kind."""
+
+    def __init__(self, codec: Codec, settings: Settings, parser: AvroParser):
+        self._codec = codec
+        self._admission = Admission(settings)
+        self._parser = parser
+        self._plans: dict[bytes, WriterPlan | None] = {}  # by writer fingerprint; None: the per-record path
+
+    def decode(self, records: list[Record], now_ms: int) -> Decoded:
+        dead: list[tuple[int, str]] = []
+        rows: dict[str, list[_Rows]] = defaultdict(list)
+        for group in self._groups(records, now_ms, dead):
+            self._decode_group(group, now_ms, rows, dead)
+        dead.sort()
+        return Decoded({kind: _frame(kind, parts) for kind, parts in rows.items()}, dead)
+
+    def _groups(self, records: list[Record], now_ms: int, dead: list[tuple[int, str]]) -> list[_Group]:
+        groups: dict[bytes, _Group] = {}
+        writer_of = self._codec.writer_of
+        for position, record in enumerate(records):
+            try:
+                writer = writer_of(record.value)  # a tombstone (None) raises too
+            except CodecUnavailableError:
+                raise
+            except Exception:  # the per-record path words it (decode_record refuses the same headers)
+                self._decide(record, position, now_ms, dead, [])
+                continue
+            group = groups.get(writer.group_key)
+            if group is None:
+                group = groups[writer.group_key] = _Group(writer)
+            group.positions.append(position)
+            group.records.append(record)
+        return list(groups.values())
+
+    def _decide(self, record: Record, position: int, now_ms: int, dead: list[tuple[int, str]],
+                admitted: list[tuple[int, dict]], decision: Decision | None = None) -> None:
+        """The per-record path's verdict on one record: a dead letter, or an admitted record."""
+        if decision is None:
+            decision = decode_one(self._codec, self._admission, record, now_ms)
+        if isinstance(decision, SchemaError):
+            dead.append((position, reason_of(decision)))
+        else:
+            admitted.append((position, decision[1]))
+
+    def _plan(self, writer: Writer) -> WriterPlan | None:
+        if writer.group_key not in self._plans:
+            try:
+                self._plans[writer.group_key] = WriterPlan(writer, reader_schema(writer.kind))
+            except Unsupported as why:
+                log.warning("ingest: %s messages of writer schema %s take the per-record path: %s", writer.kind,
+                            writer.group_key.hex(), why)
+                self._plans[writer.group_key] = None
+        return self._plans[writer.group_key]
+
+    def _decode_group(self, group: _Group, now_ms: int, rows: dict[str, list[_Rows]],
+                      dead: list[tuple[int, str]]) -> None:
+        writer, kind = group.writer, group.writer.kind
+        plan = self._plan(writer)
+        refer = np.zeros(len(group.records), dtype=bool)  # rows the per-record path decides
+        refused_topics = {t for t in {r.topic for r in group.records} if not self._admission.accepts(t, kind)}
+        if plan is None:
+            refer[:] = True
+        elif refused_topics:
+            refer[[i for i, r in enumerate(group.records) if r.topic in refused_topics]] = True
+        bodies = [record.value[writer.header_len:] for record in group.records]
+        positions = np.array(group.positions, dtype=np.int64)
+        known: dict[int, Decision] = {}  # per-record decisions made while isolating a refused container
+        if not refer.all():
+            for parsed in self._parse(plan, group, bodies, np.flatnonzero(~refer), known, now_ms, dead):
+                refer[parsed.indices[~parsed.faithful]] = True
+                indices = parsed.indices[parsed.faithful]
+                passing = self._passing(kind, parsed.table, now_ms)
+                refer[indices[~passing]] = True
+                kept = indices[passing]
+                if len(kept):
+                    table = parsed.table if passing.all() else parsed.table.filter(passing)
+                    rows[kind].append(_Rows(positions[kept], table, [bodies[i] for i in kept], writer.schema_json))
+        admitted: list[tuple[int, dict]] = []
+        for i in np.flatnonzero(refer):
+            self._decide(group.records[i], group.positions[i], now_ms, dead, admitted, known.get(i))
+        if admitted:
+            where = {position: i for i, position in enumerate(group.positions)}
+            rows[kind].append(_Rows(np.array([p for p, _ in admitted], dtype=np.int64),
+                                    pa.Table.from_pylist([fields for _, fields in admitted], schema=reader_schema(kind)),
+                                    [bodies[where[p]] for p, _ in admitted], writer.schema_json))
+
+    def _passing(self, kind: str, table: pa.Table, now_ms: int) -> np.ndarray:
+        """Rows that pass admission's date window and the models' checks, on columns."""
+        failing = self._admission.outside_window(table.column("ts_ms").to_numpy(), now_ms)
+        return ~(failing | failing_rows(kind, table))
+
+    def _parse(self, plan: WriterPlan, group: _Group, bodies: list[bytes], indices: np.ndarray,
+               known: dict[int, Decision], now_ms: int, dead: list[tuple[int, str]]) -> list[_Parsed]:
+        """ClickHouse's reading of these bodies. When it refuses the container, the per-record path finds the bad
+        bodies (their dead letters are today's) and the rest is parsed again, halved while refused: a body
+        ClickHouse alone refuses becomes a dead letter with ClickHouse's reason."""
+        try:
+            return [self._parse_bodies(plan, bodies, indices)]
+        except AvroRefusedError:
+            pass
+        for i in indices:
+            known[i] = decode_one(self._codec, self._admission, group.records[i], now_ms)
+            if isinstance(known[i], SchemaError):
+                dead.append((group.positions[i], reason_of(known[i])))
+        parsed: list[_Parsed] = []
+        pending = [np.array([i for i in indices if not isinstance(known[i], SchemaError)], dtype=np.int64)]
+        while pending:
+            part = pending.pop()
+            if not len(part):
+                continue
+            try:
+                parsed.append(self._parse_bodies(plan, bodies, part))
+            except AvroRefusedError as err:
+                if len(part) == 1:
+                    dead.append((group.positions[part[0]], reason_of(CorruptPayloadError(
+                        f"ClickHouse cannot read this {plan.kind} body: {err}"))))
+                else:
+                    pending += [part[len(part) // 2:], part[:len(part) // 2]]  # the first half next
+        return parsed
+
+    def _parse_bodies(self, plan: WriterPlan, bodies: list[bytes], indices: np.ndarray) -> _Parsed:
+        chosen = bodies if len(indices) == len(bodies) else [bodies[i] for i in indices]
+        data = container(plan.schema_json, chosen)
+        table = self._parser.parse(data, plan.select)
+        faithful = plan.faithful(table, data, np.fromiter(map(len, chosen), dtype=np.int64, count=len(chosen)))
+        return _Parsed(indices, faithful, plan.to_reader(table if faithful.all() else table.filter(faithful)))
+
+
+def _frame(kind: str, parts: list[_Rows]) -> Frame:
+    """One kind's rows from every writer, in batch order."""
+    writers = list(dict.fromkeys(part.writer for part in parts))
+    positions = np.concatenate([part.positions for part in parts])
+    table = pa.concat_tables([part.table for part in parts]) if len(parts) > 1 else parts[0].table
+    bodies = [body for part in parts for body in part.bodies]
+    writer_ids = np.concatenate([np.full(len(part.positions), writers.index(part.writer), dtype=np.int32)
+                                 for part in parts])
+    if len(parts) > 1 and np.any(np.diff(positions) < 0):
+        order = np.argsort(positions, kind="stable")
+        positions, writer_ids, table = positions[order], writer_ids[order], table.take(order)
+        bodies = [bodies[i] for i in order]
+    return Frame(kind, table, positions, bodies, writer_ids, writers)

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol, get_args
+from typing import NamedTuple, Protocol, get_args
 from importlib import resources
 
 import fastavro
@@ -76,12 +76,25 @@ def latest(kind: str) -> SchemaVersion:
     return max(versions, key=lambda v: v.version)
 
 
+class Writer(NamedTuple):
+    """What a message's header says of its body, for decoding a batch's bodies together (consumers/frames.py)."""
+
+    group_key: bytes  # the CRC-64-AVRO fingerprint of the writer schema: messages alike in it share one parse
+    kind: str
+    schema_json: str  # the writer schema, Avro parsing canonical form
+    header_len: int  # the body starts after this many bytes of the message
+
+
 class Codec(Protocol):
     """How events become message bytes and back; chosen per deployment (see trainwire.infra.codecs)."""
 
     def encode(self, event: BaseModel) -> bytes: ...
 
     def decode_record(self, data: bytes) -> tuple[str, dict]: ...
+
+    def writer_of(self, data: bytes) -> Writer:
+        """The writer of a message from its header alone; raises what `decode_record` raises for a bad header."""
+        ...
 
 
 class SingleObjectCodec:
@@ -92,6 +105,10 @@ class SingleObjectCodec:
 
     def decode_record(self, data: bytes) -> tuple[str, dict]:
         return decode_record(data)
+
+    def writer_of(self, data: bytes) -> Writer:
+        writer = _writers().get(data[2:HEADER_LEN]) if data[:2] == MAGIC else None
+        return writer if writer is not None else _writers()[_writer_version(data).fingerprint]  # else it raises
 
 
 def _holds_models(annotation: object) -> bool:
@@ -116,13 +133,26 @@ def encode(event: BaseModel) -> bytes:
     return out.getvalue()
 
 
-def decode_record(data: bytes) -> tuple[str, dict]:
-    """Decode to (kind, plain dict) resolved against the newest reader schema, without validation."""
+def _writer_version(data: bytes) -> SchemaVersion:
+    """The shipped schema a single-object message names, or the SchemaError its header deserves."""
     if len(data) < HEADER_LEN or data[:2] != MAGIC:
         raise CorruptPayloadError(f"not an Avro single-object message (first bytes {data[:HEADER_LEN].hex() or 'none'})")
     writer = registry().get(data[2:HEADER_LEN])
     if writer is None:
         raise UnknownSchemaError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+    return writer
+
+
+@cache
+def _writers() -> dict[bytes, Writer]:
+    """One Writer per shipped schema, made once: `writer_of` runs per message."""
+    return {fp: Writer(fp, version.kind, to_parsing_canonical_form(version.parsed), HEADER_LEN)
+            for fp, version in registry().items()}
+
+
+def decode_record(data: bytes) -> tuple[str, dict]:
+    """Decode to (kind, plain dict) resolved against the newest reader schema, without validation."""
+    writer = _writer_version(data)
     reader = latest(writer.kind)
     body = io.BytesIO(data)
     body.seek(HEADER_LEN)

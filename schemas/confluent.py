@@ -32,6 +32,7 @@ from .codec import (
     InvalidEventError,
     SingleObjectCodec,
     UnknownSchemaError,
+    Writer,
     latest,
     registry,
 )
@@ -82,6 +83,7 @@ class ConfluentCodec:
         self._single_object = SingleObjectCodec()
         self._headers: dict[str, bytes] = {}  # kind → 00 + schema id of its newest schema
         self._readers: dict[int, tuple[str, dict, dict]] = {}  # schema id → (kind, writer, reader)
+        self._writers: dict[int, Writer] = {}  # schema id → its Writer (writer_of)
 
     # -- encoding -------------------------------------------------------------------------------------------
 
@@ -123,10 +125,7 @@ class ConfluentCodec:
         """(kind, plain dict) resolved against the newest shipped reader schema, without validation."""
         if data[:2] == SINGLE_OBJECT_MAGIC:
             return self._single_object.decode_record(data)
-        if len(data) < HEADER_LEN or data[:1] != MAGIC:
-            raise CorruptPayloadError(f"neither a Confluent (00 + schema id) nor an Avro single-object message "
-                                      f"(first bytes {data[:HEADER_LEN].hex() or 'none'})")
-        schema_id = int.from_bytes(data[1:HEADER_LEN], "big")
+        schema_id = self._schema_id(data)
         kind, writer, reader = self._readers.get(schema_id) or self._resolve(schema_id)
         body = io.BytesIO(data)
         body.seek(HEADER_LEN)
@@ -137,6 +136,27 @@ class ConfluentCodec:
         if body.tell() != len(data):
             raise CorruptPayloadError(f"{len(data) - body.tell()} trailing bytes after a {kind} body")
         return kind, record
+
+    def writer_of(self, data: bytes) -> Writer:
+        """The writer a message names, its schema fetched from the registry once per schema id (as decode_record
+        does); single-object messages are answered by the single-object codec."""
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            return self._single_object.writer_of(data)
+        schema_id = self._schema_id(data)
+        writer = self._writers.get(schema_id)
+        if writer is None:
+            kind, schema, _ = self._readers.get(schema_id) or self._resolve(schema_id)
+            canonical = to_parsing_canonical_form(schema)
+            writer = Writer(bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")), kind, canonical, HEADER_LEN)
+            self._writers[schema_id] = writer
+        return writer
+
+    @staticmethod
+    def _schema_id(data: bytes) -> int:
+        if len(data) < HEADER_LEN or data[:1] != MAGIC:
+            raise CorruptPayloadError(f"neither a Confluent (00 + schema id) nor an Avro single-object message "
+                                      f"(first bytes {data[:HEADER_LEN].hex() or 'none'})")
+        return int.from_bytes(data[1:HEADER_LEN], "big")
 
     def _resolve(self, schema_id: int) -> tuple[str, dict, dict]:
         try:
