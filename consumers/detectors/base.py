@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from .columns import RunRows
 
 # Alert ids derive from the incident, so an event replayed after a crash re-creates the same alert row, and an
 # incident found in the store can be told for one the detectors raised.
@@ -42,6 +47,20 @@ class Finding:
 QUIET = Finding(False)  # the common verdict, shared: no object per event when nothing is wrong
 
 
+@dataclass
+class Bulk:
+    """A rule's verdict on the readings of several runs in one batch (`Rule.bulk`), reached from each run's state
+    without changing it.
+
+    For run i: `quiet[i]` vouches that `check` would find no reading active (False also where the rule cannot
+    tell cheaply: those runs are judged event by event); `judged[i]` says some reading gives a finding, which
+    resets the rule's streak; `apply(state, updates[i])` leaves the state where `check` on each reading would.
+    """
+
+    quiet: np.ndarray
+    judged: np.ndarray
+    updates: Sequence[Any] = ()
+    apply: Callable[[Any, Any], None] | None = None
 
 
 class Rule:
@@ -61,6 +80,11 @@ class Rule:
     def check(self, record: dict, state: Any, run: RunFacts) -> Finding | None:
         """None when the event says nothing about this rule (e.g. a step without a loss)."""
         raise NotImplementedError
+
+    def bulk(self, rows: RunRows, states: list[Any]) -> Bulk | None:
+        """The verdict on a batch's readings of several runs at once (`states[i]` is run i's state); None: this
+        rule is judged event by event only."""
+        return None
 
 
 def is_finite(value: float | None) -> bool:
@@ -87,6 +111,17 @@ class Rolling:
         values.append(value)  # pushes `dropped` out
         self.total += value - dropped
         return dropped
+
+    def extend(self, new: Iterable[float]) -> None:
+        """`add` each number in turn (the same sums, to the bit), without the per-call overhead."""
+        values, window, total = self.values, self.window, self.total
+        for value in new:
+            if len(values) < window:
+                total += value
+            else:
+                total += value - values[0]
+            values.append(value)
+        self.total = total
 
     @property
     def full(self) -> bool:

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainwire.infra.detector_settings import DetectorParameters, DetectorSettings
 from trainwire.schemas import Alert
 
 from .base import Finding, Rule, RunFacts, alert_id
 from .catalog import rules_from
+from .columnar import ColumnarObserver
 from .eval_rules import REMEMBERED_CHECKPOINTS
 from .history import HistoryLoader, HistoryRequest, RunHistory
 from .stall import RunStalled
+
+if TYPE_CHECKING:
+    from trainwire.consumers.frames import Frame
 
 STALLED = RunStalled.rule_id
 ENDED_RUNS_KEPT = 1_000  # ended runs whose state is kept for their post-training events; older ones are rebuilt
@@ -112,6 +116,7 @@ class DetectorEngine:
         self._prefetched: dict[str, RunHistory] = {}
         self._history_sizes = _history_sizes(
             [self.settings.deployment, *(self.settings.for_experiment(name) for name in self.settings.experiments)])
+        self.failures = 0  # events whose detection raised in observe_frames (they are stored all the same)
 
     def observe(self, kind: str, record: dict, source: Any = None) -> list[Alert]:
         """The alerts this event raises or resolves. `source` (e.g. its partition) lets `forget` drop runs."""
@@ -138,6 +143,17 @@ class DetectorEngine:
                                           run.firing.pop(STALLED), "resolved"))
         self._detect(run, kind, record, alerts)
         return alerts
+
+    def observe_frames(self, frames: Mapping[str, Frame], sources: Sequence[Any] | None = None) -> list[Alert]:
+        """The alerts of a whole batch, given as columns (`sources[position]`: the source of the batch's record
+        at that position): the same, in the same order, as `observe` on every frame row in batch order would
+        return, and the same state after. The history of runs met for the first time is loaded at once, as
+        `prefetch` does. An event whose detection raises is counted in `failures` and logged, and the batch goes
+        on; HistoryUnavailableError propagates. How: columnar.py."""
+        if not any(frame.table.num_rows for frame in frames.values()):
+            self.prefetch(())
+            return []
+        return ColumnarObserver(self, frames, sources).observe()
 
     def tick(self, now_ms: int) -> list[Alert]:
         """Judge silence: a run that has sent nothing for `factor` × its expected interval is stalled."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base import QUIET, Finding, Rolling, Rule, RunFacts
+import numpy as np
+
+from .base import QUIET, Bulk, Finding, Rolling, Rule, RunFacts
+from .columns import RunRows
 
 GPU_SAMPLE = frozenset({"gpu_sample"})
 GpuKey = tuple[str, str]
@@ -66,6 +69,16 @@ class _PerGpuRule(Rule):
     def limit(self) -> float:
         raise NotImplementedError
 
+    def readings(self, rows: RunRows) -> tuple[np.ndarray, np.ndarray]:
+        """`reading` over many rows: (whether the sample says, whether its GPU is affected)."""
+        raise NotImplementedError
+
+    def bulk(self, rows: RunRows, states: list[_Gpus]) -> Bulk:
+        """Quiet where no GPU was affected before the batch and no sample of it is."""
+        read, affected = self.readings(rows)
+        none_before = np.array([not gpus.affected for gpus in states], dtype=bool)
+        return Bulk(none_before & ~rows.any(affected), rows.any(read))
+
 
 @dataclass
 class GpuMemoryHigh(_PerGpuRule):
@@ -83,6 +96,13 @@ class GpuMemoryHigh(_PerGpuRule):
             return None
         fraction = used / total
         return fraction, fraction >= self.used_fraction
+
+    def readings(self, rows: RunRows) -> tuple[np.ndarray, np.ndarray]:
+        used, has_used = rows.column("memory_used_mb")
+        total, has_total = rows.column("memory_total_mb")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            read = has_used & has_total & ~(total <= 0)  # a NaN total is read (and never affected), as in `reading`
+            return read, read & (used / total >= self.used_fraction)
 
     def describe(self, record: dict, value: float) -> str:
         return (f"memory {record['memory_used_mb']:.0f} of {record['memory_total_mb']:.0f} MB used "
@@ -104,6 +124,10 @@ class GpuTemperatureHigh(_PerGpuRule):
         if temperature is None:
             return None
         return temperature, temperature >= self.celsius
+
+    def readings(self, rows: RunRows) -> tuple[np.ndarray, np.ndarray]:
+        temperatures, read = rows.column("temperature_c")
+        return read, read & (temperatures >= self.celsius)
 
     def describe(self, record: dict, value: float) -> str:
         return f"temperature {value:.0f} °C ≥ {self.celsius:g} °C"
@@ -136,3 +160,28 @@ class GpuUtilizationLow(_PerGpuRule):
 
     def describe(self, record: dict, value: float) -> str:
         return f"utilization {value:.0f}% < {self.min_utilization_pct:g}% over most of the last {self.window} samples"
+
+    def bulk(self, rows: RunRows, states: list[_Gpus]) -> Bulk:
+        """Quiet where no GPU was affected before and no GPU's window can turn mostly low: its low samples
+        before plus the run's new ones are at most half a window. Counts only samples taken once the run has
+        logged a step, as the batch found it (the engine judges event by event a run whose first step is in
+        the batch)."""
+        utilization, present = rows.column("utilization_pct")
+        read = present & rows.per_run(np.array([facts.last_step is not None for facts in rows.facts], dtype=bool))
+        low = read & (utilization < self.min_utilization_pct)
+        lows_before = np.array([max((window.total for window in gpus.windows.values()), default=0.0)
+                                for gpus in states])
+        none_before = np.array([not gpus.affected for gpus in states], dtype=bool)
+        quiet = none_before & (2 * (lows_before + rows.count(low)) <= self.window)
+        hosts, uuids, indexes = (rows.strings(name, read) for name in ("host", "gpu_uuid", "gpu_index"))
+        updates = [list(zip(*columns)) for columns in zip(hosts, uuids, indexes, rows.split(low[read].tolist(), read))]
+        return Bulk(quiet, rows.any(read), updates, self._add_samples)
+
+    def _add_samples(self, gpus: _Gpus, samples: list[tuple[str, str, int, bool]]) -> None:
+        windows = gpus.windows
+        for host, uuid, index, low in samples:
+            key = host, uuid or str(index)
+            window = windows.get(key)
+            if window is None:
+                window = windows[key] = Rolling(self.window)
+            window.add(low)

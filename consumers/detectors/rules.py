@@ -7,7 +7,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import QUIET, Finding, Rolling, Rule, RunFacts
+import numpy as np
+
+from .base import QUIET, Bulk, Finding, Rolling, Rule, RunFacts
+from .columns import RunRows
 
 STEP = frozenset({"step"})
 
@@ -26,6 +29,10 @@ class LossNotFinite(Rule):
         if math.isfinite(loss):
             return QUIET
         return Finding(True, loss, None, f"train loss is {loss} at step {record['step']}")
+
+    def bulk(self, rows: RunRows, states: list[None]) -> Bulk:
+        losses, present = rows.column("loss")
+        return Bulk(~rows.any(present & ~np.isfinite(losses)), rows.any(present))
 
 
 @dataclass
@@ -64,6 +71,25 @@ class LossSpike(Rule):
             history.append(loss)  # a spike does not become part of its own baseline
         return finding
 
+    def bulk(self, rows: RunRows, states: list[deque]) -> Bulk:
+        """Quiet where no new loss exceeds the threshold of the lowest baseline any of its windows can have.
+
+        Each reading's window is a sub-multiset of the history plus the batch's losses, so its median is at least
+        that pool's k-th smallest value (k: the lower middle of the smallest window judged); thresholds grow with
+        the baseline, so a loss under the threshold of that floor is under its own."""
+        new_losses = rows.finite("loss")
+        quiet, judged = np.ones(rows.runs, dtype=bool), np.zeros(rows.runs, dtype=bool)
+        for i, (history, new) in enumerate(zip(states, new_losses)):
+            first = max(0, self.min_history - len(history))  # the first reading with enough history
+            if not new or self.window < self.min_history or first >= len(new):
+                continue
+            judged[i] = True
+            smallest = min(self.window, len(history) + first)
+            floor = sorted([*history, *new[:-1]])[(smallest - 1) // 2]
+            if floor <= 0 or max(new[first:]) > max(self.factor * floor, floor + self.min_increase):
+                quiet[i] = False
+        return Bulk(quiet, judged, new_losses, deque.extend)
+
 
 @dataclass
 class GradNormHigh(Rule):
@@ -80,6 +106,12 @@ class GradNormHigh(Rule):
         if math.isfinite(grad_norm) and grad_norm <= self.max_grad_norm:
             return QUIET
         return Finding(True, grad_norm, self.max_grad_norm, f"grad norm {grad_norm:.4g} > {self.max_grad_norm:g}")
+
+    def bulk(self, rows: RunRows, states: list[None]) -> Bulk:
+        norms, present = rows.column("grad_norm")
+        with np.errstate(invalid="ignore"):
+            high = present & ~(np.isfinite(norms) & (norms <= self.max_grad_norm))
+        return Bulk(~rows.any(high), rows.any(present))
 
 
 @dataclass
@@ -107,6 +139,15 @@ class ThroughputLow(Rule):
                        f"throughput {tokens_per_s:.4g} tokens/s; {lows.total:.0f} of the last {self.window} steps "
                        f"below {self.min_tokens_per_s:g}")
 
+    def bulk(self, rows: RunRows, states: list[Rolling]) -> Bulk:
+        """Quiet where the window's low readings plus the batch's cannot make most of a window."""
+        rates, _ = rows.column("tokens_per_s")
+        read = np.isfinite(rates)
+        low = read & (rates < self.min_tokens_per_s)
+        lows_before = np.array([state.total for state in states])
+        quiet = 2 * (lows_before + rows.count(low)) <= self.window
+        return Bulk(quiet, rows.any(read), rows.split(low[read].tolist(), read), Rolling.extend)
+
 
 @dataclass
 class _Halves:
@@ -114,6 +155,15 @@ class _Halves:
     newer: Rolling
     initial: Rolling  # the run's first half-window of losses: its starting level
     initial_total: float | None = None
+
+    def extend(self, update: tuple | None) -> None:
+        """Take a bulk replay's outcome (Underfitting.bulk): the new losses, those they moved to the older half,
+        and the halves' sums."""
+        if update is None:
+            return
+        new, moved, self.newer.total, self.older.total = update
+        self.newer.values.extend(new)
+        self.older.values.extend(moved)
 
 
 @dataclass
@@ -163,6 +213,39 @@ class Underfitting(Rule):
                        f"loss not decreasing: mean {newer:.4g} over the last {half} steps vs {older:.4g} before, "
                        f"{newer / start:.0%} of its starting level {start:.4g}")
 
+    def bulk(self, rows: RunRows, states: list[_Halves]) -> Bulk:
+        """Replays the halves' sums as `check` would (same operations, same order) on runs past their first
+        window; runs still filling it are judged event by event."""
+        quiet, judged = np.ones(rows.runs, dtype=bool), np.zeros(rows.runs, dtype=bool)
+        updates: list[tuple | None] = []
+        for i, (state, new) in enumerate(zip(states, rows.finite("loss"))):
+            update = None
+            if not new:
+                pass
+            elif state.initial_total is None or not state.older.full:
+                quiet[i] = False
+            else:
+                update, judged[i], quiet[i] = self._replay(state, new)
+            updates.append(update)
+        return Bulk(quiet, judged, updates, _Halves.extend)
+
+    def _replay(self, state: _Halves, new: list[float]) -> tuple[tuple, bool, bool]:
+        half = state.older.window
+        sequence = [*state.older.values, *state.newer.values, *new]
+        older_total, newer_total, start = state.older.total, state.newer.total, state.initial_total / half
+        judged = False
+        for j, loss in enumerate(new):
+            moved = sequence[half + j]  # leaves the newer half for the older one
+            newer_total += loss - moved
+            older_total += moved - sequence[j]
+            older, newer = older_total / half, newer_total / half
+            if start <= 0 or older <= 0:
+                continue
+            judged = True
+            if newer >= (1 - self.min_decrease) * older and newer >= (1 - self.min_progress) * start:
+                return (), judged, False
+        return (new, sequence[half:half + len(new)], newer_total, older_total), judged, True
+
 
 @dataclass
 class _Swings:
@@ -170,6 +253,16 @@ class _Swings:
     changes: Rolling  # |loss − previous loss|
     flips: Rolling  # 1 where a change reverses the direction of the previous one
     last_change: float = 0.0
+
+    def extend(self, update: tuple | None) -> None:
+        """Take a bulk replay's outcome (LossUnstable.bulk): the new values of each window, their sums and the
+        last change."""
+        if update is None:
+            return
+        losses, changes, flips, self.losses.total, self.changes.total, self.flips.total, self.last_change = update
+        self.losses.values.extend(losses)
+        self.changes.values.extend(changes)
+        self.flips.values.extend(flips)
 
 
 @dataclass
@@ -220,3 +313,49 @@ class LossUnstable(Rule):
                            f"loss oscillates: {flip_fraction:.0%} of the last {self.window} steps reverse direction, "
                            f"by {swing:.0%} of the mean loss {mean_loss:.4g} on average")
         return QUIET
+
+    def bulk(self, rows: RunRows, states: list[_Swings]) -> Bulk:
+        """Replays the windows' sums as `check` would (same operations, same order) on runs whose windows are
+        full; runs still filling them are judged event by event."""
+        quiet, judged = np.ones(rows.runs, dtype=bool), np.zeros(rows.runs, dtype=bool)
+        updates: list[tuple | None] = []
+        for i, (state, new) in enumerate(zip(states, rows.finite("loss"))):
+            update = None
+            if not new:
+                pass
+            elif not state.flips.full:
+                quiet[i] = False
+            else:
+                update, judged[i], quiet[i] = self._replay(state, new)
+            updates.append(update)
+        return Bulk(quiet, judged, updates, _Swings.extend)
+
+    def _replay(self, state: _Swings, new: list[float]) -> tuple[tuple, bool, bool]:
+        losses_window, changes_window, flips_window = state.losses, state.changes, state.flips
+        loss_values = [*losses_window.values, *new]
+        change_values, flip_values = [*changes_window.values], [*flips_window.values]
+        losses_total, changes_total, flips_total = losses_window.total, changes_window.total, flips_window.total
+        last_change, previous = state.last_change, loss_values[self.window - 1]
+        judged = False
+        for j, loss in enumerate(new):
+            change = loss - previous
+            flip = 1.0 if change * last_change < 0 else 0.0
+            flip_values.append(flip)
+            flips_total += flip - flip_values[j]
+            change_values.append(abs(change))
+            changes_total += change_values[-1] - change_values[j]
+            last_change, previous = change, loss
+            losses_total += loss - loss_values[j]
+            mean_loss = losses_total / self.window
+            if mean_loss <= 0:
+                continue
+            judged = True
+            flip_fraction = flips_total / flips_window.window
+            mean_change = changes_total / changes_window.window
+            swing = mean_change / mean_loss
+            if (flip_fraction >= self.min_flip_fraction and swing >= self.min_relative_swing
+                    and mean_change >= self.min_swing):
+                return (), judged, False
+        count = len(new)
+        return (new, change_values[-count:], flip_values[-count:], losses_total, changes_total, flips_total,
+                last_change), judged, True

@@ -1,0 +1,299 @@
+"""The detectors' columnar entry (`DetectorEngine.observe_frames`): a batch's frames judged at once, with exactly
+the alerts, in the same order, and the state that observing each row in turn would give.
+
+Almost every run's share of a batch in a healthy fleet is quiet, so that case is made cheap:
+- runs the batch must judge event by event are: runs met for the first time (their history is loaded, one
+  `load_many` for all of them, as `prefetch` does), ended runs, runs with a run ended in the batch (it may evict
+  another ended run: these go in batch order) and runs with an open stall incident (their next event resolves it);
+- the other runs' liveness (last timestamp, gaps, sources) is brought forward over their rows at once;
+- for each hot kind (steps, GPU samples), every rule gives a bulk verdict (`Rule.bulk`) from the batch's start
+  state without changing it; where all vouch that no reading would be active and no incident of the kind is open,
+  their state is brought forward at once, else that kind's rows of the run are judged event by event;
+- rows of other kinds with rules (evals, checkpoints) are judged event by event at their place in the run's
+  order, after the run's facts took the steps before them (an eval is compared with the train loss logged
+  before it). Nothing else crosses kinds: step rules read only steps, GPU rules only samples and whether the
+  run has logged a step (a run whose first step is in the batch has its samples judged event by event).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from trainwire.consumers.frames import Frame
+from trainwire.schemas import Alert
+
+from .base import Bulk
+from .columns import FrameColumns, RunRows
+from .history import HistoryUnavailableError
+from .stall import RunStalled
+
+if TYPE_CHECKING:
+    from .engine import DetectorEngine, _RunState
+
+log = logging.getLogger(__name__)
+STALLED = RunStalled.rule_id
+HOT_KINDS = ("step", "gpu_sample")  # the kinds whose rules judge in bulk; GPU samples do not make a run live
+_LIVENESS_EXEMPT = "gpu_sample"
+
+
+class _Batch:
+    """Every frame row in batch order: its kind, row in its frame, position, run and timestamp."""
+
+    def __init__(self, frames: Mapping[str, Frame]):
+        present = [frame for frame in frames.values() if frame.table.num_rows]
+        self.kinds = [frame.kind for frame in present]
+        self.frames = present
+        self.columns = [FrameColumns(frame.table) for frame in present]
+        run_ids = pa.concat_arrays([chunk for frame in present for chunk in frame.table.column("run_id").chunks])
+        encoded = run_ids.dictionary_encode()
+        sizes = [frame.table.num_rows for frame in present]
+        order = np.argsort(np.concatenate([frame.positions for frame in present]), kind="stable")
+        self.kind = np.repeat(np.arange(len(present), dtype=np.int32), sizes)[order]
+        self.row = np.concatenate([np.arange(size, dtype=np.int64) for size in sizes])[order]
+        self.position = np.concatenate([frame.positions for frame in present])[order]
+        self.ts = np.concatenate([column.values("ts_ms") for column in self.columns])[order]
+        self.run = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order]
+        self.run_ids: list[str] = encoded.dictionary.to_pylist()
+        self.by_run = np.argsort(self.run, kind="stable")  # rows grouped by run, each run's in batch order
+        self.run_starts = np.concatenate([[0], np.cumsum(np.bincount(self.run, minlength=len(self.run_ids)))])
+        self._records: dict[int, dict] = {}
+
+    def of_kind(self, kind: str) -> int | None:
+        return self.kinds.index(kind) if kind in self.kinds else None
+
+    def records(self, rows: np.ndarray) -> list[dict]:
+        """The rows (batch order indices) as records, for the per-event path; each kind's made at once."""
+        wanted = [row for row in rows.tolist() if row not in self._records]
+        if wanted:
+            wanted_rows = np.array(wanted, dtype=np.int64)
+            for kind in np.unique(self.kind[wanted_rows]).tolist():
+                of_kind = wanted_rows[self.kind[wanted_rows] == kind]
+                made = self.frames[kind].table.take(pa.array(self.row[of_kind])).to_pylist()
+                self._records.update(zip(of_kind.tolist(), made))
+        return [self._records[row] for row in rows.tolist()]
+
+    def split_by_run(self, values: list[Any], rows: np.ndarray) -> list[list[Any]]:
+        """`values` of `rows` (grouped by run) cut into one list per run."""
+        ends = np.cumsum(np.bincount(self.run[rows], minlength=len(self.run_ids))).tolist()
+        return [values[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+class ColumnarObserver:
+    """Judges one batch for an engine; see the module's docstring."""
+
+    def __init__(self, engine: DetectorEngine, frames: Mapping[str, Frame], sources: Sequence[Any] | None):
+        self.engine = engine
+        self.batch = _Batch(frames)
+        self.sources = sources
+        self.runs: list[_RunState | None] = [engine._runs.get(run_id) for run_id in self.batch.run_ids]
+        self.found: list[tuple[int, list[Alert]]] = []  # (position, its alerts)
+
+    def observe(self) -> list[Alert]:
+        batch = self.batch
+        slow = np.array([run is None or run.ended or STALLED in run.firing for run in self.runs], dtype=bool)
+        ended = batch.of_kind("run_ended")
+        if ended is not None:
+            slow[batch.run[batch.kind == ended]] = True
+        self._observe_in_order(np.flatnonzero(slow[batch.run]))
+        fast = np.flatnonzero(~slow)
+        if len(fast):
+            self._bulk(fast, ~slow[batch.run])
+        self.found.sort(key=lambda found: found[0])
+        return [alert for _, alerts in self.found for alert in alerts]
+
+    def _source(self, row: int) -> Any:
+        return None if self.sources is None else self.sources[self.batch.position[row]]
+
+    def _observe_in_order(self, rows: np.ndarray) -> None:
+        """The per-event path for these rows (batch order), the history of runs met for the first time loaded
+        at once first."""
+        batch, engine = self.batch, self.engine
+        records = batch.records(rows)
+        kinds = [batch.kinds[kind] for kind in batch.kind[rows].tolist()]
+        first: dict[int, tuple[str, dict]] = {}
+        for run, kind, record in zip(batch.run[rows].tolist(), kinds, records):
+            if self.runs[run] is None and run not in first:
+                first[run] = (kind, record)
+        engine.prefetch(first.values())
+        for row, kind, record in zip(rows.tolist(), kinds, records):
+            self._guarded(row, kind, record, engine.observe, kind, record, self._source(row))
+
+    def _guarded(self, row: int, kind: str, record: dict, judge: Callable[..., list[Alert] | None],
+                 *args: Any) -> None:
+        """One event's detection; a failure is counted and logged and ingest goes on (the event is stored all
+        the same), as the per-event pipeline does."""
+        try:
+            alerts = judge(*args)
+        except HistoryUnavailableError:
+            raise
+        except Exception:
+            self.engine.failures += 1
+            if self.engine.failures == 1 or self.engine.failures % 1000 == 0:
+                log.exception("detectors failed on a %s event of run %s (%d so far)", kind, record.get("run_id"),
+                              self.engine.failures)
+            return
+        if alerts:
+            self.found.append((int(self.batch.position[row]), alerts))
+
+    def _bulk(self, fast: np.ndarray, fast_row: np.ndarray) -> None:
+        batch = self.batch
+        self._liveness(fast, fast_row)
+        in_bulk: dict[str, np.ndarray] = {}  # per run: the kind's rows are judged in bulk
+        facts_of: dict[int, tuple[int, list[float]]] = {}  # run → (last step, finite losses) of bulk steps
+        for kind in HOT_KINDS:
+            index = batch.of_kind(kind)
+            if index is not None:
+                in_bulk[kind] = self._judge_kind(kind, index, fast_row, facts_of)
+        per_event = np.zeros(len(batch.run), dtype=bool)
+        for index, kind in enumerate(batch.kinds):
+            if kind in in_bulk:
+                wanted = ~in_bulk[kind]
+            else:
+                wanted = np.array([run is not None and kind in run.rules.by_kind for run in self.runs], dtype=bool)
+            per_event |= (batch.kind == index) & wanted[batch.run]
+        per_event &= fast_row
+        mixed = set(np.unique(batch.run[per_event]).tolist())
+        for run_index, (last_step, losses) in facts_of.items():
+            if run_index not in mixed:
+                facts = self.runs[run_index].facts
+                facts.last_step = last_step
+                facts.recent_losses.extend(losses)
+        if mixed:
+            batch.records(np.flatnonzero(per_event))  # made at once, per kind
+            for run_index in sorted(mixed):
+                self._in_order(run_index, per_event, "step" in in_bulk and in_bulk["step"][run_index])
+
+    def _liveness(self, fast: np.ndarray, fast_row: np.ndarray) -> None:
+        """What `observe` does for each event before its rules: sources, and for events that tell the run is
+        alive (not GPU samples) the last timestamp, the gaps between them and `spoke`."""
+        batch = self.batch
+        exempt = batch.of_kind(_LIVENESS_EXEMPT)
+        live = fast_row if exempt is None else fast_row & (batch.kind != exempt)
+        rows = batch.by_run[live[batch.by_run]]
+        stamps = batch.split_by_run(batch.ts[rows].tolist(), rows)
+        sources = self._sources_by_run(fast_row)
+        for run_index in fast.tolist():
+            run = self.runs[run_index]
+            if sources is not None:
+                run.sources.update(sources[run_index])
+            times = stamps[run_index]
+            if not times:
+                continue
+            last, gaps = run.last_ts, run.gaps
+            for ts in times:
+                if last is None or ts > last:
+                    if last is not None:
+                        gaps.append(ts - last)
+                    last = ts
+            run.last_ts, run.spoke = last, True
+
+    def _sources_by_run(self, fast_row: np.ndarray) -> list[list[Any]] | None:
+        """Per run: the distinct sources (not None) of its rows; None when the batch has none."""
+        if self.sources is None:
+            return None
+        distinct = list(dict.fromkeys(self.sources))
+        if distinct == [None]:
+            return None
+        batch, codes = self.batch, {source: code for code, source in enumerate(distinct)}
+        of_row = np.array([codes[source] for source in self.sources], dtype=np.int64)[batch.position]
+        pairs = np.unique(batch.run[fast_row] * len(distinct) + of_row[fast_row])
+        by_run: list[list[Any]] = [[] for _ in batch.run_ids]
+        for run_index, code in zip((pairs // len(distinct)).tolist(), (pairs % len(distinct)).tolist()):
+            if distinct[code] is not None:
+                by_run[run_index].append(distinct[code])
+        return by_run
+
+    def _judge_kind(self, kind: str, index: int, fast_row: np.ndarray,
+                    facts_of: dict[int, tuple[int, list[float]]]) -> np.ndarray:
+        """Ask each rule set's rules of `kind` for their bulk verdict over the fast runs' rows and bring the
+        quiet runs' state forward; per run: whether its rows of the kind were judged in bulk."""
+        batch = self.batch
+        rows = batch.by_run[(batch.kind[batch.by_run] == index) & fast_row[batch.by_run]]
+        counts = np.bincount(batch.run[rows], minlength=len(batch.run_ids))
+        in_bulk = np.ones(len(batch.run_ids), dtype=bool)
+        groups: dict[int, list[int]] = {}
+        for run_index in np.flatnonzero(counts).tolist():
+            groups.setdefault(id(self.runs[run_index].rules), []).append(run_index)
+        for members in groups.values():
+            selected = rows if len(groups) == 1 else rows[np.isin(batch.run[rows], members)]
+            starts = np.concatenate([[0], np.cumsum(counts[members])])
+            run_rows = RunRows(batch.columns[index], batch.row[selected], starts,
+                               [self.runs[member].facts for member in members])
+            quiet = self._verdicts(kind, members, run_rows)
+            if kind == "step":
+                steps, _ = run_rows.column("step")
+                last_steps = steps[starts[1:] - 1].tolist()
+                losses = run_rows.finite("loss")
+            for i, member in enumerate(members):
+                if quiet[i] and kind == "step":
+                    facts_of[member] = (last_steps[i], losses[i])
+                in_bulk[member] = quiet[i]
+        return in_bulk
+
+    def _verdicts(self, kind: str, members: list[int], rows: RunRows) -> list[bool]:
+        """Per member run: whether every rule vouched for its rows; the quiet ones' rule state brought forward."""
+        runs = [self.runs[member] for member in members]
+        rules = runs[0].rules.by_kind.get(kind, ())
+        try:
+            bulks = [rule.bulk(rows, [run.rule_state[rule.rule_id] for run in runs]) for rule in rules]
+        except Exception:
+            log.exception("detectors: the bulk verdict on %s rows failed; judging them event by event", kind)
+            return [False] * len(members)
+        if any(bulk is None for bulk in bulks):
+            return [False] * len(members)
+        quiet = np.logical_and.reduce([bulk.quiet for bulk in bulks]) if bulks else np.ones(len(members), bool)
+        if kind == "gpu_sample":  # a first step in the batch changes what the samples after it count
+            step = self.batch.of_kind("step")
+            if step is not None:
+                stepped = np.zeros(len(self.batch.run_ids), dtype=bool)
+                stepped[self.batch.run[self.batch.kind == step]] = True
+                quiet &= ~np.array([run.facts.last_step is None and stepped[m] for run, m in zip(runs, members)])
+        verdicts = quiet.tolist()
+        for i, run in enumerate(runs):
+            if not verdicts[i]:
+                continue
+            if run.firing and any(rule.rule_id in run.firing for rule in rules):
+                verdicts[i] = False
+                continue
+            self._apply(run, kind, bulks, i)
+        return verdicts
+
+    def _apply(self, run: _RunState, kind: str, bulks: list[Bulk], i: int) -> None:
+        try:
+            for (_, state, streak, _), bulk in zip(run.checks.get(kind, ()), bulks):
+                if bulk.apply is not None:
+                    bulk.apply(state, bulk.updates[i])
+                if bulk.judged[i]:
+                    streak.active = 0
+        except Exception:
+            self.engine.failures += 1
+            log.exception("detectors failed bringing the %s state of a run forward (%d so far)", kind,
+                          self.engine.failures)
+
+    def _in_order(self, run_index: int, per_event: np.ndarray, steps_in_bulk: bool) -> None:
+        """A run with rows judged event by event: its rows in batch order, bulk steps feeding its facts between
+        them, so that each event judged sees the facts as they were when it came."""
+        batch, run = self.batch, self.runs[run_index]
+        step = batch.of_kind("step")
+        for row in batch.by_run[batch.run_starts[run_index]:batch.run_starts[run_index + 1]].tolist():
+            kind = batch.kinds[batch.kind[row]]
+            if per_event[row]:
+                (record,) = batch.records(np.array([row]))
+                self._guarded(row, kind, record, self._detect, run, kind, record)
+            elif steps_in_bulk and batch.kind[row] == step:
+                columns, frame_row = batch.columns[step], batch.row[row]
+                run.facts.last_step = int(columns.values("step")[frame_row])
+                loss = float(columns.values("loss")[frame_row])
+                if math.isfinite(loss):
+                    run.facts.recent_losses.add(loss)
+
+    def _detect(self, run: _RunState, kind: str, record: dict) -> list[Alert]:
+        alerts: list[Alert] = []
+        self.engine._detect(run, kind, record, alerts)
+        return alerts
