@@ -11,13 +11,15 @@ import uuid
 from collections import defaultdict
 
 import fastavro
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.frame_builder import decoded_of, decoded_of_messages
 from trainwire.consumers.frames import Frame
 from trainwire.consumers.rows import TABLE_FOR_KIND, to_row
-from trainwire.consumers.writer import ClickHouseWriter
+from trainwire.consumers.writer import ClickHouseWriter, StoreWriteError
+from trainwire.infra.store import connect_store
 from trainwire.schemas import Alert, Checkpoint, Eval, GpuSample, Heartbeat, RunEnded, RunStarted, Step
 from trainwire.schemas.codec import MAGIC, decode_record, registry
 from trainwire.schemas.events import LONG_MAX, FileDigest
@@ -241,3 +243,24 @@ def test_one_frame_across_150_days_is_stored(client):
     result = ClickHouseWriter(client).write_frames(frames_of(events))
     assert result.inserted == 150 and not result.refused and count(client, "steps", "r") == 150
 
+
+
+def test_an_unavailable_store_fails_the_whole_write_and_the_marks_are_learnt_again(client, tmp_path):
+    """A server error that says nothing about the rows (here: out of memory) raises StoreWriteError, refusing
+    nothing; what this writer knew of the store is forgotten, so events another writer stored meanwhile (or that
+    a part-way insert stored) are skipped on the retry, not stored twice."""
+    writer = ClickHouseWriter(client)
+    events = [step("r", seq) for seq in range(1, 21)]
+    assert writer.write_frames(frames_of(events[:10])).inserted == 10
+    client.set_client_setting("max_memory_usage", "1")
+    with pytest.raises(StoreWriteError, match="MEMORY_LIMIT_EXCEEDED"):
+        writer.write_frames(frames_of(events[10:12]))
+    other = connect_store(f"chdb://{tmp_path / 'chdb'}")  # another client of the same store
+    try:
+        assert ClickHouseWriter(other).write_frames(frames_of(events[10:15])).inserted == 5
+    finally:
+        other.close()
+    client.set_client_setting("max_memory_usage", "0")
+    retried = writer.write_frames(frames_of(events[10:]))
+    assert retried.inserted == 5 and retried.redeliveries_skipped == 5
+    assert client.query("SELECT sum(steps) FROM steps_1m WHERE run_id = 'r'").result_rows == [(20,)]
