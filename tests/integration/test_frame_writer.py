@@ -9,9 +9,11 @@ import math
 import time
 import uuid
 from collections import defaultdict
+from importlib import resources
 
 import fastavro
 import pytest
+from fastavro.schema import to_parsing_canonical_form
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -99,10 +101,20 @@ def stored_text(client) -> dict[str, str]:
             for table in TABLE_FOR_KIND.values()}
 
 
-def test_every_kind_and_schema_version_is_stored_as_the_row_path_stores_it(client):
+def as_shipped(writer: str) -> str:
+    """A writer schema in its parsing canonical form, as the file it came from holds it (docs, defaults)."""
+    (version,) = [v for v in registry().values() if to_parsing_canonical_form(v.parsed) == writer]
+    return (resources.files("trainwire.schemas") / "avro" / f"{version.kind}.v{version.version}.avsc").read_text()
+
+
+@pytest.mark.parametrize("writer_form", ["canonical", "as shipped"])
+def test_every_kind_and_schema_version_is_stored_as_the_row_path_stores_it(client, writer_form):
     messages = every_kind()
     frames = decoded_of_messages(messages).frames
     assert sum(len(frame.writers) for frame in frames.values()) == len(frames) + 4  # old versions beside new
+    if writer_form == "as shipped":
+        for frame in frames.values():
+            frame.writers = [as_shipped(writer) for writer in frame.writers]
 
     written = ClickHouseWriter(client).write_frames(frames)
     assert not written.refused and written.inserted == len(messages) - 1  # the alert is not an event
