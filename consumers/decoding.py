@@ -20,7 +20,7 @@ from trainwire.schemas.codec import CorruptPayloadError
 from .admission import Admission, DeadLetterBudget
 from .batch import Batch
 from .detectors import DetectorEngine, HistoryUnavailableError
-from .frames import Decoded
+from .frames import FrameDecoder
 from .rows import to_row
 
 log = logging.getLogger("trainwire.consumers.ingest")
@@ -105,7 +105,7 @@ class RecordDecoding:
 class ColumnarDecoding:
     """Per poll: ClickHouse parses the bodies into columns (FrameDecoder), which the detectors read as arrays."""
 
-    def __init__(self, decoder, budget: DeadLetterBudget, detectors: DetectorEngine,
+    def __init__(self, decoder: FrameDecoder, budget: DeadLetterBudget, detectors: DetectorEngine,
                  dead_letter: DeadLetter, detector_errors: DetectorErrors):
         self._decoder = decoder
         self._budget = budget

@@ -27,9 +27,11 @@ from trainwire.schemas import EVENT_TYPES, Alert, Codec, CodecUnavailableError, 
 
 from .alert_printer import alert_line
 from .admission import Admission, DeadLetterBudget
+from .avro_parser import AvroParser
 from .batch import Batch
 from .decoding import ColumnarDecoding, DetectorErrors, RecordDecoding
 from .detectors import DetectorEngine, HistoryUnavailableError
+from .frames import FrameDecoder
 from .metrics import IngestMetrics
 from .storing import BatchStore, Stored
 from .writer import ClickHouseWriter, StoreWriteError
@@ -89,6 +91,7 @@ class IngestPipeline:
         self._dead_letter_budget = DeadLetterBudget(settings.dead_letter_max_consecutive,
                                                     settings.dead_letter_max_ratio)
         self._detector_errors = DetectorErrors()
+        self._parser: AvroParser | None = None
         self._decoding = self._decoding_for(settings)
         self.last_stored = time.monotonic()  # when a batch was last stored and committed (or the start)
         self.stats = IngestStats()
@@ -97,10 +100,8 @@ class IngestPipeline:
         if settings.ingest_path == "records":
             return RecordDecoding(self._codec, Admission(settings), self._dead_letter_budget, self._detectors,
                                   self._dead_letter, self._detector_errors)
-        from .avro_parser import AvroParser  # TODO(lead): top-level import once the decoder lands
-        from .frames import FrameDecoder
-
-        decoder = FrameDecoder(self._codec, settings, AvroParser(self._writer.client))
+        self._parser = AvroParser(settings.store_dsn)
+        decoder = FrameDecoder(self._codec, settings, self._parser)
         return ColumnarDecoding(decoder, self._dead_letter_budget, self._detectors, self._dead_letter,
                                 self._detector_errors)
 
@@ -200,7 +201,7 @@ class IngestPipeline:
         self.stats.dead_lettered += len(batch.dead_letters)
         self.stats.alerts += len(batch.alerts)
         self.stats.batches += 1
-        self.stats.detector_errors = self._detector_errors.count
+        self.stats.detector_errors = self._detector_errors.count + self._detectors.failures
         self.metrics.consumed.inc(len(batch.records))
         self.metrics.redeliveries_skipped.inc(stored.redeliveries_skipped)
         self.metrics.stored.inc(stored.inserted)
@@ -305,6 +306,8 @@ class IngestPipeline:
             self._on_run_ended.close()
         if callable(close_printer := getattr(self._on_alert, "close", None)):
             close_printer()
+        if self._parser is not None:
+            self._parser.close()
         self._writer.close()  # chdb serves one data directory per process: let go of it
 
     def drain(self, idle_seconds: float = 1.0, deadline: float | None = None,

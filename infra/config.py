@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # (OverflowError), and a typo of a few zeros should be refused at start, not found in production.
     batch_max_rows: int = Field(default=20_000, gt=0, le=1_000_000)
     batch_max_seconds: float = Field(default=0.5, gt=0, le=60, allow_inf_nan=False)
-    ingest_path: Literal["columnar", "records"] = Field(default="records", description="how ingest decodes: "
+    ingest_path: Literal["columnar", "records"] = Field(default="columnar", description="how ingest decodes: "
                                                         "ClickHouse parses a batch into columns, or the old "
                                                         "per-record path (kept as a reference for benchmarks)")
     queue_size: int = Field(default=100_000, gt=0, le=10_000_000, description="events a producer buffers in memory")
