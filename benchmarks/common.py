@@ -28,6 +28,17 @@ def machine() -> dict:
             "java": subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]}
 
 
+def source() -> dict:
+    """Which code ran: the commit, and whether the tree differed from it (a number quoted from a dirty tree is
+    only as good as the change it measured)."""
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True).stdout.splitlines()
+    return {"commit": commit, "uncommitted_changes": [line[3:] for line in changed]}
+
+
 def percentiles(samples: list[float]) -> dict:
     q = statistics.quantiles(samples, n=1000, method="inclusive")  # never beyond the largest sample
     return {"n": len(samples), "median": statistics.median(samples), "p99": q[989], "p999": q[998],
