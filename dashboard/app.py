@@ -1,4 +1,4 @@
-"""The trainwire dashboard: six views of the store, live and over any past time range.
+"""The trainwire dashboard: six views of the store, live and over any past time range; it opens on the Fleet.
 
 Served by `trainwire dashboard`, `trainwire up` and `trainwire demo` (see serve.py), which put the store DSN in
 TRAINWIRE_STORE. Every row comes through the read API, `StoreReader`. This entry script draws what all views
@@ -15,12 +15,13 @@ from trainwire.dashboard.access import Access, admit, log_view
 from trainwire.dashboard.auth import Refusal
 from trainwire.dashboard.shared import (DEFAULT_RANGE, RANGE_LABELS, RANGES, client, from_url, kept, labels, reader,
                                         settings, time_range, to_url)
+from trainwire.dashboard.triage import most_urgent
 from trainwire.infra.config import ConfigError
 from trainwire.infra.store.read import StoreReader
 
-VIEWS = [  # what the viewer role sees
-    st.Page("views/training.py", title="Training", icon=":material/show_chart:", default=True),
-    st.Page("views/fleet.py", title="Fleet", icon=":material/dns:"),
+VIEWS = [  # what the viewer role sees; the Fleet, the ops landing page, first
+    st.Page("views/fleet.py", title="Fleet", icon=":material/dns:", default=True),
+    st.Page("views/training.py", title="Training", icon=":material/show_chart:"),
     st.Page("views/compare.py", title="Experiment comparison", icon=":material/compare_arrows:"),
     st.Page("views/resources.py", title="Resources", icon=":material/memory:"),
     st.Page("views/alerts.py", title="Alerts", icon=":material/notifications:"),
@@ -31,11 +32,21 @@ WATCH_SECONDS = 2.0
 
 
 def pick_run(store: StoreReader) -> None:
+    """The sidebar's run: the URL's, else the one chosen before, else the most urgent (dashboard/triage.py)."""
     runs = store.runs() if store.migrated() else []
     st.session_state["runs_listing"] = runs
     ids = [run["run_id"] for run in runs]
     from_url("run")
-    kept("run", ids[0] if ids else None, valid=lambda run_id: run_id if run_id in ids else (ids[0] if ids else None))
+
+    def chosen_or_most_urgent(run_id: str | None) -> str | None:
+        if not ids:
+            return None
+        if run_id in ids:
+            return run_id
+        urgent = most_urgent(store.fleet())
+        return urgent if urgent in ids else ids[0]
+
+    kept("run", None, valid=chosen_or_most_urgent)
     names = labels()
     st.sidebar.selectbox("Run", ids, format_func=names.__getitem__, key="run", placeholder="no runs yet")
 

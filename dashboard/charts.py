@@ -3,6 +3,8 @@ find; every series is already downsampled by the read API, so the element count 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import altair as alt
 import pandas as pd
 
@@ -48,9 +50,17 @@ def metric_curve(frame: pd.DataFrame, field: str, label: str, *, last_step: int 
     return alt.layer(*layers).properties(height=height, usermeta=SVG)
 
 
-def time_lines(frame: pd.DataFrame, field: str, label: str, series: str, *, threshold: float | None = None,
+@dataclass(frozen=True)
+class Threshold:
+    """A detector's threshold drawn on a chart: where, and what it is ("gpu_temperature_high ≥ 85 °C")."""
+
+    value: float
+    label: str
+
+
+def time_lines(frame: pd.DataFrame, field: str, label: str, series: str, *, threshold: Threshold | None = None,
                height: int = 220) -> alt.LayerChart:
-    """`field` over time, one line per value of `series`; an optional dashed threshold."""
+    """`field` over time, one line per value of `series`; an optional dashed threshold, labelled."""
     chart = alt.Chart(frame).mark_line(point=len(frame) <= POINTS_UP_TO).encode(
         x=alt.X("t:T", title=None), y=alt.Y(f"{field}:Q", title=label, scale=alt.Scale(zero=False)),
         color=alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom")),
@@ -58,8 +68,10 @@ def time_lines(frame: pd.DataFrame, field: str, label: str, series: str, *, thre
     )
     layers = [chart]
     if threshold is not None:
-        layers.append(alt.Chart(pd.DataFrame({"y": [threshold]})).mark_rule(
-            color=ALERT_RED, strokeDash=[4, 3]).encode(y="y:Q"))
+        line = alt.Chart(pd.DataFrame({"y": [threshold.value], "threshold": [threshold.label]}))
+        layers.append(line.mark_rule(color=ALERT_RED, strokeDash=[4, 3]).encode(y="y:Q", tooltip=["threshold"]))
+        layers.append(line.mark_text(color=ALERT_RED, align="left", baseline="bottom", x=4, dy=-2).encode(
+            y="y:Q", text="threshold"))
     return alt.layer(*layers).properties(height=height, usermeta=SVG)
 
 

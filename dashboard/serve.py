@@ -33,8 +33,10 @@ def is_loopback(host: str) -> bool:
 
 
 def dashboard_url(settings: Settings, port: int) -> str:
+    """The one address to open: loopback and every-interface addresses (0.0.0.0, ::) as localhost."""
     host = settings.dashboard_host
-    shown = "localhost" if host in ("127.0.0.1", "localhost") else (f"[{host}]" if ":" in host and "[" not in host else host)
+    local = host in ("127.0.0.1", "localhost") or host.strip("[]") in ("0.0.0.0", "::")
+    shown = "localhost" if local else (f"[{host}]" if ":" in host and "[" not in host else host)
     return f"http://{shown}:{port}"
 
 
@@ -61,7 +63,9 @@ def check_oidc_secrets(settings: Settings) -> None:
 
 
 def serve_dashboard(settings: Settings, port: int = 8501) -> None:
-    """Blocks until Ctrl-C. The app, run in this process, reads these same settings (shared.settings())."""
+    """Blocks until Ctrl-C. The app, run in this process, reads these same settings (shared.settings()). Says the
+    one URL to open; Streamlit's own banner is off (its Network URL and a failed external-IP lookup, made over
+    the internet, only confuse)."""
     from streamlit.web import bootstrap
 
     if settings.dashboard_auth == "oidc":
@@ -77,7 +81,8 @@ def serve_dashboard(settings: Settings, port: int = 8501) -> None:
         "server.address": settings.dashboard_host, "server.port": port, "server.headless": True,
         "server.fileWatcherType": "none", "browser.gatherUsageStats": False, "server.runOnSave": False,
         "global.developmentMode": False, "client.toolbarMode": "viewer", "server.enableAgentApi": False,
-        "secrets.files": secrets_files(settings),
+        "secrets.files": secrets_files(settings), "logger.hideWelcomeMessage": True,
     }
     bootstrap.load_config_options(flag_options=flags)
+    print(f"dashboard on {dashboard_url(settings, port)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     bootstrap.run(str(APP), False, [], flags)

@@ -95,10 +95,9 @@ def run_demo(settings: Settings, *, jobs: int, steps: int, faults: list[str], he
     transport = f"kafka://{settings.kafka}" if settings.kafka else f"sqlite://{settings.local_log_path}"
     _progress(f"trainwire demo: {jobs} jobs × {steps} steps → {transport} → {redact_url(settings.store_dsn)}")
     if not headless:
-        from trainwire.dashboard.serve import dashboard_url, serve_dashboard
+        from trainwire.dashboard.serve import serve_dashboard
 
-        _progress(f"dashboard on {dashboard_url(settings, port)} (Ctrl-C to stop)")
-        serve_dashboard(settings, port)
+        serve_dashboard(settings, port)  # says its URL
         stop_jobs.set()
     for thread in threads:
         while thread.is_alive():

@@ -59,10 +59,9 @@ def up_embedded(settings: Settings, port: int, dashboard: bool, metrics_port: in
     _say(f"read API for other trainwire commands on {api.url}")
     try:
         if dashboard:
-            from trainwire.dashboard.serve import dashboard_url, serve_dashboard
+            from trainwire.dashboard.serve import serve_dashboard
 
-            _say(f"dashboard on {dashboard_url(settings, port)} (Ctrl-C to stop)")
-            serve_dashboard(settings, port)
+            serve_dashboard(settings, port)  # says its URL
         else:
             _say("Ctrl-C or SIGTERM to stop")
             _wait_for_signal()

@@ -1,11 +1,12 @@
-"""Alerts: incidents firing or resolved in the time range, filtered by run, rule, severity, team and state; the
-active silences, and what was paged as one: flapping runs and rules, storms over many runs."""
+"""Alerts: incidents firing or resolved in the time range, filtered by run, rule, severity (shown in colour), team
+and state; the active silences, and what was paged as one: flapping runs and rules, storms over many runs."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
+from trainwire.dashboard.cells import severity_style, when_text
 from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, plural, reader, require_runs,
                                         time_range)
 from trainwire.dashboard.views.alerts_paging import flapping_section, silences_section, storms_section
@@ -36,8 +37,11 @@ def body(run_ids: list[str], rules: list[str], severities: list[str], teams: lis
         names = labels()
         frame = pd.DataFrame(incidents)
         frame["run"] = frame["run_id"].map(lambda r: names.get(r, r[:8]))
-        st.caption(f"{plural(len(frame), 'incident')} in {span.describe()}, newest first")
-        st.dataframe(frame[list(COLUMNS)].rename(columns=COLUMNS), hide_index=True, width="stretch")
+        frame["fired_at"] = [when_text(i["fired_at"]) for i in incidents]
+        frame["resolved_at"] = [when_text(i["resolved_at"]) for i in incidents]  # blank while firing
+        st.caption(f"{plural(len(frame), 'incident')} in {span.describe()}, newest first (UTC)")
+        shown = frame[list(COLUMNS)].rename(columns=COLUMNS)
+        st.dataframe(shown.style.map(severity_style, subset=["severity"]), hide_index=True, width="stretch")
     silences_section()
     flapping_section(span, run_ids, rules)
     storms_section(span, rules)

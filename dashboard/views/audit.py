@@ -1,6 +1,7 @@
-"""Audit: a run's lineage (base model, dataset, config, git, seeds, environment, with their SHA-256), its
-checkpoints and output artifacts with hashes, its quality gates, registry stage and audit record, the whole as a
-JSON download (auditors), and the registry actions (approvers)."""
+"""Audit: a run's lineage (base model, dataset, config and hyperparameters, git, seeds, hardware — the GPUs its
+samples came from too — and environment, with their SHA-256), its checkpoints and output artifacts with hashes, its
+quality gates (messages' long decimals rounded), registry stage and audit record, the whole as a JSON download
+(auditors), and the registry actions (approvers). Each table spans the page, so hashes show whole."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import streamlit as st
 
 from trainwire.dashboard.access import current, logged_download
 from trainwire.dashboard.audit_data import audit_export, governance
+from trainwire.dashboard.cells import rounded
 from trainwire.dashboard.registry_actions import show_registry_actions
 from trainwire.dashboard.shared import client, live, reader, require_run
 
@@ -38,22 +40,48 @@ def files_table(rows: list[dict], **extra: Any) -> pd.DataFrame:
     return pd.DataFrame([{**extra, "file": f["name"], "size": f["size"], "sha256": f["sha256"]} for f in rows])
 
 
-def show_lineage(started: dict) -> None:
-    sections = list(LINEAGE.items())
-    for column, chunk in zip(st.columns(2), (sections[0::2], sections[1::2])):
-        with column:
-            for title, fields in chunk:
-                st.markdown(f"**{title}**")
-                values = [(name, _shown(started.get(key))) for name, key in fields]
-                if title == "Environment":
-                    values += sorted((name, str(value)) for name, value in (started.get("environment") or {}).items())
-                st.dataframe(pd.DataFrame(values, columns=["", "value"]), hide_index=True, width="stretch")
-    with st.expander("Hyperparameters"):
-        st.json(json.loads(started.get("hyperparameters_json") or "{}"))
+def gpu_text(gpu: dict) -> str:
+    memory = f" · {gpu['memory_total_mb'] / 1024:.0f} GB" if gpu.get("memory_total_mb") else ""
+    return f"{gpu['gpu_name'] or 'unnamed GPU'}{memory} · {gpu['gpu_uuid'] or 'no UUID'} (seen in its GPU samples)"
+
+
+def lineage_sections(started: dict, gpus: list[dict]) -> dict[str, tuple[list[tuple[str, str]], list[str]]]:
+    """Per section, the (field, value) pairs recorded and the names of the fields not recorded. Hardware adds the
+    GPUs the run's samples came from, config its hyperparameters: what it ran on and with, shown as recorded."""
+    sections = {}
+    for title, fields in LINEAGE.items():
+        sections[title] = ([(name, _shown(started.get(key))) for name, key in fields if _recorded(started.get(key))],
+                           [name for name, key in fields if not _recorded(started.get(key))])
+    sections["Environment"][0].extend(sorted((name, str(value))
+                                             for name, value in (started.get("environment") or {}).items()))
+    sections["Hardware"][0].extend((f"GPU {gpu['gpu_index']} on {gpu['host']}", gpu_text(gpu)) for gpu in gpus)
+    try:
+        parameters = json.loads(started.get("hyperparameters_json") or "{}")
+    except ValueError:
+        parameters = {}
+    sections["Config and code"][0].extend(
+        (f"hyperparameter {name}", value if isinstance(value, str) else json.dumps(value))
+        for name, value in sorted(parameters.items()))
+    return sections
+
+
+def show_lineage(started: dict, gpus: list[dict]) -> None:
+    """One section under another, each the page's width: a SHA-256 (71 characters) shows whole at 1600 px."""
+    for title, (recorded, missing) in lineage_sections(started, gpus).items():
+        st.markdown(f"**{title}**")
+        if recorded:
+            st.dataframe(pd.DataFrame(recorded, columns=["field", "value"]), hide_index=True, width="stretch",
+                         column_config={"field": st.column_config.TextColumn(width=240)})
+        if missing:
+            st.caption(f"not recorded: {', '.join(missing)}")
+
+
+def _recorded(value: Any) -> bool:
+    return value is not None and value != [] and value != ""
 
 
 def _shown(value: Any) -> str:
-    if value is None or value == []:
+    if not _recorded(value):
         return "—"
     if isinstance(value, list):
         return ", ".join(map(str, value))
@@ -86,8 +114,8 @@ def show_governance(record: dict[str, Any]) -> None:
     else:
         st.markdown(f"**{gates['overall']}** · evaluated {gates['evaluated_at']:%Y-%m-%d %H:%M:%S} UTC "
                     f"({gates['trigger']}, by {gates['actor']}) · result {gates['result_sha256']}")
-        st.dataframe(pd.DataFrame(gates["gates"])[["gate", "name", "status", "on_fail", "message"]],
-                     hide_index=True, width="stretch")
+        verdicts = pd.DataFrame(gates["gates"])[["gate", "name", "status", "on_fail", "message"]]
+        st.table(verdicts.assign(message=verdicts["message"].map(rounded)).set_index("gate"))
     st.subheader("Registry stage")
     history = record["registry"]
     if history is None:
@@ -125,7 +153,7 @@ def body(run_id: str) -> None:
                            file_name=f"audit-{run_id}.json", mime="application/json", key="audit-download",
                            icon=":material/download:", on_click="ignore")
     st.subheader("Lineage")
-    show_lineage(started)
+    show_lineage(started, store.gpus_seen(run_id))
     show_outputs(checkpoints, ended)
     show_governance(record)
 

@@ -1,5 +1,5 @@
 """Resources: GPU utilisation, memory, temperature and power per host and GPU, and training throughput, for the
-sidebar's run or for everything on one host."""
+sidebar's run or for everything on one host; the GPU rules' configured thresholds drawn and labelled."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import streamlit as st
 from trainwire.dashboard.charts import time_lines
 from trainwire.dashboard.shared import (REFRESH_SECONDS, kept, labels, live, reader, require_run, runs_listing,
                                         time_range)
+from trainwire.dashboard.thresholds import gpu_thresholds
 
 MAX_POINTS = 300
 SCOPES = ["run", "host"]
-TEMPERATURE_HIGH_C = 85  # the gpu_temperature_high detector's default
 
 
 def body(run_id: str | None, host: str | None) -> None:
     store, span = reader(), time_range()
+    experiment = next((r["experiment"] for r in runs_listing() if r["run_id"] == run_id), None)
+    limits = gpu_thresholds(experiment)
     gpus = pd.DataFrame(store.gpu_series(run_id=run_id, host=host, since=span.since, until=span.until,
                                          max_points=MAX_POINTS))
     if gpus.empty:
@@ -31,10 +33,11 @@ def body(run_id: str | None, host: str | None) -> None:
         cells[2].metric("hottest", f"{latest['temperature_c'].max():.0f} °C")
         cells[3].metric("power", f"{latest['power_w'].sum():.0f} W")
         charts = [
-            ("gpu-utilization", time_lines(gpus, "utilization_pct", "utilisation %", "gpu")),
+            ("gpu-utilization", time_lines(gpus, "utilization_pct", "utilisation %", "gpu",
+                                           threshold=limits.get("utilization_pct"))),
             ("gpu-memory", time_lines(gpus, "memory_used_gb", "memory used GB", "gpu")),
             ("gpu-temperature", time_lines(gpus, "temperature_c", "temperature °C", "gpu",
-                                           threshold=TEMPERATURE_HIGH_C)),
+                                           threshold=limits.get("temperature_c"))),
             ("gpu-power", time_lines(gpus, "power_w", "power W", "gpu")),
         ]
         for column, (name, chart) in zip(st.columns(2) + st.columns(2), charts):

@@ -1,5 +1,6 @@
-"""Training: one run's loss, learning rate, grad norm and throughput over steps, its progress and ETA, alerts
-marked on the curves. Refreshes every second while the time range is live."""
+"""Training: one run's loss, learning rate, grad norm and throughput over steps, its progress, ETA and gate outcome,
+alerts marked on the curves. Opens on the most urgent run (dashboard/triage.py); refreshes every second while the
+time range is live."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from trainwire.dashboard.charts import metric_curve
+from trainwire.dashboard.cells import severity_style, when_text
 from trainwire.dashboard.shared import duration, live, plural, reader, require_run, time_range
 
 MAX_POINTS = 500
@@ -16,8 +18,9 @@ ALERT_COLUMNS = ["fired_at", "state", "severity", "rule", "step", "message"]
 def status_line(run: dict) -> str:
     pace = f" · {run['steps_per_s']:.1f} steps/s" if run["status"] == "running" and run.get("steps_per_s") else ""
     eta = f" · ETA {duration(run['eta_s'])}" if run.get("eta_s") is not None else ""
+    gates = f" · gates **{run['gates']}**" if run.get("gates") else ""
     return (f"**{run['status']}** · last step {run['last_step'] or 0} of {run['total_steps'] or '?'}{pace}{eta} · "
-            f"{plural(run['firing_alerts'], 'firing alert')}")
+            f"{plural(run['firing_alerts'], 'firing alert')}{gates}")
 
 
 def show_curves(curve: pd.DataFrame, evals: pd.DataFrame, last_step: int, alert_steps: list[tuple[int, str]]) -> None:
@@ -67,7 +70,8 @@ def body(run_id: str) -> None:
                     sorted({(i["step"], i["rule"]) for i in incidents if i["step"] is not None}))
     st.subheader("Alerts")
     if incidents:
-        st.dataframe(pd.DataFrame(incidents)[ALERT_COLUMNS], hide_index=True, width="stretch")
+        alerts = pd.DataFrame(incidents)[ALERT_COLUMNS].assign(fired_at=[when_text(i["fired_at"]) for i in incidents])
+        st.dataframe(alerts.style.map(severity_style, subset=["severity"]), hide_index=True, width="stretch")
     else:
         st.caption("no alerts")
 

@@ -22,6 +22,7 @@ DEFAULT_POINTS = 500
 RAW_ROWS_PER_POINT = 10
 ROLLUP_STEPS = 100  # steps_100: one row per run per 100 steps
 ROLLUP_SECONDS = 60  # steps_1m and gpu_1m: one row per run (per GPU) per minute
+SEED_FIELDS = ("seed", "data_seed", "numpy_seed")  # run started's seeds, compared with the hyperparameters
 
 # `prefer_column_name_to_alias`: an aggregate named like the column it reads (`max(ts) AS ts`) reads the column.
 _CURVE_RAW = """
@@ -45,16 +46,24 @@ FROM steps_100 WHERE run_id = {run_id:String} $time
 GROUP BY b ORDER BY b SETTINGS prefer_column_name_to_alias = 1
 """
 
-# Each run's latest state from the `runs` table (migration 003) and its firing incidents.
+# Each run's latest state from the `runs` table (migration 003), its firing incidents (how many are block or
+# critical, the most severe) and the overall outcome of its latest gate evaluation (migration 004).
 _FLEET = """
-WITH latest AS (SELECT run_id, rule, argMax(state, ts) AS state FROM alerts FINAL $alert_filter
-                GROUP BY run_id, rule, dedup_key),
-     firing AS (SELECT run_id, count() AS firing_alerts, groupUniqArray(rule) AS firing_rules FROM latest
-                WHERE state = 'firing' GROUP BY run_id)
+WITH latest AS (SELECT run_id, rule, any(severity) AS severity, argMax(state, ts) AS state FROM alerts FINAL
+                $alert_filter GROUP BY run_id, rule, dedup_key),
+     firing AS (SELECT run_id, count() AS firing_alerts, groupUniqArray(rule) AS firing_rules,
+                       countIf(severity IN ('block', 'critical')) AS urgent_alerts,
+                       multiIf(countIf(severity = 'block') > 0, 'block', countIf(severity = 'critical') > 0,
+                               'critical', countIf(severity = 'warning') > 0, 'warning', 'info') AS worst_severity
+                FROM latest WHERE state = 'firing' GROUP BY run_id),
+     gates AS (SELECT run_id, argMax(overall, evaluated_at) AS gates FROM gate_results FINAL $alert_filter
+               GROUP BY run_id)
 SELECT r.run_id AS run_id, r.exp AS experiment, r.name AS run_name, r.tm AS team, r.hst AS host,
        r.usr AS user, r.started AS started_at, r.st AS status, r.ended AS ended_at, r.total AS total_steps,
        if(r.n = 0, NULL, r.last) AS last_step, r.n AS steps_logged, r.seen AS last_event_at,
-       r.last_loss AS last_loss, ifNull(f.firing_alerts, 0) AS firing_alerts, f.firing_rules AS firing_rules
+       r.last_loss AS last_loss, ifNull(f.firing_alerts, 0) AS firing_alerts, f.firing_rules AS firing_rules,
+       ifNull(f.urgent_alerts, 0) AS urgent_alerts, if(f.firing_alerts > 0, f.worst_severity, NULL) AS worst_severity,
+       if(g.gates = '', NULL, g.gates) AS gates
 FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS tm, max(host) AS hst,
              max(user) AS usr, max(started_at) AS started, argMaxMerge(status) AS st,
              nullIf(max(ended_at), toDateTime64(0, 3, 'UTC')) AS ended, nullIf(max(total_steps), 0) AS total,
@@ -63,6 +72,7 @@ FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS
       FROM runs $run_filter GROUP BY run_id
       HAVING started > toDateTime64(0, 3, 'UTC') $since_filter) AS r
 LEFT JOIN firing AS f ON f.run_id = r.run_id
+LEFT JOIN gates AS g ON g.run_id = r.run_id
 ORDER BY r.st = 'running' DESC, r.seen DESC
 """
 
@@ -197,15 +207,21 @@ class ViewReads:
 
     def fleet(self, since: datetime | None = None) -> list[Row]:
         """Runs still running or heard from since `since` (all runs when None), running first, then the most
-        recently heard from: identity, status, last step and event, firing incidents and their rules."""
+        recently heard from: identity, status, last step and event, firing incidents and their rules (how many
+        are block or critical, the most severe firing severity), and the latest gate evaluation's outcome
+        (`gates`: passed, warnings or blocked; None before any)."""
         return self._fleet(since=since)
 
-    def _fleet(self, since: datetime | None = None, run_id: str | None = None) -> list[Row]:
+    def _fleet(self, since: datetime | None = None, run_id: str | None = None,
+               run_ids: list[str] | None = None) -> list[Row]:
         params: dict[str, Any] = {}
         run_filter = alert_filter = since_filter = ""
         if run_id is not None:
             run_filter = alert_filter = "WHERE run_id = {run_id:String}"
             params["run_id"] = run_id
+        elif run_ids is not None:
+            run_filter = alert_filter = "WHERE has({run_ids:Array(String)}, run_id)"
+            params["run_ids"] = list(run_ids)
         if since is not None:
             since_filter = "AND (st = 'running' OR seen >= {since:DateTime64(3, 'UTC')})"
             params["since"] = _utc(since)
@@ -255,6 +271,15 @@ class ViewReads:
             params["host"] = host
         return self._time_series(_GPU_RAW, _GPU_ROLLUP, "gpu_1m", where, params, since, until, max_points)
 
+    def gpus_seen(self, run_id: str) -> list[Row]:
+        """The GPUs a run's samples came from (kept 30 days, migration 001), by host and index: name, UUID, memory
+        total MB, when first and last sampled. Hardware as observed, where the run started recorded none."""
+        return self._rows(
+            "SELECT host, gpu_index, any(gpu_name) AS gpu_name, any(gpu_uuid) AS gpu_uuid, "
+            "max(memory_total_mb) AS memory_total_mb, min(ts) AS first_seen, max(ts) AS last_seen "
+            "FROM gpu_samples FINAL WHERE run_id = {run_id:String} GROUP BY host, gpu_index ORDER BY host, gpu_index",
+            run_id=run_id)
+
     def throughput(self, run_id: str | None = None, host: str | None = None, since: datetime | None = None,
                    until: datetime | None = None, max_points: int = 300) -> list[Row]:
         """Per run, mean tokens/s in time buckets (at most `max_points` per run), with steps logged per bucket."""
@@ -272,19 +297,28 @@ class ViewReads:
 
     def compare(self, run_ids: list[str], since: datetime | None = None, until: datetime | None = None,
                 max_points: int = 300) -> Row:
-        """The chosen runs side by side: `runs` (identity, status and parsed hyperparameters of each), `differing`
-        (the hyperparameter names whose values are not all equal) and `curves` (each run's `curve`, run id added)."""
+        """The chosen runs side by side: `runs` (identity, status, last logged loss — NaN for a run that ended on
+        one — and parameters of each: its hyperparameters and, where recorded, its seeds, which change a run as
+        much), `differing` (the parameter names whose values are not all equal) and `curves` (each run's `curve`,
+        run id added)."""
+        seeds = ", ".join(f"argMax({name}, seq) AS {name}" for name in SEED_FIELDS)
         runs = self._rows(
-            "SELECT run_id, experiment, run_name, argMax(hyperparameters_json, seq) AS hyperparameters_json "
+            f"SELECT run_id, experiment, run_name, argMax(hyperparameters_json, seq) AS hyperparameters_json, {seeds} "
             "FROM run_started FINAL WHERE has({run_ids:Array(String)}, run_id) GROUP BY run_id, experiment, run_name",
             run_ids=list(run_ids))
         order = {run_id: i for i, run_id in enumerate(run_ids)}
         runs.sort(key=lambda r: order[r["run_id"]])
+        state = {row["run_id"]: row for row in self._fleet(run_ids=list(run_ids))}
         for run in runs:
             try:
                 run["hyperparameters"] = json.loads(run.pop("hyperparameters_json") or "{}")
             except ValueError:
                 run["hyperparameters"] = {}
+            recorded = {name: run.pop(name) for name in SEED_FIELDS}
+            run["hyperparameters"] |= {name: value for name, value in recorded.items()
+                                       if value is not None and name not in run["hyperparameters"]}
+            run["status"] = state.get(run["run_id"], {}).get("status")
+            run["last_loss"] = state.get(run["run_id"], {}).get("last_loss")
         names = sorted({name for run in runs for name in run["hyperparameters"]})
         missing = object()
         differing = [name for name in names
