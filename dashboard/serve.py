@@ -82,6 +82,7 @@ def serve_dashboard(settings: Settings, port: int = 8501) -> None:
         "server.fileWatcherType": "none", "browser.gatherUsageStats": False, "server.runOnSave": False,
         "global.developmentMode": False, "client.toolbarMode": "viewer", "server.enableAgentApi": False,
         "secrets.files": secrets_files(settings), "logger.hideWelcomeMessage": True,
+        "logger.level": "warning",
     }
     bootstrap.load_config_options(flag_options=flags)
     print(f"dashboard on {dashboard_url(settings, port)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
