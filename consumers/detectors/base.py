@@ -54,7 +54,8 @@ class Bulk:
 
     For run i: `quiet[i]` vouches that `check` would find no reading active (False also where the rule cannot
     tell cheaply: those runs are judged event by event); `judged[i]` says some reading gives a finding, which
-    resets the rule's streak; `apply(state, updates[i])` leaves the state where `check` on each reading would.
+    resets the rule's streak; `apply(state, updates[i])` leaves the state where `check` on each reading would
+    (an update None: the state is already there).
     """
 
     quiet: np.ndarray

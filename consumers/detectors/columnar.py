@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from itertools import compress, groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +30,7 @@ import pyarrow as pa
 from trainwire.consumers.frames import Frame
 from trainwire.schemas import Alert
 
-from .base import Bulk
-from .columns import FrameColumns, RunRows
+from .columns import FrameColumns, RunRows, extend_all
 from .history import HistoryUnavailableError
 from .stall import RunStalled
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 STALLED = RunStalled.rule_id
 HOT_KINDS = ("step", "gpu_sample")  # the kinds whose rules judge in bulk; GPU samples do not make a run live
 _LIVENESS_EXEMPT = "gpu_sample"
+_NO_TIME = np.iinfo(np.int64).min  # a run that has not spoken yet
+_STATE, _STREAK = itemgetter(1), itemgetter(2)  # of a run's checks: (rule, state, streak, hysteresis)
 
 
 class _Batch:
@@ -78,10 +81,36 @@ class _Batch:
                 self._records.update(zip(of_kind.tolist(), made))
         return [self._records[row] for row in rows.tolist()]
 
+    def record(self, row: int) -> dict:
+        """A row made by `records` before."""
+        return self._records[row]
+
     def split_by_run(self, values: list[Any], rows: np.ndarray) -> list[list[Any]]:
         """`values` of `rows` (grouped by run) cut into one list per run."""
         ends = np.cumsum(np.bincount(self.run[rows], minlength=len(self.run_ids))).tolist()
         return [values[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+class _BulkSteps:
+    """Steps of runs judged in bulk, for their facts: the last step, and the finite losses in the recent ones."""
+
+    def __init__(self, rows: RunRows, members: list[int], quiet: np.ndarray):
+        self.rows, self.members, self.quiet = rows, members, quiet  # quiet[i]: member i's steps were in bulk
+
+    def into_facts(self, runs: list[_RunState | None], skip: set[int]) -> None:
+        """Bring the facts of these runs forward, but for those in `skip` (they take theirs in batch order)."""
+        members = self.members
+        kept = self.quiet & np.array([member not in skip for member in members], dtype=bool)
+        if not kept.any():
+            return
+        steps, _ = self.rows.column("step")
+        facts = [runs[member].facts for member, keep in zip(members, kept.tolist()) if keep]
+        for run_facts, last_step in zip(facts, steps[self.rows.starts[1:] - 1][kept].tolist()):
+            run_facts.last_step = last_step
+        matrix, valid, counts = self.rows.finite_matrix("loss")
+        losses = self.rows.finite("loss")
+        extend_all([run_facts.recent_losses for run_facts in facts], matrix[kept], valid[kept], counts[kept],
+                   [losses[i] for i in np.flatnonzero(kept).tolist()])
 
 
 class ColumnarObserver:
@@ -145,11 +174,11 @@ class ColumnarObserver:
         batch = self.batch
         self._liveness(fast, fast_row)
         in_bulk: dict[str, np.ndarray] = {}  # per run: the kind's rows are judged in bulk
-        facts_of: dict[int, tuple[int, list[float]]] = {}  # run → (last step, finite losses) of bulk steps
+        bulk_steps: list[_BulkSteps] = []
         for kind in HOT_KINDS:
             index = batch.of_kind(kind)
             if index is not None:
-                in_bulk[kind] = self._judge_kind(kind, index, fast_row, facts_of)
+                in_bulk[kind] = self._judge_kind(kind, index, fast_row, bulk_steps)
         per_event = np.zeros(len(batch.run), dtype=bool)
         for index, kind in enumerate(batch.kinds):
             if kind in in_bulk:
@@ -159,11 +188,8 @@ class ColumnarObserver:
             per_event |= (batch.kind == index) & wanted[batch.run]
         per_event &= fast_row
         mixed = set(np.unique(batch.run[per_event]).tolist())
-        for run_index, (last_step, losses) in facts_of.items():
-            if run_index not in mixed:
-                facts = self.runs[run_index].facts
-                facts.last_step = last_step
-                facts.recent_losses.extend(losses)
+        for steps in bulk_steps:
+            steps.into_facts(self.runs, mixed)
         if mixed:
             batch.records(np.flatnonzero(per_event))  # made at once, per kind
             for run_index in sorted(mixed):
@@ -171,46 +197,56 @@ class ColumnarObserver:
 
     def _liveness(self, fast: np.ndarray, fast_row: np.ndarray) -> None:
         """What `observe` does for each event before its rules: sources, and for events that tell the run is
-        alive (not GPU samples) the last timestamp, the gaps between them and `spoke`."""
+        alive (not GPU samples) the latest timestamp, the gaps by which it grew and `spoke`."""
         batch = self.batch
+        sources = self._sources_by_run(fast_row)
+        if sources is not None:
+            for run_index in fast.tolist():
+                if sources[run_index]:
+                    self.runs[run_index].sources.update(sources[run_index])
         exempt = batch.of_kind(_LIVENESS_EXEMPT)
         live = fast_row if exempt is None else fast_row & (batch.kind != exempt)
         rows = batch.by_run[live[batch.by_run]]
-        stamps = batch.split_by_run(batch.ts[rows].tolist(), rows)
-        sources = self._sources_by_run(fast_row)
-        for run_index in fast.tolist():
-            run = self.runs[run_index]
-            if sources is not None:
-                run.sources.update(sources[run_index])
-            times = stamps[run_index]
-            if not times:
-                continue
-            last, gaps = run.last_ts, run.gaps
-            for ts in times:
-                if last is None or ts > last:
-                    if last is not None:
-                        gaps.append(ts - last)
-                    last = ts
+        if not len(rows):
+            return
+        speaking, counts = np.unique(batch.run[rows], return_counts=True)
+        runs = [self.runs[run_index] for run_index in speaking.tolist()]
+        width = int(counts.max())
+        stamps = np.full((len(speaking), width + 1), _NO_TIME)  # column 0: the latest before the batch
+        stamps[:, 0] = [_NO_TIME if run.last_ts is None else run.last_ts for run in runs]
+        valid = np.arange(width) < counts[:, None]
+        stamps[:, 1:][valid] = batch.ts[rows]
+        latest = np.maximum.accumulate(stamps, axis=1)
+        before = latest[:, :-1]
+        grew = valid & (stamps[:, 1:] > before) & (before != _NO_TIME)
+        gaps = (stamps[:, 1:] - before)[grew].tolist()
+        ends = np.cumsum(grew.sum(axis=1)).tolist()
+        for run, last, start, end in zip(runs, latest[:, -1].tolist(), [0, *ends[:-1]], ends):
+            if start != end:
+                run.gaps.extend(gaps[start:end])
             run.last_ts, run.spoke = last, True
 
     def _sources_by_run(self, fast_row: np.ndarray) -> list[list[Any]] | None:
         """Per run: the distinct sources (not None) of its rows; None when the batch has none."""
         if self.sources is None:
             return None
-        distinct = list(dict.fromkeys(self.sources))
+        codes: dict[Any, int] = {}
+        stretches = [(codes.setdefault(source, len(codes)), sum(1 for _ in same))
+                     for source, same in groupby(self.sources)]  # a poll brings each partition's records together
+        distinct = list(codes)
         if distinct == [None]:
             return None
-        batch, codes = self.batch, {source: code for code, source in enumerate(distinct)}
-        of_row = np.array([codes[source] for source in self.sources], dtype=np.int64)[batch.position]
-        pairs = np.unique(batch.run[fast_row] * len(distinct) + of_row[fast_row])
+        batch = self.batch
+        code, length = zip(*stretches)
+        of_record = np.repeat(np.array(code, dtype=np.int64), length)
+        pairs = np.unique(batch.run[fast_row] * len(distinct) + of_record[batch.position[fast_row]])
         by_run: list[list[Any]] = [[] for _ in batch.run_ids]
         for run_index, code in zip((pairs // len(distinct)).tolist(), (pairs % len(distinct)).tolist()):
             if distinct[code] is not None:
                 by_run[run_index].append(distinct[code])
         return by_run
 
-    def _judge_kind(self, kind: str, index: int, fast_row: np.ndarray,
-                    facts_of: dict[int, tuple[int, list[float]]]) -> np.ndarray:
+    def _judge_kind(self, kind: str, index: int, fast_row: np.ndarray, bulk_steps: list[_BulkSteps]) -> np.ndarray:
         """Ask each rule set's rules of `kind` for their bulk verdict over the fast runs' rows and bring the
         quiet runs' state forward; per run: whether its rows of the kind were judged in bulk."""
         batch = self.batch
@@ -226,27 +262,24 @@ class ColumnarObserver:
             run_rows = RunRows(batch.columns[index], batch.row[selected], starts,
                                [self.runs[member].facts for member in members])
             quiet = self._verdicts(kind, members, run_rows)
+            in_bulk[members] = quiet
             if kind == "step":
-                steps, _ = run_rows.column("step")
-                last_steps = steps[starts[1:] - 1].tolist()
-                losses = run_rows.finite("loss")
-            for i, member in enumerate(members):
-                if quiet[i] and kind == "step":
-                    facts_of[member] = (last_steps[i], losses[i])
-                in_bulk[member] = quiet[i]
+                bulk_steps.append(_BulkSteps(run_rows, members, quiet))
         return in_bulk
 
-    def _verdicts(self, kind: str, members: list[int], rows: RunRows) -> list[bool]:
+    def _verdicts(self, kind: str, members: list[int], rows: RunRows) -> np.ndarray:
         """Per member run: whether every rule vouched for its rows; the quiet ones' rule state brought forward."""
         runs = [self.runs[member] for member in members]
         rules = runs[0].rules.by_kind.get(kind, ())
+        checks = list(zip(*(run.checks[kind] for run in runs))) if rules else []  # per rule, across the runs
+        states = [list(map(_STATE, of_rule)) for of_rule in checks]
         try:
-            bulks = [rule.bulk(rows, [run.rule_state[rule.rule_id] for run in runs]) for rule in rules]
+            bulks = [rule.bulk(rows, of_rule) for rule, of_rule in zip(rules, states)]
         except Exception:
             log.exception("detectors: the bulk verdict on %s rows failed; judging them event by event", kind)
-            return [False] * len(members)
+            return np.zeros(len(members), dtype=bool)
         if any(bulk is None for bulk in bulks):
-            return [False] * len(members)
+            return np.zeros(len(members), dtype=bool)
         quiet = np.logical_and.reduce([bulk.quiet for bulk in bulks]) if bulks else np.ones(len(members), bool)
         if kind == "gpu_sample":  # a first step in the batch changes what the samples after it count
             step = self.batch.of_kind("step")
@@ -254,43 +287,50 @@ class ColumnarObserver:
                 stepped = np.zeros(len(self.batch.run_ids), dtype=bool)
                 stepped[self.batch.run[self.batch.kind == step]] = True
                 quiet &= ~np.array([run.facts.last_step is None and stepped[m] for run, m in zip(runs, members)])
-        verdicts = quiet.tolist()
-        for i, run in enumerate(runs):
-            if not verdicts[i]:
-                continue
-            if run.firing and any(rule.rule_id in run.firing for rule in rules):
-                verdicts[i] = False
-                continue
-            self._apply(run, kind, bulks, i)
-        return verdicts
-
-    def _apply(self, run: _RunState, kind: str, bulks: list[Bulk], i: int) -> None:
-        try:
-            for (_, state, streak, _), bulk in zip(run.checks.get(kind, ()), bulks):
-                if bulk.apply is not None:
-                    bulk.apply(state, bulk.updates[i])
-                if bulk.judged[i]:
+        for i in np.flatnonzero(quiet).tolist():
+            firing = runs[i].firing
+            if firing and any(rule.rule_id in firing for rule in rules):
+                quiet[i] = False
+        chosen = np.flatnonzero(quiet).tolist()
+        for bulk, of_rule, rule_checks in zip(bulks, states, checks):
+            if bulk.apply is not None:
+                self._apply(kind, bulk.apply, of_rule, bulk.updates, chosen)
+            for streak in compress(map(_STREAK, rule_checks), quiet & bulk.judged):
+                if streak.active:
                     streak.active = 0
-        except Exception:
-            self.engine.failures += 1
-            log.exception("detectors failed bringing the %s state of a run forward (%d so far)", kind,
-                          self.engine.failures)
+        return quiet
+
+    def _apply(self, kind: str, apply: Callable[[Any, Any], None], states: list[Any], updates: Sequence[Any],
+               chosen: list[int]) -> None:
+        for i in chosen:
+            if updates[i] is None:
+                continue
+            try:
+                apply(states[i], updates[i])
+            except Exception:
+                self.engine.failures += 1
+                log.exception("detectors failed bringing the %s state of a run forward (%d so far)", kind,
+                              self.engine.failures)
 
     def _in_order(self, run_index: int, per_event: np.ndarray, steps_in_bulk: bool) -> None:
-        """A run with rows judged event by event: its rows in batch order, bulk steps feeding its facts between
-        them, so that each event judged sees the facts as they were when it came."""
+        """A run with rows judged event by event: those rows in batch order, its steps judged in bulk (if so)
+        feeding its facts between them, so that each event judged sees the facts as they were when it came."""
         batch, run = self.batch, self.runs[run_index]
         step = batch.of_kind("step")
-        for row in batch.by_run[batch.run_starts[run_index]:batch.run_starts[run_index + 1]].tolist():
-            kind = batch.kinds[batch.kind[row]]
+        rows = batch.by_run[batch.run_starts[run_index]:batch.run_starts[run_index + 1]]
+        if steps_in_bulk:
+            steps, losses = batch.columns[step].pylist("step"), batch.columns[step].pylist("loss")
+            rows = rows[per_event[rows] | (batch.kind[rows] == step)]
+        else:
+            rows = rows[per_event[rows]]
+        for row, kind, frame_row in zip(rows.tolist(), batch.kind[rows].tolist(), batch.row[rows].tolist()):
             if per_event[row]:
-                (record,) = batch.records(np.array([row]))
-                self._guarded(row, kind, record, self._detect, run, kind, record)
-            elif steps_in_bulk and batch.kind[row] == step:
-                columns, frame_row = batch.columns[step], batch.row[row]
-                run.facts.last_step = int(columns.values("step")[frame_row])
-                loss = float(columns.values("loss")[frame_row])
-                if math.isfinite(loss):
+                name, record = batch.kinds[kind], batch.record(row)
+                self._guarded(row, name, record, self._detect, run, name, record)
+            else:
+                run.facts.last_step = steps[frame_row]
+                loss = losses[frame_row]
+                if loss is not None and math.isfinite(loss):
                     run.facts.recent_losses.add(loss)
 
     def _detect(self, run: _RunState, kind: str, record: dict) -> list[Alert]:

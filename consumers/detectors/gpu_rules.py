@@ -8,6 +8,7 @@ readings are in the Resources view.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import ClassVar
 
 import numpy as np
@@ -169,19 +170,41 @@ class GpuUtilizationLow(_PerGpuRule):
         utilization, present = rows.column("utilization_pct")
         read = present & rows.per_run(np.array([facts.last_step is not None for facts in rows.facts], dtype=bool))
         low = read & (utilization < self.min_utilization_pct)
-        lows_before = np.array([max((window.total for window in gpus.windows.values()), default=0.0)
-                                for gpus in states])
+        lows_before = np.array([max(map(_TOTAL, gpus.windows.values()), default=0.0) for gpus in states])
         none_before = np.array([not gpus.affected for gpus in states], dtype=bool)
         quiet = none_before & (2 * (lows_before + rows.count(low)) <= self.window)
-        hosts, uuids, indexes = (rows.strings(name, read) for name in ("host", "gpu_uuid", "gpu_index"))
-        updates = [list(zip(*columns)) for columns in zip(hosts, uuids, indexes, rows.split(low[read].tolist(), read))]
-        return Bulk(quiet, rows.any(read), updates, self._add_samples)
+        ends = np.cumsum(rows.count(read)).tolist()
+        samples = _Samples(self.window, rows, read, low)
+        return Bulk(quiet, rows.any(read), list(zip([0, *ends[:-1]], ends)), samples.add)
 
-    def _add_samples(self, gpus: _Gpus, samples: list[tuple[str, str, int, bool]]) -> None:
-        windows = gpus.windows
-        for host, uuid, index, low in samples:
-            key = host, uuid or str(index)
+
+_TOTAL = attrgetter("total")
+
+
+class _Samples:
+    """A batch's utilization readings of several runs, to bring each run's per-GPU windows forward
+    (GpuUtilizationLow.bulk); a run's are those in [start, end)."""
+
+    def __init__(self, window: int, rows: RunRows, read: np.ndarray, low: np.ndarray):
+        self.window = window
+        self.hosts, self.host_names = rows.codes("host")
+        self.uuids, self.uuid_names = rows.codes("gpu_uuid")
+        self.indexes, _ = rows.column("gpu_index")
+        reading = np.flatnonzero(read)
+        self.hosts, self.uuids = self.hosts[reading].tolist(), self.uuids[reading].tolist()
+        self.indexes, self.lows = self.indexes[reading].tolist(), low[reading].tolist()
+
+    def add(self, gpus: _Gpus, bounds: tuple[int, int]) -> None:
+        """`reading` for each of the run's samples, in order."""
+        windows, size, lows = gpus.windows, self.window, self.lows
+        hosts, host_names, uuids, uuid_names, indexes = (self.hosts, self.host_names, self.uuids, self.uuid_names,
+                                                         self.indexes)
+        for i in range(*bounds):
+            low = lows[i]
+            key = host_names[hosts[i]], uuid_names[uuids[i]] or str(indexes[i])
             window = windows.get(key)
             if window is None:
-                window = windows[key] = Rolling(self.window)
+                window = windows[key] = Rolling(size)
+            elif not low and not window.total and len(window.values) == size:
+                continue  # a full window of clear samples is the same after one more
             window.add(low)

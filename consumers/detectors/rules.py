@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from .base import QUIET, Bulk, Finding, Rolling, Rule, RunFacts
-from .columns import RunRows
+from .columns import RunRows, dropped, last_valid, running_totals, stacked
 
 STEP = frozenset({"step"})
 
@@ -74,21 +74,37 @@ class LossSpike(Rule):
     def bulk(self, rows: RunRows, states: list[deque]) -> Bulk:
         """Quiet where no new loss exceeds the threshold of the lowest baseline any of its windows can have.
 
-        Each reading's window is a sub-multiset of the history plus the batch's losses, so its median is at least
-        that pool's k-th smallest value (k: the lower middle of the smallest window judged); thresholds grow with
-        the baseline, so a loss under the threshold of that floor is under its own."""
-        new_losses = rows.finite("loss")
+        Each reading's window is a sub-multiset of the history plus the batch's losses before the last, so its
+        median is at least that pool's k-th smallest value (k: the lower middle of the smallest window judged);
+        thresholds grow with the baseline, so a loss under the threshold of that floor is under its own."""
+        new, valid, counts = rows.finite_matrix("loss")
         quiet, judged = np.ones(rows.runs, dtype=bool), np.zeros(rows.runs, dtype=bool)
-        for i, (history, new) in enumerate(zip(states, new_losses)):
-            first = max(0, self.min_history - len(history))  # the first reading with enough history
-            if not new or self.window < self.min_history or first >= len(new):
-                continue
-            judged[i] = True
-            smallest = min(self.window, len(history) + first)
-            floor = sorted([*history, *new[:-1]])[(smallest - 1) // 2]
-            if floor <= 0 or max(new[first:]) > max(self.factor * floor, floor + self.min_increase):
-                quiet[i] = False
-        return Bulk(quiet, judged, new_losses, deque.extend)
+        sizes = np.array([len(history) for history in states], dtype=np.int64)
+        first = np.maximum(0, self.min_history - sizes)  # the first reading with enough history
+        judging = np.flatnonzero(counts > first) if self.window >= self.min_history else np.zeros(0, np.int64)
+        if len(judging):
+            judged[judging] = True
+            quiet[judging] = self._under_floor([states[i] for i in judging.tolist()], new[judging],
+                                               valid[judging], counts[judging], sizes[judging], first[judging])
+        return Bulk(quiet, judged, rows.finite("loss"), deque.extend)
+
+    def _under_floor(self, histories: list[deque], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
+                     sizes: np.ndarray, first: np.ndarray) -> np.ndarray:
+        runs, width = new.shape
+        pool = np.full((runs, self.window + width), np.inf)  # inf: not in the pool
+        if (sizes == self.window).all():
+            pool[:, :self.window] = stacked(histories, runs, self.window)
+        else:
+            pool[:, :self.window] = [[math.inf] * (self.window - len(history)) + list(history)
+                                     for history in histories]
+        pool[:, self.window:] = np.where(valid, new, np.inf)
+        pool[np.arange(runs), self.window + counts - 1] = np.inf  # the last loss is in no window judged
+        pool.sort(axis=1)
+        smallest = np.minimum(self.window, sizes + first)
+        floor = pool[np.arange(runs), (smallest - 1) // 2]
+        judged_losses = np.where(valid & (np.arange(width) >= first[:, None]), new, -np.inf)
+        return (floor > 0) & (judged_losses.max(axis=1) <= np.maximum(self.factor * floor,
+                                                                        floor + self.min_increase))
 
 
 @dataclass
@@ -145,8 +161,12 @@ class ThroughputLow(Rule):
         read = np.isfinite(rates)
         low = read & (rates < self.min_tokens_per_s)
         lows_before = np.array([state.total for state in states])
-        quiet = 2 * (lows_before + rows.count(low)) <= self.window
-        return Bulk(quiet, rows.any(read), rows.split(low[read].tolist(), read), Rolling.extend)
+        new_lows = rows.count(low)
+        quiet = 2 * (lows_before + new_lows) <= self.window
+        # a full window of clear readings is the same after more clear ones
+        settled = (lows_before + new_lows == 0) & np.array([state.full for state in states], dtype=bool)
+        updates = [None if same else lows for same, lows in zip(settled.tolist(), rows.split(low[read].tolist(), read))]
+        return Bulk(quiet, rows.any(read), updates, Rolling.extend)
 
 
 @dataclass
@@ -156,11 +176,9 @@ class _Halves:
     initial: Rolling  # the run's first half-window of losses: its starting level
     initial_total: float | None = None
 
-    def extend(self, update: tuple | None) -> None:
+    def extend(self, update: tuple) -> None:
         """Take a bulk replay's outcome (Underfitting.bulk): the new losses, those they moved to the older half,
         and the halves' sums."""
-        if update is None:
-            return
         new, moved, self.newer.total, self.older.total = update
         self.newer.values.extend(new)
         self.older.values.extend(moved)
@@ -216,35 +234,33 @@ class Underfitting(Rule):
     def bulk(self, rows: RunRows, states: list[_Halves]) -> Bulk:
         """Replays the halves' sums as `check` would (same operations, same order) on runs past their first
         window; runs still filling it are judged event by event."""
-        quiet, judged = np.ones(rows.runs, dtype=bool), np.zeros(rows.runs, dtype=bool)
-        updates: list[tuple | None] = []
-        for i, (state, new) in enumerate(zip(states, rows.finite("loss"))):
-            update = None
-            if not new:
-                pass
-            elif state.initial_total is None or not state.older.full:
-                quiet[i] = False
-            else:
-                update, judged[i], quiet[i] = self._replay(state, new)
-            updates.append(update)
+        new, valid, counts = rows.finite_matrix("loss")
+        warm = np.array([state.initial_total is not None and state.older.full for state in states], dtype=bool)
+        quiet, judged = (counts == 0) | warm, np.zeros(rows.runs, dtype=bool)
+        updates: list[tuple | None] = [None] * rows.runs
+        replayed = np.flatnonzero(warm & (counts > 0))
+        if len(replayed):
+            runs = replayed.tolist()
+            quiet[replayed], judged[replayed], outcomes = self._replay(
+                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], rows)
+            for i, outcome in zip(runs, outcomes):
+                updates[i] = outcome
         return Bulk(quiet, judged, updates, _Halves.extend)
 
-    def _replay(self, state: _Halves, new: list[float]) -> tuple[tuple, bool, bool]:
-        half = state.older.window
-        sequence = [*state.older.values, *state.newer.values, *new]
-        older_total, newer_total, start = state.older.total, state.newer.total, state.initial_total / half
-        judged = False
-        for j, loss in enumerate(new):
-            moved = sequence[half + j]  # leaves the newer half for the older one
-            newer_total += loss - moved
-            older_total += moved - sequence[j]
-            older, newer = older_total / half, newer_total / half
-            if start <= 0 or older <= 0:
-                continue
-            judged = True
-            if newer >= (1 - self.min_decrease) * older and newer >= (1 - self.min_progress) * start:
-                return (), judged, False
-        return (new, sequence[half:half + len(new)], newer_total, older_total), judged, True
+    def _replay(self, states: list[_Halves], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
+                rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+        half = self.window // 2
+        moved = dropped([state.newer for state in states], new)  # to the older half
+        newer_totals = running_totals(np.array([state.newer.total for state in states]), new - moved)
+        older_totals = running_totals(np.array([state.older.total for state in states]),
+                                      moved - dropped([state.older for state in states], moved))
+        older, newer = older_totals / half, newer_totals / half
+        start = np.array([state.initial_total for state in states])[:, None] / half
+        read = valid & ~((start <= 0) | (older <= 0))
+        active = read & (newer >= (1 - self.min_decrease) * older) & (newer >= (1 - self.min_progress) * start)
+        outcomes = list(zip(rows.ragged(new, valid, counts), rows.ragged(moved, valid, counts),
+                            last_valid(newer_totals, counts), last_valid(older_totals, counts)))
+        return ~active.any(axis=1), read.any(axis=1), outcomes
 
 
 @dataclass
@@ -254,11 +270,9 @@ class _Swings:
     flips: Rolling  # 1 where a change reverses the direction of the previous one
     last_change: float = 0.0
 
-    def extend(self, update: tuple | None) -> None:
+    def extend(self, update: tuple) -> None:
         """Take a bulk replay's outcome (LossUnstable.bulk): the new values of each window, their sums and the
         last change."""
-        if update is None:
-            return
         losses, changes, flips, self.losses.total, self.changes.total, self.flips.total, self.last_change = update
         self.losses.values.extend(losses)
         self.changes.values.extend(changes)
@@ -317,45 +331,41 @@ class LossUnstable(Rule):
     def bulk(self, rows: RunRows, states: list[_Swings]) -> Bulk:
         """Replays the windows' sums as `check` would (same operations, same order) on runs whose windows are
         full; runs still filling them are judged event by event."""
-        quiet, judged = np.ones(rows.runs, dtype=bool), np.zeros(rows.runs, dtype=bool)
-        updates: list[tuple | None] = []
-        for i, (state, new) in enumerate(zip(states, rows.finite("loss"))):
-            update = None
-            if not new:
-                pass
-            elif not state.flips.full:
-                quiet[i] = False
-            else:
-                update, judged[i], quiet[i] = self._replay(state, new)
-            updates.append(update)
+        new, valid, counts = rows.finite_matrix("loss")
+        warm = np.array([state.flips.full for state in states], dtype=bool)
+        quiet, judged = (counts == 0) | warm, np.zeros(rows.runs, dtype=bool)
+        updates: list[tuple | None] = [None] * rows.runs
+        replayed = np.flatnonzero(warm & (counts > 0))
+        if len(replayed):
+            runs = replayed.tolist()
+            quiet[replayed], judged[replayed], outcomes = self._replay(
+                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], rows)
+            for i, outcome in zip(runs, outcomes):
+                updates[i] = outcome
         return Bulk(quiet, judged, updates, _Swings.extend)
 
-    def _replay(self, state: _Swings, new: list[float]) -> tuple[tuple, bool, bool]:
-        losses_window, changes_window, flips_window = state.losses, state.changes, state.flips
-        loss_values = [*losses_window.values, *new]
-        change_values, flip_values = [*changes_window.values], [*flips_window.values]
-        losses_total, changes_total, flips_total = losses_window.total, changes_window.total, flips_window.total
-        last_change, previous = state.last_change, loss_values[self.window - 1]
-        judged = False
-        for j, loss in enumerate(new):
-            change = loss - previous
-            flip = 1.0 if change * last_change < 0 else 0.0
-            flip_values.append(flip)
-            flips_total += flip - flip_values[j]
-            change_values.append(abs(change))
-            changes_total += change_values[-1] - change_values[j]
-            last_change, previous = change, loss
-            losses_total += loss - loss_values[j]
-            mean_loss = losses_total / self.window
-            if mean_loss <= 0:
-                continue
-            judged = True
-            flip_fraction = flips_total / flips_window.window
-            mean_change = changes_total / changes_window.window
+    def _replay(self, states: list[_Swings], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
+                rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+        window = self.window
+        previous = np.concatenate([np.array([s.losses.values[-1] for s in states])[:, None], new[:, :-1]], axis=1)
+        change = new - previous
+        change_before = np.concatenate([np.array([s.last_change for s in states])[:, None], change[:, :-1]], axis=1)
+        flip = np.where(change * change_before < 0, 1.0, 0.0)
+        losses_totals = running_totals(np.array([s.losses.total for s in states]),
+                                       new - dropped([s.losses for s in states], new))
+        changes_totals = running_totals(np.array([s.changes.total for s in states]),
+                                        np.abs(change) - dropped([s.changes for s in states], np.abs(change)))
+        flips_totals = running_totals(np.array([s.flips.total for s in states]),
+                                      flip - dropped([s.flips for s in states], flip))
+        mean_loss = losses_totals / window
+        with np.errstate(divide="ignore", invalid="ignore"):
+            read = valid & ~(mean_loss <= 0)
+            mean_change = changes_totals / (window - 1)
             swing = mean_change / mean_loss
-            if (flip_fraction >= self.min_flip_fraction and swing >= self.min_relative_swing
-                    and mean_change >= self.min_swing):
-                return (), judged, False
-        count = len(new)
-        return (new, change_values[-count:], flip_values[-count:], losses_total, changes_total, flips_total,
-                last_change), judged, True
+            active = read & (flips_totals / (window - 2) >= self.min_flip_fraction) & (
+                swing >= self.min_relative_swing) & (mean_change >= self.min_swing)
+        outcomes = list(zip(rows.ragged(new, valid, counts), rows.ragged(np.abs(change), valid, counts),
+                            rows.ragged(flip, valid, counts), last_valid(losses_totals, counts),
+                            last_valid(changes_totals, counts), last_valid(flips_totals, counts),
+                            last_valid(change, counts)))
+        return ~active.any(axis=1), read.any(axis=1), outcomes

@@ -25,7 +25,8 @@ SMALL_WINDOWS = {  # small enough that short runs warm up and reach the bulk pat
     "underfitting": {"window": 10, "fire_after": 3, "clear_after": 2},
     "loss_unstable": {"window": 6, "fire_after": 2, "clear_after": 3},
     "throughput_low": {"window": 4, "clear_after": 2},
-    "gpu_utilization_low": {"window": 4, "clear_after": 2},
+    "gpu_utilization_low": {"window": 4, "clear_after": 2, "fire_after": 2},
+    "gpu_memory_high": {"fire_after": 2},  # a GPU affected before its incident fires
     "grad_norm_high": {"fire_after_seconds": 2.0},
     "eval_accuracy_low": {"baseline": 0.5},
 }
@@ -123,7 +124,8 @@ def fleet(seed: int) -> tuple[list, list, dict[str, RunHistory]]:
         past = [run.next() for _ in range(rng.randint(0, 40))]
         stream = [] if under_way else [run._event(RunStarted)]
         if under_way:
-            open_rules = {"loss_not_finite": f"{run.envelope['run_id']}/loss_not_finite/1"} if rng.random() < 0.3 else {}
+            open_rules = ({"loss_not_finite": f"{run.envelope['run_id']}/loss_not_finite/1"}
+                          if rng.random() < 0.3 else {})
             pasts[run.envelope["run_id"]] = RunHistory([(e.kind, e.model_dump()) for e in past], open_rules,
                                                        ended=rng.random() < 0.15)
         else:
