@@ -100,8 +100,11 @@ class ConsumeProcess:
     def failure(self, ingest_path: str) -> str | None:
         if self.child.returncode == 0:
             return None
-        return (f"trainwire consume ({ingest_path}) exited {self.child.returncode}: "
-                f"{(self.home / 'consume.log').read_text()[-3000:]}")
+        state = "still running" if self.child.returncode is None else f"exited {self.child.returncode}"
+        return f"trainwire consume ({ingest_path}) {state}; its log ends: {self.log_tail()}"
+
+    def log_tail(self) -> str:
+        return (self.home / "consume.log").read_text()[-3000:]
 
     def result(self) -> dict:
         stats = json.loads(self.child.stdout.read())
@@ -242,13 +245,15 @@ def consume(settings: Settings, ingest_path: str, homes: list[Path], batch: dict
                  for n, home in enumerate(homes)]
     try:
         while any([p.watch() for p in processes]):
+            if any(p.child.returncode not in (None, 0) for p in processes):
+                break  # one failed: the rest cannot finish the run
             if group and processes[0].done_at is None and group.caught_up():
                 for p in processes:
                     p.done_at = time.perf_counter()
                     p.child.terminate()
             if time.perf_counter() > deadline:
-                raise ConsumeFailed(f"trainwire consume ({ingest_path}) not done after "
-                                    f"{time.perf_counter() - processes[0].started:.0f} s")
+                raise ConsumeFailed(f"not done after {time.perf_counter() - processes[0].started:.0f} s:\n"
+                                    + "\n".join(p.failure(ingest_path) or "" for p in processes))
             time.sleep(0.1)
         if failures := [f for p in processes if (f := p.failure(ingest_path))]:
             raise ConsumeFailed("\n".join(failures))
