@@ -38,8 +38,11 @@ DATA_ERROR_CODES = frozenset({
     748,  # AVRO_EXCEPTION
 })
 _CODE = re.compile(r"Code: (\d+)")
-_NOISE = re.compile(r"\s*\(in file/uri [^)]*\)|\s*While executing [A-Za-z]+\.?|\s*:\s*(?=[.:]|$)")
-_SETTINGS = "output_format_arrow_string_as_string = 1, schema_inference_use_cache_for_file = 0"
+_NOISE = re.compile(r"\s*\(in file/uri [^)]*\)|\s*While executing [A-Za-z]+")
+_DANGLING = re.compile(r"(\s*[:.])+\s*(?=[.(]|$)")  # what the removed parts leave: " : : ." before "(CODE)"
+_SETTINGS = (
+    "output_format_arrow_string_as_string = 1, output_format_arrow_compression_method = 'none', "
+    "schema_inference_use_cache_for_file = 0")
 
 
 class AvroRefusedError(ValueError):
@@ -65,13 +68,21 @@ def _process_engine():
         return _local_engine
 
 
+def _arrow_buffer(result) -> pa.Buffer:
+    """The query result's bytes as an Arrow buffer that keeps the result alive: tables read from it point into
+    chdb's memory (no copy), which chdb frees with the result object."""
+    view = result.get_memview().view()
+    address = np.frombuffer(view, dtype=np.uint8).ctypes.data if view.nbytes else 0
+    return pa.foreign_buffer(address, view.nbytes, base=result)
+
+
 def _scratch_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 def clean_message(message: str) -> str:
     """ClickHouse's error without the temporary file's name and the pipeline's noise, on one line."""
-    return _NOISE.sub("", " ".join(message.split())).strip()
+    return " ".join(_DANGLING.sub(" ", _NOISE.sub("", message)).split())
 
 
 class AvroParser:
@@ -114,7 +125,7 @@ class AvroParser:
                 except Exception as err:
                     self._read_leftover()
                     raise self._failure(err) from err
-            table = pa.ipc.open_file(result.get_memview().view()).read_all()
+            table = pa.ipc.open_file(_arrow_buffer(result)).read_all()
         finally:
             os.unlink(path)
         rows = table.column(ROW_COLUMN).to_numpy()

@@ -119,28 +119,32 @@ def _counted(counts_offsets: np.ndarray, item_sizes: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, varint_lengths(counts) + items + 1, 1)
 
 
-def encoded_sizes(avro_type: object, array: pa.Array) -> np.ndarray:
-    """The minimal Avro encoding's length of each value of `array` (a non-union type)."""
+def encoded_sizes(avro_type: object, array: pa.Array) -> np.ndarray | int:
+    """The minimal Avro encoding's length of each value of `array` (a non-union type); one number for types of
+    one size."""
     if isinstance(avro_type, str):
         if avro_type in _FIXED_SIZE:
-            return np.full(len(array), _FIXED_SIZE[avro_type], dtype=np.int64)
+            return _FIXED_SIZE[avro_type]
         if avro_type in ("int", "long"):
-            return varint_lengths(array.fill_null(0).to_numpy())
+            return varint_lengths((array.fill_null(0) if array.null_count else array).to_numpy())
         lengths = _string_lengths(array)  # string, bytes
         return varint_lengths(lengths) + lengths
     kind = avro_type["type"]
     offsets = array.offsets.to_numpy() if kind in ("array", "map") else None
     if kind == "array":
-        return _counted(offsets, encoded_sizes(avro_type["items"], array.values))
+        return _counted(offsets, _per_value(encoded_sizes(avro_type["items"], array.values), len(array.values)))
     if kind == "map":
         entries = array.values  # the struct of every entry, whatever the slice
         keys, values = entries.field(0), entries.field(1)
         return _counted(offsets, encoded_sizes("string", keys) + encoded_sizes(avro_type["values"], values))
-    children = array.flatten()
     sizes = np.zeros(len(array), dtype=np.int64)
-    for field, child in zip(avro_type["fields"], children):
+    for field, child in zip(avro_type["fields"], array.flatten()):
         sizes += encoded_sizes(field["type"], child)
     return sizes
+
+
+def _per_value(sizes: np.ndarray | int, count: int) -> np.ndarray:
+    return sizes if isinstance(sizes, np.ndarray) else np.full(count, sizes, dtype=np.int64)
 
 
 # -- the reader's shape ----------------------------------------------------------------------------------------------
@@ -232,27 +236,36 @@ class WriterPlan:
         """Per row of `table` (ClickHouse's parse of `container`, whose bodies have these lengths, in order): whether
         ClickHouse read it exactly as fastavro would (see the module's docstring)."""
         ok = table.column(OK_COLUMN).to_numpy().astype(bool)
-        sizes = []
-        for field, avro_type in zip(self._fields, self._types):
-            column = table.column(field["name"]).combine_chunks()
-            size = encoded_sizes(avro_type, column)
-            if isinstance(field["type"], list):
-                size = 1 + np.where(column.is_valid().to_numpy(zero_copy_only=False), size, 0)
-            sizes.append(size)
-        offsets = np.cumsum([np.zeros(len(table), dtype=np.int64)] + sizes, axis=0)  # of each field, per row
-        ok &= offsets[-1] == body_lengths
-        if self._unions:
+        size = np.zeros(len(table), dtype=np.int64)  # of the fields so far: the next field's offset in its body
+        union_bytes: list[tuple[np.ndarray, np.ndarray | int]] = []  # (offset, the index byte it must hold)
+        unions = {union.field: union for union in self._unions}
+        for i, (field, avro_type) in enumerate(zip(self._fields, self._types)):
+            column = table.column(field["name"])
+            sizes = encoded_sizes(avro_type, column.chunk(0)) if column.num_chunks == 1 else np.concatenate(
+                [_per_value(encoded_sizes(avro_type, chunk), len(chunk)) for chunk in column.chunks])
+            if i in unions:
+                union = unions[i]
+                if column.null_count:
+                    valid = column.is_valid().to_numpy(zero_copy_only=False)
+                    union_bytes.append((size.copy(), np.where(valid, union.value_byte, union.null_byte)))
+                    sizes = np.where(valid, sizes + 1, 1)
+                else:
+                    union_bytes.append((size.copy(), union.value_byte))
+                    sizes = sizes + 1
+            size += sizes
+        ok &= size == body_lengths
+        if union_bytes:
             data = np.frombuffer(container, dtype=np.uint8)
             starts = body_starts(len(container), body_lengths)
-            for union in self._unions:
-                at = np.minimum(starts + offsets[union.field], len(data) - 1)
-                valid = table.column(self._fields[union.field]["name"]).is_valid().to_numpy(zero_copy_only=False)
-                ok &= data[at] == np.where(valid, union.value_byte, union.null_byte)
+            for offsets, expected in union_bytes:
+                ok &= data[np.minimum(starts + offsets, len(data) - 1)] == expected
         return ok
 
     def to_reader(self, table: pa.Table) -> pa.Table:
         """ClickHouse's columns of this writer shaped as the reader's: fields the writer lacks hold the
         reader's default, fields the reader lacks are dropped, types cast (Avro's promotions included)."""
+        if not len(table):
+            return self.reader.empty_table()
         columns = []
         for (name, source, default, promoted), target in zip(self._reader, self.reader):
             if source is None:

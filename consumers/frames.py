@@ -144,6 +144,8 @@ class FrameDecoder:
         self._admission = Admission(settings)
         self._parser = parser
         self._plans: dict[bytes, WriterPlan | None] = {}  # by writer fingerprint; None: the per-record path
+        self._by_header: dict[bytes, Writer] = {}  # what writer_of answered, by the message header it read
+        self._header_lengths: tuple[int, ...] = ()
 
     def decode(self, records: list[Record], now_ms: int) -> Decoded:
         dead: list[tuple[int, str]] = []
@@ -154,22 +156,42 @@ class FrameDecoder:
         return Decoded({kind: _frame(kind, parts) for kind, parts in rows.items()}, dead)
 
     def _groups(self, records: list[Record], now_ms: int, dead: list[tuple[int, str]]) -> list[_Group]:
+        """The records by writer schema. A message's header decides its writer, so the codec is asked once per
+        distinct header (`writer_of`), and what it answered is looked up by the header's bytes after that."""
         groups: dict[bytes, _Group] = {}
-        writer_of = self._codec.writer_of
+        known, lengths = self._by_header, self._header_lengths
         for position, record in enumerate(records):
-            try:
-                writer = writer_of(record.value)  # a tombstone (None) raises too
-            except CodecUnavailableError:
-                raise
-            except Exception:  # the per-record path words it (decode_record refuses the same headers)
-                self._decide(record, position, now_ms, dead, [])
-                continue
+            value = record.value
+            writer = None
+            if value is not None:
+                for length in lengths:  # one length, but for a Confluent codec reading single-object messages too
+                    writer = known.get(value[:length])
+                    if writer is not None:
+                        break
+            if writer is None:
+                writer = self._writer_of(record, position, now_ms, dead)
+                if writer is None:
+                    continue
             group = groups.get(writer.group_key)
             if group is None:
                 group = groups[writer.group_key] = _Group(writer)
             group.positions.append(position)
             group.records.append(record)
         return list(groups.values())
+
+    def _writer_of(self, record: Record, position: int, now_ms: int, dead: list[tuple[int, str]]) -> Writer | None:
+        """The record's writer from the codec, remembered by header; None when its header is refused (then the
+        per-record path words its dead letter: decode_record refuses the same headers)."""
+        try:
+            writer = self._codec.writer_of(record.value)  # a tombstone (None) raises too
+        except CodecUnavailableError:
+            raise
+        except Exception:
+            self._decide(record, position, now_ms, dead, [])
+            return None
+        self._by_header[record.value[:writer.header_len]] = writer
+        self._header_lengths = tuple(sorted({*self._header_lengths, writer.header_len}, reverse=True))
+        return writer
 
     def _decide(self, record: Record, position: int, now_ms: int, dead: list[tuple[int, str]],
                 admitted: list[tuple[int, dict]], decision: Decision | None = None) -> None:

@@ -82,7 +82,7 @@ class Writer(NamedTuple):
     group_key: bytes  # the CRC-64-AVRO fingerprint of the writer schema: messages alike in it share one parse
     kind: str
     schema_json: str  # the writer schema, Avro parsing canonical form
-    header_len: int  # the body starts after this many bytes of the message
+    header_len: int  # the body starts after this many bytes of the message, which alone decide the writer
 
 
 class Codec(Protocol):

@@ -68,11 +68,17 @@ def body_starts(container_len: int, body_lengths: np.ndarray) -> np.ndarray:
     return header_len + ends - blocks + prefixes
 
 
-_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+_VARINT_LIMITS = [1 << (7 * k) for k in range(1, 10)]
 
 
 def varint_lengths(values: np.ndarray) -> np.ndarray:
     """How many bytes Avro's (minimal) encoding of each int64 takes, 1 to 10."""
     values = values.astype(np.int64, copy=False)
     zigzag = ((values << 1) ^ (values >> 63)).view(np.uint64)
-    return np.searchsorted(_VARINT_LIMITS, zigzag, side="right").astype(np.int64) + 1
+    lengths = np.ones(len(values), dtype=np.int64)
+    top = int(zigzag.max()) if len(values) else 0
+    for limit in _VARINT_LIMITS:  # as many passes as the largest value needs bytes, no more
+        if limit > top:
+            break
+        lengths += zigzag >= np.uint64(limit)
+    return lengths
