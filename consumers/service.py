@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from contextlib import ExitStack
 
 from trainwire.infra.codecs import codec_for
 from trainwire.infra.config import Settings
@@ -30,13 +31,24 @@ def build_ingest(settings: Settings, on_alert=None, group: str = INGEST_GROUP,
     apply_retention(client, settings.metrics_retention_days, settings.gpu_retention_days, settings.store_cluster)
     topics = event_topics(settings)
     ensure_topics(settings, [*topics, settings.topic(ALERTS), settings.topic(DEAD_LETTERS), settings.topic(CONTROL)])
-    return IngestPipeline(
-        open_consumer(settings, settings.topic(group), topics, instance_id=instance_id), ClickHouseWriter(client), open_producer(settings),
-        settings, detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)),
-        on_alert=on_alert or AlertPrinter(),
-        codec=codec_for(settings),
-        on_run_ended=GateWorker(settings).start(),  # evaluates the quality gates of every run that ends
-    )
+    # Each part is opened in turn and, should a later one fail, closed again: a Kafka consumer or a gate thread
+    # left open would hold the process for minutes after its error.
+    with ExitStack() as opened:
+        consumer = open_consumer(settings, settings.topic(group), topics, instance_id=instance_id)
+        opened.callback(consumer.close)
+        producer = open_producer(settings)
+        opened.callback(producer.close)
+        gates = GateWorker(settings).start()  # evaluates the quality gates of every run that ends
+        opened.callback(gates.close)
+        if on_alert is None:
+            on_alert = AlertPrinter()
+            opened.callback(on_alert.close)
+        pipeline = IngestPipeline(
+            consumer, ClickHouseWriter(client), producer, settings,
+            detectors=DetectorEngine(settings.detectors, history=StoreHistory(client)),
+            on_alert=on_alert, codec=codec_for(settings), on_run_ended=gates)
+        opened.pop_all()
+    return pipeline
 
 
 def run_ingest(pipeline: IngestPipeline, stop: threading.Event) -> None:

@@ -63,3 +63,20 @@ def test_a_slow_insert_pauses_reading_and_commits_follow_their_inserts(local_set
     assert committed(settings) == 20 and pipeline.stats.stored == 20
     assert client.query("SELECT count() FROM steps").result_rows[0][0] == 20
     pipeline.close()
+
+
+def test_a_failed_start_closes_what_it_opened(local_settings, monkeypatch):
+    from trainwire.consumers import service
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the pipeline could not be built")
+
+    monkeypatch.setattr(service, "IngestPipeline", refuse)
+    before = {t.name for t in threading.enumerate()}
+    try:
+        service.build_ingest(local_settings)
+    except RuntimeError as err:
+        assert "could not be built" in str(err)
+    else:
+        raise AssertionError("build_ingest went on")
+    assert not {t.name for t in threading.enumerate() if t.is_alive()} - before  # the gate thread is gone too
