@@ -109,7 +109,8 @@ def test_view_reads_answer_over_the_loopback_read_api(demo):
         assert remote.curve(run_id=bad, since=since, max_points=20) == to_json(store.curve(bad, since, None, 20))
         assert len(remote.curve(run_id=bad, max_points=20)) == 20
         compared = remote.compare(run_ids=report["runs"])
-        assert [r["run_id"] for r in compared["runs"]] == report["runs"] and compared["differing"] == ["job"]
+        assert [r["run_id"] for r in compared["runs"]] == report["runs"]
+        assert compared["differing"] == ["data_seed", "job", "numpy_seed", "seed"], "the demo's jobs differ in seeds"
         blocked = remote.alert_incidents(run_ids=report["runs"], severities=["block"], since=since)
         assert [(i["run_id"], i["rule"]) for i in blocked] == [(bad, "loss_not_finite")]
         assert {r["run_id"] for r in remote.fleet(since=since)} == set(report["runs"])
@@ -182,14 +183,15 @@ def test_every_view_shows_the_demo_runs(app_test, demo):
     at = view(at, "fleet")
     fleet = at.dataframe[0].value.set_index("run id")
     assert set(fleet.index) == set(report["runs"])
-    assert (fleet["status"] == "completed").all() and fleet.loc[bad, "firing"] == 2
+    assert fleet.index[0] == bad and fleet.loc[bad, "firing"] == 2 and fleet.loc[bad, "loss"] == "NaN"
+    assert fleet.loc[bad, "gates"] == "blocked" and fleet.drop(index=bad)["status"].eq("completed").all()
 
     at = view(at, "compare")
     at.multiselect(key="compare-runs").set_value(report["runs"]).run()
     assert not at.exception
     assert {tuple(sorted(frame.value.columns)) for frame in at.dataframe} == {
-        tuple(sorted(picker.format_func(r) for r in report["runs"]))}
-    assert "1 of 5 hyperparameters differ: job" in text(at)
+        tuple(sorted(picker.format_func(r) + (" · ⚠ NaN loss" if r == bad else "") for r in report["runs"]))}
+    assert "4 of 8 parameters differ: data_seed, job, numpy_seed, seed" in text(at)
     assert set(chart(at, "loss")["line"]["run_id"]) == set(report["runs"])
 
     at = view(at, "resources")
@@ -280,9 +282,7 @@ def test_each_sessions_first_view_of_a_page_and_run_goes_to_the_audit_log(app_te
         verified = Governance(client).verify(actor="test")
     finally:
         client.close()
-    first_run = sorted(report["runs"], key=lambda r: r != viewed[0][1])[0]
-    assert viewed == [("anonymous", first_run, "Training"), ("anonymous", bad, "Training"),
-                      ("anonymous", bad, "Audit"), ("anonymous", "", "Fleet")]
+    assert viewed == [("anonymous", "", "Fleet"), ("anonymous", bad, "Audit")], "the dashboard opens on the Fleet"
     assert verified["ok"], verified["problems"]
 
 
@@ -384,7 +384,7 @@ def test_every_view_in_a_browser(demo, browser):
     with serving(home, "dashboard", env=proxied) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000},
                                 extra_http_headers={"X-Forwarded-User": "auditor@example.com"})  # as a proxy sets
-        page.goto(f"{url}?run={bad}")  # a shared link picks the run
+        page.goto(f"{url}training?run={bad}")  # a shared link picks the page and the run
         page.get_by_role("heading", name="Training", exact=True).wait_for(timeout=30_000)
         page.get_by_text(f"last step {STEPS} of {STEPS}").wait_for(timeout=30_000)
         page.locator('.st-key-chart-loss [aria-roledescription="point"]').first.wait_for(timeout=30_000)
@@ -429,7 +429,7 @@ def test_new_steps_appear_live_without_a_reload(tmp_path, browser):
     steps, latencies = 12, []
     with serving(home, "up") as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
+        page.goto(f"{url}training")
         page.get_by_text("No runs yet").wait_for(timeout=30_000)
         page.evaluate("window.trainwireLoaded = true")
         with init("live-test", "live", {"learning_rate": 1e-4}, settings=settings, total_steps=steps,

@@ -131,11 +131,12 @@ def test_proxy_auth_refuses_strangers_and_lets_an_approver_approve_but_not_a_vie
             page.close()
 
         viewer = page_as(browser, url, run_id, **{user: "Victor", SECRET_HEADER: SECRET})
-        viewer.get_by_role("heading", name="Training", exact=True).wait_for(timeout=30_000)
+        viewer.get_by_role("heading", name="Fleet", exact=True).wait_for(timeout=30_000)
         nav = viewer.locator('[data-testid="stSidebarNav"]')
-        assert nav.get_by_role("link", name="Fleet").count() == 1 and nav.get_by_role("link", name="Audit").count() == 0
+        assert nav.get_by_role("link", name="Training").count() == 1
+        assert nav.get_by_role("link", name="Audit").count() == 0
         viewer.goto(f"{url}audit?run={run_id}")  # the Audit view's own address
-        viewer.get_by_role("heading", name="Training", exact=True).wait_for(timeout=30_000)
+        viewer.get_by_role("heading", name="Fleet", exact=True).wait_for(timeout=30_000)
         assert viewer.get_by_role("button", name="Approve for Production").count() == 0
         viewer.close()
 
