@@ -25,7 +25,7 @@ ENV_PREFIX = "TRAINWIRE_"
 
 # Read by scripts and tests, not by Settings; any other TRAINWIRE_* name is a typo worth stopping for.
 OTHER_VARIABLES = frozenset({"TRAINWIRE_CONFIG", "TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT", "TRAINWIRE_TEST_KAFKA",
-                             "TRAINWIRE_CHROMIUM"})
+                             "TRAINWIRE_CHROMIUM", "TRAINWIRE_TEST_LLAMAFACTORY_PYTHON"})
 CONFIG_FILE_VARIABLE = "TRAINWIRE_CONFIG"  # a TOML file with the same keys, lower case: kafka = "host:9092"
 
 

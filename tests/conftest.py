@@ -4,16 +4,42 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import subprocess
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from tests.broker_lease import BrokerLease
 from trainwire.infra.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# What the test harness itself reads (the broker, the browser and LLaMA-Factory's environment to use); every other
+# TRAINWIRE_* variable is the user's.
+HARNESS_VARIABLES = frozenset({"TRAINWIRE_TEST_KAFKA", "TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT",
+                               "TRAINWIRE_CHROMIUM", "TRAINWIRE_TEST_LLAMAFACTORY_PYTHON"})
+
+
+def users_settings(environ: Mapping[str, str]) -> list[str]:
+    """The user's trainwire settings among `environ`'s names: TRAINWIRE_* in any case (pydantic-settings reads
+    `trainwire_home` as TRAINWIRE_HOME), less what the harness reads."""
+    return [name for name in environ
+            if name.upper().startswith("TRAINWIRE_") and name.upper() not in HARNESS_VARIABLES]
+
+
+# Tests never read a user's settings nor pass them on to the processes they start. They are removed here, as the
+# session starts, not by a fixture: module-level code and fixtures of wider scope run before any function-scoped
+# fixture, and a variable put back after each test would be there again between tests.
+for _name in users_settings(os.environ):
+    del os.environ[_name]
+
+# The broker's jars and data stay where infra/kafka/up keeps them for the user; HOME itself is a stand-in (below).
+os.environ.setdefault("TRAINWIRE_KAFKA_CACHE", str(Path.home() / ".cache/trainwire/kafka"))
 
 
 def _unavailable(reason: str) -> None:
@@ -22,18 +48,49 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
-    """Bootstrap address of a real broker: TRAINWIRE_TEST_KAFKA, or the one infra/kafka/up starts (idempotent)."""
-    if os.environ.get("TRAINWIRE_TEST_KAFKA"):
-        return os.environ["TRAINWIRE_TEST_KAFKA"]
+def answers(port: int) -> bool:
+    """Whether something on this machine accepts connections on `port`."""
     try:
-        result = subprocess.run([str(ROOT / "infra/kafka/up")], capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        _unavailable(f"cannot start Kafka with infra/kafka/up: {err}")
-    if result.returncode != 0:
-        _unavailable(f"infra/kafka/up failed: {result.stderr[-2000:]}")
-    return result.stdout.strip().splitlines()[-1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+# What became of a broker the tests started, said at the end of the session's report.
+BROKER_NOTES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """Bootstrap address of a real broker: TRAINWIRE_TEST_KAFKA, or the one infra/kafka/up starts (idempotent).
+    A broker that test sessions started is stopped by the last of them to end (tests/broker_lease.py); one that was
+    running before is left running."""
+    if os.environ.get("TRAINWIRE_TEST_KAFKA"):
+        yield os.environ["TRAINWIRE_TEST_KAFKA"]
+        return
+    port = int(os.environ.get("TRAINWIRE_KAFKA_PORT", "9092"))
+    lease = BrokerLease(Path(os.environ["TRAINWIRE_KAFKA_CACHE"]), port, ROOT / "infra/kafka/down")
+    lease.take()
+    try:
+        was_running = answers(port)
+        try:
+            result = subprocess.run([str(ROOT / "infra/kafka/up")], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            _unavailable(f"cannot start Kafka with infra/kafka/up: {err}")
+        if result.returncode != 0:
+            _unavailable(f"infra/kafka/up failed: {result.stderr[-2000:]}")
+        if not was_running:
+            lease.started_it()
+        yield result.stdout.strip().splitlines()[-1]
+    finally:
+        if note := lease.release():
+            BROKER_NOTES.append(note)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for note in BROKER_NOTES:
+        terminalreporter.write_line(f"tests/conftest.py: {note}")
 
 
 @pytest.fixture
@@ -68,15 +125,6 @@ def any_settings(request: pytest.FixtureRequest) -> Settings:
     return request.getfixturevalue(f"{request.param}_settings")
 
 
-# What the test harness itself reads (the broker and browser to use); every other TRAINWIRE_* variable is the user's.
-HARNESS_VARIABLES = frozenset({"TRAINWIRE_TEST_KAFKA", "TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT",
-                               "TRAINWIRE_CHROMIUM"})
-
-
-# The broker's jars and data stay where infra/kafka/up keeps them for the user; HOME itself is a stand-in (below).
-os.environ.setdefault("TRAINWIRE_KAFKA_CACHE", str(Path.home() / ".cache/trainwire/kafka"))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def stand_in_home(tmp_path_factory: pytest.TempPathFactory):
     """HOME is a directory of the session's own, for this process and every one it starts: a test that falls back
@@ -89,13 +137,6 @@ def stand_in_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ["HOME"] = real_home
     left = sorted(str(p.relative_to(home)) for p in (home / ".trainwire").rglob("*"))
     assert not left, f"a test used the default home ~/.trainwire instead of its own: {left}"
-
-
-@pytest.fixture(autouse=True)
-def without_the_users_settings(monkeypatch):
-    """Tests never read a user's TRAINWIRE_* settings (nor pass them on to the processes they start)."""
-    for name in [n for n in os.environ if n.startswith("TRAINWIRE_") and n not in HARNESS_VARIABLES]:
-        monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)
