@@ -11,6 +11,7 @@ import pandas as pd
 SVG = {"embedOptions": {"renderer": "svg"}}
 ALERT_RED = "#d62728"
 POINTS_UP_TO = 150  # show each point as a marker while a curve has at most this many
+LEGEND_LABEL_PX = 480  # a run's whole label in a legend, "⚠ NaN loss" at its end included (Vega-Lite cuts at 160 px)
 
 
 def metric_curve(frame: pd.DataFrame, field: str, label: str, *, last_step: int | None = None,
@@ -63,7 +64,7 @@ def time_lines(frame: pd.DataFrame, field: str, label: str, series: str, *, thre
     """`field` over time, one line per value of `series`; an optional dashed threshold, labelled."""
     chart = alt.Chart(frame).mark_line(point=len(frame) <= POINTS_UP_TO).encode(
         x=alt.X("t:T", title=None), y=alt.Y(f"{field}:Q", title=label, scale=alt.Scale(zero=False)),
-        color=alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom")),
+        color=alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=LEGEND_LABEL_PX)),
         tooltip=[alt.Tooltip("t:T", format="%Y-%m-%d %H:%M:%S"), series, alt.Tooltip(f"{field}:Q", format=".4g")],
     )
     layers = [chart]
@@ -79,6 +80,6 @@ def overlay(frame: pd.DataFrame, field: str, label: str, series: str, height: in
     """One curve per value of `series` over steps, in the same axes."""
     return alt.Chart(frame.dropna(subset=[field])).mark_line().encode(
         x=alt.X("step:Q", title="step"), y=alt.Y(f"{field}:Q", title=label, scale=alt.Scale(zero=False)),
-        color=alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom")),
+        color=alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=LEGEND_LABEL_PX)),
         tooltip=[series, "step", alt.Tooltip(f"{field}:Q", format=".4g")],
     ).properties(height=height, usermeta=SVG)
