@@ -1,7 +1,8 @@
 """The detector engine's two entries, for tests that must hold for both: events one at a time (`observe`, the
 per-record ingest path) and frames (`observe_frames`, the columnar one) in batches of a given size.
 
-`entry_engine(entry, ...)` makes an engine fed through the named entry. Both kinds answer `observe` and `flush`:
+`entry_engine(entry, ...)` makes an engine fed through the named entry; the `entry` fixture runs a test module's
+tests once per entry, its `DetectorEngine` standing for `entry_engine` of that entry. Both kinds answer `observe` and `flush`:
 per event, `observe` returns the event's alerts and `flush` nothing; framed, events wait until a batch is full,
 `observe` returns the alerts of the batch it completes (else nothing) and `flush` judges what waits. A test reads
 alerts after a `flush`, so its expectations are the same whatever the entry. The engine's other methods (tick,
@@ -10,7 +11,10 @@ forget, …) judge what waits first, keeping its alerts for the next `flush`.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
+
+import pytest
 
 from trainwire.consumers.detectors import DetectorEngine
 from trainwire.schemas import EVENT_TYPES, Alert
@@ -71,3 +75,9 @@ def entry_engine(entry: str, *args: Any, **kwargs: Any) -> EventEntry | FrameEnt
     engine = DetectorEngine(*args, **kwargs)
     batch = ENTRIES[entry]
     return EventEntry(engine) if batch is None else FrameEntry(engine, batch)
+
+
+@pytest.fixture(params=list(ENTRIES))
+def entry(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(request.module, "DetectorEngine", partial(entry_engine, request.param))
+    return request.param

@@ -8,8 +8,11 @@ import math
 
 import pytest
 
+from tests.detector_entries import entry  # noqa: F401 (the fixture)
 from trainwire.consumers.detectors import DetectorEngine
 from trainwire.infra.detector_settings import DetectorParameters, DetectorSettings
+
+pytestmark = pytest.mark.usefixtures("entry")  # each test, event by event and as frames (detector_entries.py)
 
 IMMEDIATE = {rule: {"fire_after": 1, "clear_after": 1} for rule, info in DetectorParameters.model_fields.items()
              if "fire_after" in info.annotation.model_fields}
@@ -22,12 +25,20 @@ class Feed:
         self.engine = engine or engine_with()
         self.envelope = {"run_id": run_id, "experiment": experiment, "team": "", "host": host}
         self.seq = 0
-        self.alerts = []
+        self._alerts = []
+
+    @property
+    def alerts(self):
+        """Every alert so far (the events still waiting for their batch judged first)."""
+        self._alerts += self.engine.flush()
+        return self._alerts
 
     def event(self, kind, **fields):
-        record = {**self.envelope, "seq": self.seq, "ts_ms": self.seq * 1000, **fields}
+        return self.observe(kind, {**self.envelope, "seq": self.seq, "ts_ms": self.seq * 1000, **fields})
+
+    def observe(self, kind, record):
         self.seq += 1
-        self.alerts += self.engine.observe(kind, record)
+        self._alerts += self.engine.observe(kind, record)
         return record
 
     def steps(self, losses, start=1, **fields):
@@ -210,9 +221,7 @@ def test_gpu_utilization_low_only_while_training_and_sustained():
 
 def heartbeats(feed, count, every_ms):
     for _ in range(count):
-        record = {**feed.envelope, "seq": feed.seq, "ts_ms": feed.seq * every_ms, "step": None}
-        feed.seq += 1
-        feed.alerts += feed.engine.observe("heartbeat", record)
+        feed.observe("heartbeat", {**feed.envelope, "seq": feed.seq, "ts_ms": feed.seq * every_ms, "step": None})
 
 
 def test_run_stalled_after_three_expected_intervals_of_silence_and_resolved_by_the_next_event():

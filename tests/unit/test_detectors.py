@@ -2,8 +2,11 @@ import math
 
 import pytest
 
+from tests.detector_entries import ENTRIES, entry  # noqa: F401 (the fixture)
 from trainwire.consumers.detectors import DetectorEngine, HistoryRequest, RunHistory
 from trainwire.infra.detector_settings import DetectorSettings
+
+pytestmark = pytest.mark.usefixtures("entry")  # each test, event by event and as frames (detector_entries.py)
 
 RUN = {"run_id": "run-a", "experiment": "exp", "team": "", "ts_ms": 0, "seq": 0}
 
@@ -14,7 +17,12 @@ def steps(engine, losses, grad_norms=None, run=RUN):
         record = {**run, "seq": i, "step": i + 1, "loss": loss,
                   "grad_norm": grad_norms[i] if grad_norms else 1.0}
         alerts += engine.observe("step", record)
-    return alerts
+    return alerts + engine.flush()
+
+
+def judged(engine, kind, record):
+    """The event's alerts, whichever entry the engine is fed through."""
+    return engine.observe(kind, record) + engine.flush()
 
 
 def healthy(n=200):
@@ -74,7 +82,9 @@ def sawtooth_tail(n: int) -> list[float]:
 
 @pytest.mark.parametrize("losses", [noisy_tail(3_000, seed) for seed in range(3)] + [sawtooth_tail(20_000)],
                          ids=["noisy-0", "noisy-1", "noisy-2", "sawtooth"])
-def test_a_healthy_run_ending_on_small_noisy_losses_pages_nothing(losses):
+def test_a_healthy_run_ending_on_small_noisy_losses_pages_nothing(losses, entry):
+    if ENTRIES[entry] and ENTRIES[entry] * 500 < len(losses):
+        pytest.skip("thousands of small batches: the larger ones judge the same curve")
     assert steps(DetectorEngine(), losses) == []
 
 
@@ -87,8 +97,8 @@ def test_a_condition_must_hold_for_fire_after_readings_and_seconds():
     slow = DetectorEngine(DetectorSettings.model_validate({"grad_norm_high": {"fire_after_seconds": 5.0}}))
     records = [{**RUN, "seq": i, "ts_ms": i * 1_000, "step": i + 1, "loss": 1.0, "grad_norm": 50.0}
                for i in range(8)]
-    fired = [a.step for r in records for a in slow.observe("step", r)]
-    assert fired == [6]  # held since step 1 (t=0 s), fires at t=5 s
+    fired = [a for r in records for a in slow.observe("step", r)] + slow.flush()
+    assert [a.step for a in fired] == [6]  # held since step 1 (t=0 s), fires at t=5 s
 
 
 def test_runs_are_independent():
@@ -119,10 +129,10 @@ def test_a_run_first_seen_under_way_is_rebuilt_from_its_history():
 
     engine = DetectorEngine(history=history)
     record = {**RUN, "host": "", "seq": 11, "ts_ms": 11, "step": 12}
-    still_nan = engine.observe("step", {**record, "loss": math.nan})
+    still_nan = judged(engine, "step", {**record, "loss": math.nan})
     assert still_nan == []  # the open incident is adopted, not fired again
     assert asked[0].run_id == "run-a" and asked[0].seq == 11 and asked[0].steps >= 10
-    spike = engine.observe("step", {**record, "seq": 12, "step": 13, "loss": 1.7})
+    spike = judged(engine, "step", {**record, "seq": 12, "step": 13, "loss": 1.7})
     assert [(a.rule, a.state, a.dedup_key) for a in spike] == [
         ("loss_not_finite", "resolved", "run-a/loss_not_finite/11"),
         ("loss_spike", "firing", "run-a/loss_spike/13")]  # the baseline of 1.0 came from history
@@ -134,7 +144,7 @@ def test_a_run_starting_here_reads_no_history():
         raise AssertionError("a run_started has nothing before it")
 
     engine = DetectorEngine(history=history)
-    assert engine.observe("run_started", {**RUN, "host": "", "run_name": ""}) == []
+    assert judged(engine, "run_started", {**RUN, "host": "", "run_name": ""}) == []
     assert steps(engine, [1.0, 1.0]) == []
 
 
@@ -147,6 +157,7 @@ def test_forgetting_a_partition_drops_its_runs():
     engine.tick(0)
     assert [a.run_id for a in engine.tick(60_000)] == ["run-b"]  # run-a's silence is not this consumer's concern
     engine.observe("step", {**RUN, "host": "", "seq": 1, "step": 2, "loss": 1.0}, ("events", 3))
+    engine.flush()
     assert [r.run_id for r in loads] == ["run-a", "run-b", "run-a"]  # rebuilt when it comes back
 
 
@@ -155,15 +166,15 @@ def test_an_ended_run_is_never_stalled_and_its_post_training_eval_is_judged_as_s
     bring the run back to life for the stall rule, which would page on-call ~15 s later for a finished run."""
     engine = DetectorEngine(history=lambda request: RunHistory())
     steps(engine, [1.0, 0.9, 0.8])
-    assert engine.observe("run_ended", {**RUN, "seq": 9, "ts_ms": 1_000, "status": "completed"}) == []
-    assert engine.observe("eval", {**RUN, "seq": 10, "ts_ms": 2_000, "step": 3, "eval_loss": 0.85}) == []
+    assert judged(engine, "run_ended", {**RUN, "seq": 9, "ts_ms": 1_000, "status": "completed"}) == []
+    assert judged(engine, "eval", {**RUN, "seq": 10, "ts_ms": 2_000, "step": 3, "eval_loss": 0.85}) == []
     engine.tick(3_000)
     assert engine.tick(600_000) == []
 
 
 def test_an_ended_run_rebuilt_from_the_store_is_not_stalled_but_a_resumed_one_can_be():
     engine = DetectorEngine(history=lambda request: RunHistory(ended=True))  # a new consumer, after the end
-    assert engine.observe("eval", {**RUN, "seq": 10, "ts_ms": 2_000, "step": 3, "eval_loss": 0.85}) == []
+    assert judged(engine, "eval", {**RUN, "seq": 10, "ts_ms": 2_000, "step": 3, "eval_loss": 0.85}) == []
     engine.tick(3_000)
     assert engine.tick(600_000) == []
     engine.observe("run_started", {**RUN, "seq": 11, "ts_ms": 700_000, "run_name": ""})  # resumed by a new process
@@ -177,7 +188,7 @@ def test_a_stall_resolves_when_the_run_ends():
     steps(engine, [1.0])
     engine.tick(0)
     (fired,) = engine.tick(600_000)
-    (resolved,) = engine.observe("run_ended", {**RUN, "seq": 9, "ts_ms": 601_000, "status": "failed"})
+    (resolved,) = judged(engine, "run_ended", {**RUN, "seq": 9, "ts_ms": 601_000, "status": "failed"})
     assert (resolved.rule, resolved.state, resolved.dedup_key) == ("run_stalled", "resolved", fired.dedup_key)
 
 
