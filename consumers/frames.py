@@ -106,11 +106,12 @@ def reason_of(error: SchemaError) -> str:
 
 @dataclass
 class _Group:
-    """The records of one batch written with one writer schema, and where each sits in the batch."""
+    """The messages of one batch written with one writer schema on one topic, and where each sits in the batch."""
 
     writer: Writer
+    topic: str
     positions: list[int] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -144,44 +145,47 @@ class FrameDecoder:
         self._admission = Admission(settings)
         self._parser = parser
         self._plans: dict[bytes, WriterPlan | None] = {}  # by writer fingerprint; None: the per-record path
-        self._by_header: dict[bytes, Writer] = {}  # what writer_of answered, by the message header it read
-        self._header_lengths: tuple[int, ...] = ()
+        self._header_lengths: tuple[int, ...] = ()  # of the messages' headers seen: their bytes decide the writer
 
     def decode(self, records: list[Record], now_ms: int) -> Decoded:
         dead: list[tuple[int, str]] = []
         rows: dict[str, list[_Rows]] = defaultdict(list)
         for group in self._groups(records, now_ms, dead):
-            self._decode_group(group, now_ms, rows, dead)
+            self._decode_group(group, records, now_ms, rows, dead)
         dead.sort()
         return Decoded({kind: _frame(kind, parts) for kind, parts in rows.items()}, dead)
 
     def _groups(self, records: list[Record], now_ms: int, dead: list[tuple[int, str]]) -> list[_Group]:
-        """The records by writer schema. A message's header decides its writer, so the codec is asked once per
-        distinct header (`writer_of`), and what it answered is looked up by the header's bytes after that."""
-        groups: dict[bytes, _Group] = {}
-        known, lengths = self._by_header, self._header_lengths
+        """The records by topic and writer schema. A message's header decides its writer, so the codec is asked
+        once per distinct header and topic (`writer_of`); the rest is a lookup of the header's bytes."""
+        groups: dict[tuple[str, bytes], _Group] = {}
+        by_topic: dict[str, dict[bytes, _Group]] = {}  # topic → a message header seen on it → its group
         for position, record in enumerate(records):
-            value = record.value
-            writer = None
+            value, topic = record.value, record.topic
+            headers = by_topic.get(topic)
+            if headers is None:
+                headers = by_topic[topic] = {}
+            group = None
             if value is not None:
-                for length in lengths:  # one length, but for a Confluent codec reading single-object messages too
-                    writer = known.get(value[:length])
-                    if writer is not None:
+                for length in self._header_lengths:  # one, but a Confluent codec reads single-object messages too
+                    group = headers.get(value[:length])
+                    if group is not None:
                         break
-            if writer is None:
+            if group is None:
                 writer = self._writer_of(record, position, now_ms, dead)
                 if writer is None:
                     continue
-            group = groups.get(writer.group_key)
-            if group is None:
-                group = groups[writer.group_key] = _Group(writer)
+                group = groups.get((topic, writer.group_key))
+                if group is None:
+                    group = groups[topic, writer.group_key] = _Group(writer, topic)
+                headers[value[:writer.header_len]] = group
             group.positions.append(position)
-            group.records.append(record)
+            group.values.append(value)
         return list(groups.values())
 
     def _writer_of(self, record: Record, position: int, now_ms: int, dead: list[tuple[int, str]]) -> Writer | None:
-        """The record's writer from the codec, remembered by header; None when its header is refused (then the
-        per-record path words its dead letter: decode_record refuses the same headers)."""
+        """The record's writer from the codec; None when its header is refused (then the per-record path words its
+        dead letter: decode_record refuses the same headers)."""
         try:
             writer = self._codec.writer_of(record.value)  # a tombstone (None) raises too
         except CodecUnavailableError:
@@ -189,8 +193,8 @@ class FrameDecoder:
         except Exception:
             self._decide(record, position, now_ms, dead, [])
             return None
-        self._by_header[record.value[:writer.header_len]] = writer
-        self._header_lengths = tuple(sorted({*self._header_lengths, writer.header_len}, reverse=True))
+        if writer.header_len not in self._header_lengths:
+            self._header_lengths = tuple(sorted({*self._header_lengths, writer.header_len}))
         return writer
 
     def _decide(self, record: Record, position: int, now_ms: int, dead: list[tuple[int, str]],
@@ -213,21 +217,17 @@ class FrameDecoder:
                 self._plans[writer.group_key] = None
         return self._plans[writer.group_key]
 
-    def _decode_group(self, group: _Group, now_ms: int, rows: dict[str, list[_Rows]],
+    def _decode_group(self, group: _Group, records: list[Record], now_ms: int, rows: dict[str, list[_Rows]],
                       dead: list[tuple[int, str]]) -> None:
         writer, kind = group.writer, group.writer.kind
-        plan = self._plan(writer)
-        refer = np.zeros(len(group.records), dtype=bool)  # rows the per-record path decides
-        refused_topics = {t for t in {r.topic for r in group.records} if not self._admission.accepts(t, kind)}
-        if plan is None:
-            refer[:] = True
-        elif refused_topics:
-            refer[[i for i, r in enumerate(group.records) if r.topic in refused_topics]] = True
-        bodies = [record.value[writer.header_len:] for record in group.records]
+        accepted = self._admission.accepts(group.topic, kind)  # else the per-record path says why not
+        plan = self._plan(writer) if accepted else None
+        refer = np.zeros(len(group.values), dtype=bool) if plan else np.ones(len(group.values), dtype=bool)
+        bodies = [value[writer.header_len:] for value in group.values]
         positions = np.array(group.positions, dtype=np.int64)
         known: dict[int, Decision] = {}  # per-record decisions made while isolating a refused container
-        if not refer.all():
-            for parsed in self._parse(plan, group, bodies, np.flatnonzero(~refer), known, now_ms, dead):
+        if plan is not None:
+            for parsed in self._parse(plan, group, records, bodies, known, now_ms, dead):
                 refer[parsed.indices[~parsed.faithful]] = True
                 indices = parsed.indices[parsed.faithful]
                 passing = self._passing(kind, parsed.table, now_ms)
@@ -235,10 +235,12 @@ class FrameDecoder:
                 kept = indices[passing]
                 if len(kept):
                     table = parsed.table if passing.all() else parsed.table.filter(passing)
-                    rows[kind].append(_Rows(positions[kept], table, [bodies[i] for i in kept], writer.schema_json))
+                    kept_bodies = bodies if len(kept) == len(bodies) else [bodies[i] for i in kept]
+                    rows[kind].append(_Rows(positions[kept], table, kept_bodies, writer.schema_json))
         admitted: list[tuple[int, dict]] = []
         for i in np.flatnonzero(refer):
-            self._decide(group.records[i], group.positions[i], now_ms, dead, admitted, known.get(i))
+            position = group.positions[i]
+            self._decide(records[position], position, now_ms, dead, admitted, known.get(i))
         if admitted:
             where = {position: i for i, position in enumerate(group.positions)}
             rows[kind].append(_Rows(np.array([p for p, _ in admitted], dtype=np.int64),
@@ -250,21 +252,23 @@ class FrameDecoder:
         failing = self._admission.outside_window(table.column("ts_ms").to_numpy(), now_ms)
         return ~(failing | failing_rows(kind, table))
 
-    def _parse(self, plan: WriterPlan, group: _Group, bodies: list[bytes], indices: np.ndarray,
+    def _parse(self, plan: WriterPlan, group: _Group, records: list[Record], bodies: list[bytes],
                known: dict[int, Decision], now_ms: int, dead: list[tuple[int, str]]) -> list[_Parsed]:
-        """ClickHouse's reading of these bodies. When it refuses the container, the per-record path finds the bad
-        bodies (their dead letters are today's) and the rest is parsed again, halved while refused: a body
+        """ClickHouse's reading of the group's bodies. When it refuses the container, the per-record path finds the
+        bad bodies (their dead letters are today's) and the rest is parsed again, halved while refused: a body
         ClickHouse alone refuses becomes a dead letter with ClickHouse's reason."""
+        everything = np.arange(len(bodies))
         try:
-            return [self._parse_bodies(plan, bodies, indices)]
+            return [self._parse_bodies(plan, bodies, everything)]
         except AvroRefusedError:
             pass
-        for i in indices:
-            known[i] = decode_one(self._codec, self._admission, group.records[i], now_ms)
+        for i in everything:
+            position = group.positions[i]
+            known[i] = decode_one(self._codec, self._admission, records[position], now_ms)
             if isinstance(known[i], SchemaError):
-                dead.append((group.positions[i], reason_of(known[i])))
+                dead.append((position, reason_of(known[i])))
         parsed: list[_Parsed] = []
-        pending = [np.array([i for i in indices if not isinstance(known[i], SchemaError)], dtype=np.int64)]
+        pending = [np.array([i for i in everything if not isinstance(known[i], SchemaError)], dtype=np.int64)]
         while pending:
             part = pending.pop()
             if not len(part):
@@ -292,7 +296,7 @@ def _frame(kind: str, parts: list[_Rows]) -> Frame:
     writers = list(dict.fromkeys(part.writer for part in parts))
     positions = np.concatenate([part.positions for part in parts])
     table = pa.concat_tables([part.table for part in parts]) if len(parts) > 1 else parts[0].table
-    bodies = [body for part in parts for body in part.bodies]
+    bodies = [body for part in parts for body in part.bodies] if len(parts) > 1 else parts[0].bodies
     writer_ids = np.concatenate([np.full(len(part.positions), writers.index(part.writer), dtype=np.int32)
                                  for part in parts])
     if len(parts) > 1 and np.any(np.diff(positions) < 0):

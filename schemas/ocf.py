@@ -27,7 +27,7 @@ def varint(value: int) -> bytes:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
-    return bytes(out)
+    return out
 
 
 def _avro_bytes(data: bytes) -> bytes:
@@ -43,10 +43,11 @@ def _header(schema_json: str, sync: bytes) -> bytes:
 _BLOCK_PREFIX = [_ONE_OBJECT + varint(n) for n in range(1 << 14)]  # bodies are far smaller; larger ones are made
 
 
-def container(schema_json: str, bodies: Sequence[bytes]) -> bytes:
+def container(schema_json: str, bodies: Sequence[bytes]) -> bytearray:
     """One OCF (null codec) holding `bodies`, Avro binary bodies written with `schema_json`, one block each.
 
-    The sync marker is random, so no body can hold it by design; `body_starts` says where each body landed."""
+    The sync marker is random, so no body can hold it by design; `body_starts` says where each body landed. A
+    bytearray, as it was built: turning it into bytes would copy every body once more (a batch's worth of them)."""
     sync = os.urandom(SYNC_LEN)
     prefix = _BLOCK_PREFIX
     out = bytearray(_header(schema_json, sync))
@@ -55,7 +56,7 @@ def container(schema_json: str, bodies: Sequence[bytes]) -> bytes:
         out += prefix[size] if size < len(prefix) else _ONE_OBJECT + varint(size)
         out += body
         out += sync
-    return bytes(out)
+    return out
 
 
 def body_starts(container_len: int, body_lengths: np.ndarray) -> np.ndarray:
