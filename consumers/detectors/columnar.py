@@ -85,11 +85,6 @@ class _Batch:
         """A row made by `records` before."""
         return self._records[row]
 
-    def split_by_run(self, values: list[Any], rows: np.ndarray) -> list[list[Any]]:
-        """`values` of `rows` (grouped by run) cut into one list per run."""
-        ends = np.cumsum(np.bincount(self.run[rows], minlength=len(self.run_ids))).tolist()
-        return [values[start:end] for start, end in zip([0, *ends[:-1]], ends)]
-
 
 class _BulkSteps:
     """Steps of runs judged in bulk, for their facts: the last step, and the finite losses in the recent ones."""
@@ -231,7 +226,7 @@ class ColumnarObserver:
         if self.sources is None:
             return None
         codes: dict[Any, int] = {}
-        stretches = [(codes.setdefault(source, len(codes)), sum(1 for _ in same))
+        stretches = [(codes.setdefault(source, len(codes)), len(list(same)))
                      for source, same in groupby(self.sources)]  # a poll brings each partition's records together
         distinct = list(codes)
         if distinct == [None]:
@@ -275,8 +270,11 @@ class ColumnarObserver:
         states = [list(map(_STATE, of_rule)) for of_rule in checks]
         try:
             bulks = [rule.bulk(rows, of_rule) for rule, of_rule in zip(rules, states)]
-        except Exception:
-            log.exception("detectors: the bulk verdict on %s rows failed; judging them event by event", kind)
+        except Exception:  # a bug in a bulk verdict: the per-event path judges the same rows all the same
+            self.engine.fallbacks += 1
+            if self.engine.fallbacks == 1 or self.engine.fallbacks % 1000 == 0:
+                log.exception("detectors: a bulk verdict on %s rows failed, judged event by event (%d so far)",
+                              kind, self.engine.fallbacks)
             return np.zeros(len(members), dtype=bool)
         if any(bulk is None for bulk in bulks):
             return np.zeros(len(members), dtype=bool)

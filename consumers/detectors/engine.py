@@ -117,6 +117,7 @@ class DetectorEngine:
         self._history_sizes = _history_sizes(
             [self.settings.deployment, *(self.settings.for_experiment(name) for name in self.settings.experiments)])
         self.failures = 0  # events whose detection raised in observe_frames (they are stored all the same)
+        self.fallbacks = 0  # bulk verdicts that raised in observe_frames (their rows were judged event by event)
 
     def observe(self, kind: str, record: dict, source: Any = None) -> list[Alert]:
         """The alerts this event raises or resolves. `source` (e.g. its partition) lets `forget` drop runs."""

@@ -70,13 +70,17 @@ class _PerGpuRule(Rule):
     def limit(self) -> float:
         raise NotImplementedError
 
-    def readings(self, rows: RunRows) -> tuple[np.ndarray, np.ndarray]:
-        """`reading` over many rows: (whether the sample says, whether its GPU is affected)."""
-        raise NotImplementedError
+    def readings(self, rows: RunRows) -> tuple[np.ndarray, np.ndarray] | None:
+        """`reading` over many rows: (whether the sample says, whether its GPU is affected); None: the rule
+        reads samples one by one only."""
+        return None
 
-    def bulk(self, rows: RunRows, states: list[_Gpus]) -> Bulk:
+    def bulk(self, rows: RunRows, states: list[_Gpus]) -> Bulk | None:
         """Quiet where no GPU was affected before the batch and no sample of it is."""
-        read, affected = self.readings(rows)
+        readings = self.readings(rows)
+        if readings is None:
+            return None
+        read, affected = readings
         none_before = np.array([not gpus.affected for gpus in states], dtype=bool)
         return Bulk(none_before & ~rows.any(affected), rows.any(read))
 

@@ -301,6 +301,7 @@ def test_a_failing_bulk_verdict_falls_back_to_judging_event_by_event(monkeypatch
     for batch in batches(random.Random(3), events):
         assert same(observe_framed(framed, batch)) == same(observe_each(each, batch))
     assert state(framed) == state(each)
+    assert framed.fallbacks > 0
 
 
 def test_an_unreadable_store_stops_the_batch():
