@@ -22,6 +22,9 @@ class JobPlan:
     checkpoint_every: int = 100
     fault: str | None = None
     seed: int = 0
+    # A job that diverged to NaN goes on spending GPU time until something stops it; steps of a few ms would end it
+    # before a stop switch could act, so its steps after the NaN are spread over at least this many seconds.
+    diverged_seconds: float = 0.0
 
 
 def lr_at(step: int, steps: int, peak: float = 2e-4, warmup: int = 20) -> float:
@@ -59,11 +62,17 @@ def simulated_artifacts(run_id: str, step: int) -> list[dict]:
                                ("training_args.bin", 5_240))]
 
 
-def run_job(run: Run, plan: JobPlan, stop: threading.Event | None = None) -> None:
-    """Drive `run` through a fine-tune-shaped curve: exponential loss decay with noise, cosine LR."""
+def checkpoint_path(run: Run, step: int) -> str:
+    return f"/tmp/trainwire-demo/{run.run_id}/checkpoint-{step}"
+
+
+def run_job(run: Run, plan: JobPlan, stop: threading.Event | None = None) -> int:
+    """Drive `run` through a fine-tune-shaped curve: exponential loss decay with noise, cosine LR. Returns the last
+    step trained. A run told to stop (`run.should_stop`, the stop switch) saves a final checkpoint at the step it got
+    to and leaves the loop, as the Hugging Face Trainer does under TrainwireCallback; `stop` ends it without one."""
     rng = random.Random(plan.seed)
     start_loss, floor, tau = rng.uniform(2.2, 3.2), rng.uniform(0.3, 0.7), plan.steps / rng.uniform(3, 5)
-    tokens = 0
+    tokens, pause, last, diverged = 0, plan.step_seconds, 0, False
     for step in range(1, plan.steps + 1):
         if stop is not None and stop.is_set():
             break
@@ -72,6 +81,8 @@ def run_job(run: Run, plan: JobPlan, stop: threading.Event | None = None) -> Non
         loss *= 1 + rng.gauss(0, 0.01)
         grad_norm = max(0.1, 0.8 + 1.5 * math.exp(-step / tau) + rng.gauss(0, 0.1))
         if plan.fault == "nan" and progress >= 0.6:
+            if not diverged:  # the first NaN step: the rest of the run is spent diverged
+                diverged, pause = True, max(pause, plan.diverged_seconds / (plan.steps - step + 1))
             loss, grad_norm = math.nan, math.nan
         elif plan.fault == "spike" and 0.5 <= progress < 0.5 + 3 / plan.steps:
             loss *= 3.0
@@ -81,14 +92,18 @@ def run_job(run: Run, plan: JobPlan, stop: threading.Event | None = None) -> Non
         tokens += int(tokens_per_s * 0.25)
         run.log_step(step, loss=loss, learning_rate=lr_at(step, plan.steps), grad_norm=grad_norm,
                      tokens_per_s=tokens_per_s, epoch=3.0 * progress, tokens=tokens)
+        last = step
         if step % plan.eval_every == 0:
             eval_loss = loss * 1.08 if math.isfinite(loss) else loss
             run.log_eval(step, eval_loss=eval_loss, eval_accuracy=max(0.0, 1 - eval_loss / 4) if math.isfinite(eval_loss) else None)
-        if step % plan.checkpoint_every == 0:
-            run.log_checkpoint(step, f"/tmp/trainwire-demo/{run.run_id}/checkpoint-{step}",
-                               files=simulated_artifacts(run.run_id, step))
-        if plan.step_seconds:
-            time.sleep(plan.step_seconds)
+        stopping = run.should_stop
+        if step % plan.checkpoint_every == 0 or stopping:
+            run.log_checkpoint(step, checkpoint_path(run, step), files=simulated_artifacts(run.run_id, step))
+        if stopping:
+            break
+        if pause:
+            time.sleep(pause)
+    return last
 
 
 class SimulatedGpus:

@@ -40,7 +40,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STEPS = 60
-NAN_FROM = 36  # the demo's "nan" job logs NaN losses from 60% of its steps on
+NAN_FROM = 36  # the demo's "nan" job logs NaN losses from 60% of its steps on, until the stop switch stops it
 VIEWS = {"training": "Training", "fleet": "Fleet", "compare": "Experiment comparison", "resources": "Resources",
          "alerts": "Alerts", "audit": "Audit"}
 LAST_STEP = re.compile(r"last step (\d+)")
@@ -71,6 +71,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def nan_run(report: dict) -> str:
     return next(a["run_id"] for a in report["alerts"] if a["rule"] == "loss_not_finite")
+
+
+def stopped_at(report: dict) -> int:
+    """The last step of the NaN run: the demo's NaN job opts into the stop switch, which stops it after the NaN."""
+    (stopped,) = report["stopped"]
+    return stopped["step"]
 
 
 # --- The read API behind the views -------------------------------------------------------------------------------------
@@ -107,7 +113,8 @@ def test_view_reads_answer_over_the_loopback_read_api(demo):
         remote, bad = RemoteReader(api.url, home), nan_run(report)
         since = datetime.now(timezone.utc) - timedelta(days=1)
         assert remote.curve(run_id=bad, since=since, max_points=20) == to_json(store.curve(bad, since, None, 20))
-        assert len(remote.curve(run_id=bad, max_points=20)) == 20
+        whole = remote.curve(run_id=bad, max_points=20)
+        assert 10 <= len(whole) <= 20 and whole[-1]["step"] == stopped_at(report), "downsampled, to the last step"
         compared = remote.compare(run_ids=report["runs"])
         assert [r["run_id"] for r in compared["runs"]] == report["runs"]
         assert compared["differing"] == ["data_seed", "job", "numpy_seed", "seed"], "the demo's jobs differ in seeds"
@@ -172,19 +179,20 @@ def test_every_view_shows_the_demo_runs(app_test, demo):
     at = picker.select(bad).run()
 
     at = view(at, "training")
-    assert f"last step {STEPS} of {STEPS}" in text(at) and "2 firing alerts" in text(at)
+    assert f"last step {stopped_at(report)} of {STEPS}" in text(at) and "2 firing alerts" in text(at)
     loss = chart(at, "loss")
     assert list(loss["line"]["step"]) == list(range(1, NAN_FROM)), "a point per finite step"
-    assert list(loss["cross"]["step"]) == list(range(NAN_FROM, STEPS + 1)), "a NaN marker per NaN step"
+    assert list(loss["cross"]["step"]) == list(range(NAN_FROM, stopped_at(report) + 1)), "a NaN marker per NaN step"
     assert set(loss["rule"]["rule"]) == {"loss_not_finite", "grad_norm_high"}, "alerts marked on the curve"
     assert {"loss_not_finite", "grad_norm_high"} <= {rule for frame in at.dataframe for rule in frame.value["rule"]}
-    assert len(chart(at, "learning rate")["line"]) == STEPS and len(chart(at, "tokens/s")["line"]) == STEPS
+    assert len(chart(at, "learning rate")["line"]) == len(chart(at, "tokens/s")["line"]) == stopped_at(report)
 
     at = view(at, "fleet")
     fleet = at.dataframe[0].value.set_index("run id")
     assert set(fleet.index) == set(report["runs"])
     assert fleet.index[0] == bad and fleet.loc[bad, "firing"] == 2 and fleet.loc[bad, "loss"] == "NaN"
     assert fleet.loc[bad, "gates"] == "blocked" and fleet.drop(index=bad)["status"].eq("completed").all()
+    assert fleet.loc[bad, "status"] == "stopped", "stopped by the stop switch"
 
     at = view(at, "compare")
     at.multiselect(key="compare-runs").set_value(report["runs"]).run()
@@ -214,7 +222,8 @@ def test_time_ranges_follow_the_data_and_persist_across_views(app_test, demo):
     home, report = demo
     at = view(app_test(f"chdb://{home}/chdb"), "training")
     at.button_group(key="range").set_value("15m").run()
-    assert "last 15 min" in text(at) and len(chart(at, "learning rate")["line"]) == STEPS, "the demo just ran"
+    assert "last 15 min" in text(at) and len(chart(at, "learning rate")["line"]) == stopped_at(report), \
+        "the demo just ran"
 
     at.button_group(key="range").set_value("custom").run()
     yesterday = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=1)
@@ -386,11 +395,11 @@ def test_every_view_in_a_browser(demo, browser):
                                 extra_http_headers={"X-Forwarded-User": "auditor@example.com"})  # as a proxy sets
         page.goto(f"{url}training?run={bad}")  # a shared link picks the page and the run
         page.get_by_role("heading", name="Training", exact=True).wait_for(timeout=30_000)
-        page.get_by_text(f"last step {STEPS} of {STEPS}").wait_for(timeout=30_000)
+        page.get_by_text(f"last step {stopped_at(report)} of {STEPS}").wait_for(timeout=30_000)
         page.locator('.st-key-chart-loss [aria-roledescription="point"]').first.wait_for(timeout=30_000)
         assert points(page) == list(range(1, NAN_FROM)), "the loss chart draws the run's finite steps"
         assert page.locator('.st-key-chart-loss [aria-roledescription="point"][aria-label*="NaN/Inf"]').count() \
-            == STEPS - NAN_FROM + 1, "and marks each NaN step"
+            == stopped_at(report) - NAN_FROM + 1, "and marks each NaN step"
         page.wait_for_timeout(2_500)  # a live refresh or two
         assert points(page) == list(range(1, NAN_FROM))
         no_exception(page)
