@@ -83,6 +83,7 @@ def start_jobs(settings: Settings, jobs: int, steps: int, faults: list[str], ste
 
 
 def drive(job: DemoJob, stop: threading.Event) -> None:
+    """Train the job to its end, to a stop by trainwire (said here, as it happens) or to Ctrl-C (`stop`)."""
     run = job.run
     job.last_step = run_job(run, job.plan, stop)
     run.finish("stopped" if stop.is_set() else "completed", artifacts=simulated_artifacts(run.run_id, job.last_step))
@@ -107,7 +108,7 @@ def events_sent(jobs: list[DemoJob]) -> int:
 
 def all_finished(jobs: list[DemoJob]) -> str:
     stopped = sum(job.run.should_stop for job in jobs)
-    return (f"all {len(jobs)} jobs finished ({len(jobs) - stopped} completed, {stopped} stopped by trainwire), "
+    return (f"all {len(jobs)} jobs finished{f' ({stopped} stopped by trainwire)' if stopped else ''}, "
             f"{events_sent(jobs)} events sent")
 
 
