@@ -241,14 +241,16 @@ class Underfitting(Rule):
         replayed = np.flatnonzero(warm & (counts > 0))
         if len(replayed):
             runs = replayed.tolist()
+            losses = rows.finite("loss")
             quiet[replayed], judged[replayed], outcomes = self._replay(
-                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], rows)
+                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], [losses[i] for i in runs],
+                rows)
             for i, outcome in zip(runs, outcomes):
                 updates[i] = outcome
         return Bulk(quiet, judged, updates, _Halves.extend)
 
     def _replay(self, states: list[_Halves], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
-                rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+                losses: list[list[float]], rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
         half = self.window // 2
         moved = dropped([state.newer for state in states], new)  # to the older half
         newer_totals = running_totals(np.array([state.newer.total for state in states]), new - moved)
@@ -258,7 +260,7 @@ class Underfitting(Rule):
         start = np.array([state.initial_total for state in states])[:, None] / half
         read = valid & ~((start <= 0) | (older <= 0))
         active = read & (newer >= (1 - self.min_decrease) * older) & (newer >= (1 - self.min_progress) * start)
-        outcomes = list(zip(rows.ragged(new, valid, counts), rows.ragged(moved, valid, counts),
+        outcomes = list(zip(losses, rows.ragged(moved, valid, counts),
                             last_valid(newer_totals, counts), last_valid(older_totals, counts)))
         return ~active.any(axis=1), read.any(axis=1), outcomes
 
@@ -338,14 +340,16 @@ class LossUnstable(Rule):
         replayed = np.flatnonzero(warm & (counts > 0))
         if len(replayed):
             runs = replayed.tolist()
+            losses = rows.finite("loss")
             quiet[replayed], judged[replayed], outcomes = self._replay(
-                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], rows)
+                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], [losses[i] for i in runs],
+                rows)
             for i, outcome in zip(runs, outcomes):
                 updates[i] = outcome
         return Bulk(quiet, judged, updates, _Swings.extend)
 
     def _replay(self, states: list[_Swings], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
-                rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+                losses: list[list[float]], rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
         window = self.window
         previous = np.concatenate([np.array([s.losses.values[-1] for s in states])[:, None], new[:, :-1]], axis=1)
         change = new - previous
@@ -364,7 +368,7 @@ class LossUnstable(Rule):
             swing = mean_change / mean_loss
             active = read & (flips_totals / (window - 2) >= self.min_flip_fraction) & (
                 swing >= self.min_relative_swing) & (mean_change >= self.min_swing)
-        outcomes = list(zip(rows.ragged(new, valid, counts), rows.ragged(np.abs(change), valid, counts),
+        outcomes = list(zip(losses, rows.ragged(np.abs(change), valid, counts),
                             rows.ragged(flip, valid, counts), last_valid(losses_totals, counts),
                             last_valid(changes_totals, counts), last_valid(flips_totals, counts),
                             last_valid(change, counts)))
