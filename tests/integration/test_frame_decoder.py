@@ -29,6 +29,7 @@ from tests.integration.test_poison_properties import payloads
 from tests.unit.test_codec_properties import STRATEGIES, same
 from trainwire.consumers.admission import Admission
 from trainwire.consumers.avro_parser import AvroParser, AvroRefusedError, ParserUnavailableError
+from trainwire.consumers import frames
 from trainwire.consumers.decoding import RecordDecoding
 from trainwire.consumers.frames import Decoded, FrameDecoder, reader_schema
 from trainwire.infra.config import Settings
@@ -384,3 +385,21 @@ def test_nan_and_signed_zero_survive(store):
     decoded = assert_as_per_record(FrameDecoder(codec, config, parser), codec, config, records)
     losses = decoded.frames["step"].table.column("loss").to_pylist()
     assert math.isnan(losses[0]) and math.copysign(1, losses[1]) == -1 and losses[2] == math.inf
+
+
+def test_a_few_truncated_bodies_in_a_large_poll_cost_a_few_parses_not_the_poll_through_fastavro(store, monkeypatch):
+    config, parser = store
+    codec = SingleObjectCodec()
+    decoder = FrameDecoder(codec, config, parser)
+    records = [Record(config.topic(EVENTS), 0, i, b"k", encode(Step(run_id=f"r{i % 50}", experiment="x", seq=i,
+                                                                    step=i, loss=0.5)), 0) for i in range(5_000)]
+    for i in (17, 2_500, 4_999):
+        records[i] = records[i]._replace(value=records[i].value[:-5])
+    judged = []
+    monkeypatch.setattr("trainwire.consumers.frames.decode_one",
+                        lambda *args, _decode=frames.decode_one: judged.append(args[2]) or _decode(*args))
+    decoded = decoder.decode(records, now_ms())
+    assert [i for i, _ in decoded.dead_letters] == [17, 2_500, 4_999]
+    assert all(why.startswith("CorruptPayloadError: corrupt step v1 body") for _, why in decoded.dead_letters)
+    assert len(decoded.frames["step"].positions) == 4_997
+    assert len(judged) <= 3 * 256, "only the small refused parts go through the per-record path"
