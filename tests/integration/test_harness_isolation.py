@@ -1,7 +1,8 @@
 """The suite leaves the world of the person running it as it found it: the TRAINWIRE_* settings exported in the shell
 that starts pytest reach no test, no fixture of any scope and no process a test starts (so no test writes into the
-user's home), and the Kafka broker a session started is stopped at its end while one that was running stays.
-Each case runs a pytest session of its own, as a user would, and looks at what it left."""
+user's home), and the Kafka broker a session started is stopped as the session ends (the last of several, see
+tests/broker_lease.py) while one that was running before stays. Each case runs a pytest session of its own, as a
+user would, and looks at what it left."""
 
 from __future__ import annotations
 
