@@ -113,7 +113,7 @@ class _Group:
     writer: Writer
     topic: str
     positions: list[int] = field(default_factory=list)
-    values: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # the messages without their headers
 
 
 @dataclass
@@ -177,12 +177,13 @@ class FrameDecoder:
                 writer = self._writer_of(record, position, now_ms, dead)
                 if writer is None:
                     continue
+                length = writer.header_len
                 group = groups.get((topic, writer.group_key))
                 if group is None:
                     group = groups[topic, writer.group_key] = _Group(writer, topic)
-                headers[value[:writer.header_len]] = group
+                headers[value[:length]] = group
             group.positions.append(position)
-            group.values.append(value)
+            group.bodies.append(value[length:])
         return list(groups.values())
 
     def _writer_of(self, record: Record, position: int, now_ms: int, dead: list[tuple[int, str]]) -> Writer | None:
@@ -192,8 +193,11 @@ class FrameDecoder:
             writer = self._codec.writer_of(record.value)  # a tombstone (None) raises too
         except CodecUnavailableError:
             raise
-        except Exception:
-            self._decide(record, position, now_ms, dead, [])
+        except Exception as err:
+            decision = decode_one(self._codec, self._admission, record, now_ms)
+            if not isinstance(decision, SchemaError):  # the codec contradicts itself: still one place per record
+                decision = CorruptPayloadError(f"cannot name the record's writer schema: {err!r}")
+            dead.append((position, reason_of(decision)))
             return None
         if writer.header_len not in self._header_lengths:
             self._header_lengths = tuple(sorted({*self._header_lengths, writer.header_len}))
@@ -224,8 +228,8 @@ class FrameDecoder:
         writer, kind = group.writer, group.writer.kind
         accepted = self._admission.accepts(group.topic, kind)  # else the per-record path says why not
         plan = self._plan(writer) if accepted else None
-        refer = np.zeros(len(group.values), dtype=bool) if plan else np.ones(len(group.values), dtype=bool)
-        bodies = [value[writer.header_len:] for value in group.values]
+        bodies = group.bodies
+        refer = np.zeros(len(bodies), dtype=bool) if plan else np.ones(len(bodies), dtype=bool)
         positions = np.array(group.positions, dtype=np.int64)
         known: dict[int, Decision] = {}  # per-record decisions made while isolating a refused container
         if plan is not None:
