@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from trainwire.cli_output import column, stage_value, table
+from trainwire.cli_runs import RUN_HELP, reports_run_lookup
 from trainwire.infra.config import ConfigError, Settings, load_settings
 
 EXIT_TRANSPORT_UNAVAILABLE = 5  # after 2 (bad configuration), 3 (dead-letter limit), 4 (fenced consumer)
@@ -34,7 +37,9 @@ def _check_transport(settings: Settings) -> None:
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
-    print(json.dumps(payload, default=str, indent=None if args.json else 2) if args.json else human)
+    from trainwire.cli_output import json_text
+
+    print(json_text(payload) if args.json else human)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -257,37 +262,46 @@ def _alerts_silences(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _reader(settings: Settings):
-    """The store's read API: directly, or through the running `trainwire up` that owns the embedded store."""
-    from trainwire.infra.store.api import RemoteReader, running_api
-
-    if settings.embedded_store and (url := running_api(settings.home)):
-        return RemoteReader(url, settings.home)
-    from trainwire.infra.store import connect_store
-    from trainwire.infra.store.read import StoreReader
-
-    return StoreReader(connect_store(settings.store_dsn))
+RUN_COLUMNS = (column("Run id", "run_id"), column("Experiment"), column("Name", "run_name"), column("Status"),
+               column("Started", "started_at"), column("Step", "last_step", right=True),
+               column("Final loss", right=True), column("Firing", "firing_alerts", right=True))
+GATE_COLUMNS = (column("Gate"), column("Name"), column("On fail"), column("Status"), column("Message"))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from trainwire.infra.store.api import to_json
+    from trainwire.cli_runs import open_reader, stored_runs
 
-    runs = to_json(_reader(_settings(args)).runs())
-    human = "\n".join(
-        f"{r['run_id']}  {r['experiment']:<16} {r['run_name']:<20} {r['status']:<10} "
-        f"step {r['last_step'] or 0:>6}  alerts {r['firing_alerts'] or 0}" for r in runs
-    ) or "no runs stored"
-    _emit(args, runs, human)
+    with open_reader(_settings(args)) as reader:
+        runs = stored_runs(reader)
+    _emit(args, runs, table(runs, RUN_COLUMNS, "no runs stored"))
     return 0
 
 
+@reports_run_lookup
 def cmd_run(args: argparse.Namespace) -> int:
-    from trainwire.infra.store.api import to_json
+    """One run: its summary, its open (firing) alerts and its latest gate result."""
+    from trainwire.cli_output import cell, key_values
+    from trainwire.cli_runs import match_run, open_reader, stored_runs
 
-    summary = to_json(_reader(_settings(args)).run_summary(run_id=args.run_id))
-    if summary is None:
-        raise ValueError(f"no run {args.run_id} in the store")
-    _emit(args, summary, "\n".join(f"{key:>16}  {value}" for key, value in summary.items()))
+    with open_reader(_settings(args)) as reader:
+        run_id = match_run(stored_runs(reader), args.run_id)
+        summary = reader.run_summary(run_id=run_id)
+        alerts = reader.alert_incidents(run_ids=[run_id], states=["firing"])
+        latest = reader.latest_gates(run_id=run_id)
+    gates = None if latest is None else {
+        "overall": latest["overall"], "evaluated_at": latest["evaluated_at"], "trigger": latest["trigger"],
+        "baseline": latest["baseline"] or None,
+        "gates": [{k: g[k] for k in ("gate", "name", "on_fail", "status", "message")} for g in latest["gates"]]}
+    open_alerts = [{k: a[k] for k in ("rule", "severity", "step", "fired_at", "message")} for a in alerts]
+    human = [key_values(list(summary.items())), "", "open alerts:",
+             table(open_alerts, (column("Severity"), column("Rule"), column("Step", right=True),
+                                 column("Fired", "fired_at"), column("Message")), "  none firing")]
+    if gates is None:
+        human += ["", f"gates: not evaluated yet (`trainwire gates {run_id[:8]}`)"]
+    else:
+        human += ["", f"gates: {gates['overall'].upper()} (evaluated {cell(gates['evaluated_at'])} UTC, {gates['trigger']})",
+                  table(gates["gates"], GATE_COLUMNS, "")]
+    _emit(args, {**summary, "open_alerts": open_alerts, "gates": gates}, "\n".join(human))
     return 0
 
 
@@ -336,26 +350,54 @@ def _govern(settings: Settings, action: str, **arguments: Any) -> Any:
         client.close()
 
 
+EXIT_GATES_NOT_EVALUATED = 8  # gates' own 2 means blocked: its other errors must not read as an outcome
+
+
+@reports_run_lookup
 def cmd_gates(args: argparse.Namespace) -> int:
+    """Exit 0/1/2 for passed/warnings/blocked only; a run that is not there (6), ambiguous (7) or any other reason
+    the gates could not be evaluated (8) is never mistaken for an outcome by a pipeline reading the exit code."""
+    try:
+        return _evaluate_gates(args)
+    except (ConfigError, ValueError, RuntimeError) as err:
+        if args.json:
+            print(json.dumps({"error": str(err), "exit_code": EXIT_GATES_NOT_EVALUATED}))
+        else:
+            print(f"trainwire: error: {err}", file=sys.stderr)
+        return EXIT_GATES_NOT_EVALUATED
+
+
+def _gates_usage_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """`trainwire gates` with bad arguments exits 8, not argparse's 2, which `gates` means as "blocked"."""
+    parser.print_usage(sys.stderr)
+    parser.exit(EXIT_GATES_NOT_EVALUATED, f"{parser.prog}: error: {message}\n")
+
+
+def _evaluate_gates(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from trainwire.cli_runs import RunLookupError, resolve_run
     from trainwire.consumers.governance import baseline_from_file
     from trainwire.consumers.governance.gates import metric_direction
 
     if args.metric:
         metric_direction(args.metric)  # an unknown metric direction stops here, before anything is recorded
     baseline: dict[str, Any] = {}
-    if args.baseline and Path(args.baseline).is_file():
+    if args.baseline and Path(args.baseline).is_file():  # a bad file stops here too
         baseline = {"baseline_metrics": baseline_from_file(Path(args.baseline)), "baseline_label": args.baseline}
-    elif args.baseline:
-        baseline = {"baseline_run": args.baseline}
-    result = _govern(_settings(args), "evaluate_gates", run_id=args.run_id, actor=_actor(args), metric=args.metric,
+    settings = _settings(args)
+    run_id = resolve_run(settings, args.run_id)
+    if args.baseline and not baseline:
+        try:
+            baseline = {"baseline_run": resolve_run(settings, args.baseline)}
+        except RunLookupError as err:
+            raise RunLookupError(f"--baseline: {err}", err.exit_code, err.candidates) from None
+    result = _govern(settings, "evaluate_gates", run_id=run_id, actor=_actor(args, settings), metric=args.metric,
                      **baseline)
-    lines = [f"run {result['run_id']}: {result['overall'].upper()}  (stage {result['stage']}, "
-             f"baseline {result['baseline'] or 'none'})"]
-    lines += [f"  {g['gate']} {g['name']:<19} {g['on_fail']:<5} {g['status']:<11} {g['message']}"
-              for g in result["gates"]]
-    _emit(args, result, "\n".join(lines))
+    result["stage"] = stage_value(result["stage"])
+    heading = (f"run {result['run_id']}: {result['overall'].upper()}  (stage {result['stage'] or 'none yet'}, "
+               f"baseline {result['baseline'] or 'none'})")
+    _emit(args, result, heading + "\n" + table(result["gates"], GATE_COLUMNS, ""))
     return result["exit_code"]
 
 
@@ -692,13 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
     ddl.add_argument("--json", action="store_true")
     ddl.set_defaults(func=cmd_store_ddl)
 
-    gates = command("gates", "evaluate a run's quality gates G1–G6 (exit 0 passed, 1 warnings, 2 blocked)")
-    gates.add_argument("run_id")
-    gates.add_argument("--baseline", metavar="RUN_ID|FILE", help="a run, or a JSON file of metric → value")
+    gates = command("gates", "evaluate a run's quality gates G1–G6 (exit 0 passed, 1 warnings, 2 blocked; "
+                    "6 no such run, 7 ambiguous RUN, 8 not evaluated)")
+    gates.error = functools.partial(_gates_usage_error, gates)  # argparse's exit 2 would read as "blocked"
+    gates.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    gates.add_argument("--baseline", metavar="RUN|FILE", help="a run, or a JSON file of metric → value")
     gates.add_argument("--metric", metavar="NAME[:higher|lower]", help="G4's metric (default: eval_loss, "
                        "eval_accuracy or train_loss, the first both have)")
     gates.add_argument("--actor", help=f"who asks ({_ACTOR_DEFAULT})")
-    gates.set_defaults(func=cmd_gates)
+    gates.set_defaults(func=cmd_gates, error_exit=EXIT_GATES_NOT_EVALUATED)
 
     from trainwire.cli_audit import add_audit_command
 
@@ -760,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, ValueError) as err:
         print(f"trainwire: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(args, "error_exit", 2)  # `gates` exits 2 for "blocked": its errors have their own code
     except TransportUnavailableError as err:  # Kafka unreachable, or refusing these credentials or certificates
         print(f"trainwire: error: {err}", file=sys.stderr)
         return EXIT_TRANSPORT_UNAVAILABLE

@@ -238,14 +238,14 @@ def test_runs_that_ended_while_no_gate_worker_ran_are_evaluated_at_the_next_star
 
 def test_unknown_run_and_bad_baseline_are_clear_errors(home, tmp_path, capsys):
     ingest(home)  # an empty, migrated store
-    code, _, err = cli(capsys, "gates", "no-such-run")
-    assert code == 2 and "no run no-such-run in the store" in err
+    code, _, err = cli(capsys, "gates", "no-such-run")  # 6, not 2: `gates` exits 2 for "blocked"
+    assert code == 6 and "no run 'no-such-run' in the store" in err
     code, _, err = cli(capsys, "gates", "no-such-run", "--metric", "reward")
-    assert code == 2 and "metric 'reward': unknown direction" in err
+    assert code == 8 and "metric 'reward': unknown direction" in err
     bad = tmp_path / "baseline.json"
     bad.write_text('{"eval_loss": "low"}')
     code, _, err = cli(capsys, "gates", "no-such-run", "--baseline", str(bad))
-    assert code == 2 and "eval_loss must be a number" in err
+    assert code == 8 and "eval_loss must be a number" in err
 
 
 def test_registry_commands_go_through_up_when_it_owns_the_store(tmp_path, monkeypatch):
