@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -25,7 +26,8 @@ ENV_PREFIX = "TRAINWIRE_"
 
 # Read by scripts and tests, not by Settings; any other TRAINWIRE_* name is a typo worth stopping for.
 OTHER_VARIABLES = frozenset({"TRAINWIRE_CONFIG", "TRAINWIRE_KAFKA_CACHE", "TRAINWIRE_KAFKA_PORT", "TRAINWIRE_TEST_KAFKA",
-                             "TRAINWIRE_CHROMIUM", "TRAINWIRE_TEST_LLAMAFACTORY_PYTHON"})
+                             "TRAINWIRE_CHROMIUM", "TRAINWIRE_TEST_LLAMAFACTORY_PYTHON",
+                             "TRAINWIRE_TRACEBACK"})
 CONFIG_FILE_VARIABLE = "TRAINWIRE_CONFIG"  # a TOML file with the same keys, lower case: kafka = "host:9092"
 
 
@@ -287,7 +289,8 @@ def load_settings(**overrides: object) -> Settings:
     known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
     unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
-        raise ConfigError(f"unknown setting {', '.join(unknown)} (known: {', '.join(sorted(known - OTHER_VARIABLES))})")
+        raise ConfigError(f"unknown setting {unknown[0]}{_nearest(unknown[0], known)} (rename or unset it; "
+                          "README, \"Configuration\", lists every setting)")
     config_file = os.environ.get(CONFIG_FILE_VARIABLE)
     if config_file and not Path(config_file).is_file():
         raise ConfigError(f"{CONFIG_FILE_VARIABLE}: no such file {config_file!r}")
@@ -299,9 +302,19 @@ def load_settings(**overrides: object) -> Settings:
     except SettingsError as err:  # a variable that is not the JSON its field takes
         field = re.search(r'field "(\w+)"', str(err))
         where = _where((field[1],), config_file) if field else CONFIG_FILE_VARIABLE
-        raise ConfigError(f"invalid trainwire configuration: {where}: not valid JSON") from None
+        raise ConfigError(f"invalid trainwire configuration: {where}: not valid JSON (this setting takes a JSON "
+                          "value, e.g. an object: README, \"Configuration\"; or set it as a table in a "
+                          f"{CONFIG_FILE_VARIABLE} file)") from None
     except ValueError as err:  # a config file that is not TOML
+        if not config_file:  # then not about the file: never "cannot read None"
+            raise ConfigError(f"invalid trainwire configuration: {' '.join(str(err).split())}") from None
         raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {config_file!r}: {err}") from None
+
+
+def _nearest(name: str, known: set[str]) -> str:
+    """ ": did you mean TRAINWIRE_KAFKA?" for a misspelt TRAINWIRE_KAFAK, or nothing when no name is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f": did you mean {close[0]}?" if close else ""
 
 
 def _where(loc: tuple, config_file: str | None) -> str:

@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from trainwire.cli_errors import (EXIT_INTERRUPTED, TRACEBACK_VARIABLE, Failure, check_arguments, check_home,
+                                  describe_failure, needs_kafka_check, quiet_libraries, report, terminal_safe,
+                                  unexpected)
 from trainwire.cli_output import column, stage_value, table
 from trainwire.cli_runs import RUN_HELP, reports_run_lookup
 from trainwire.infra.config import ConfigError, Settings, load_settings
@@ -25,8 +28,11 @@ EXIT_TRANSPORT_UNAVAILABLE = 5  # after 2 (bad configuration), 3 (dead-letter li
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None),
-                         dashboard_host=getattr(args, "host", None), metrics_host=getattr(args, "metrics_host", None))
+    settings = load_settings(kafka=getattr(args, "kafka", None), store=getattr(args, "store", None),
+                             dashboard_host=getattr(args, "host", None),
+                             metrics_host=getattr(args, "metrics_host", None))
+    check_home(settings.home)
+    return settings
 
 
 def _check_transport(settings: Settings) -> None:
@@ -39,7 +45,7 @@ def _check_transport(settings: Settings) -> None:
 def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
     from trainwire.cli_output import json_text
 
-    print(json_text(payload) if args.json else human)
+    print(json_text(payload) if args.json else terminal_safe(human))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -797,20 +803,27 @@ def _configure_audit(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     from trainwire.infra.log.base import FatalTransportError, TransportUnavailableError
 
-    try:
+    try:  # every failure ends as one line (JSON under --json) and an exit code: trainwire/cli_errors.py
+        check_arguments(args)
         _configure_audit(args)
+        if needs_kafka_check(args) and (settings := _settings(args)).kafka:
+            _check_transport(settings)
         return args.func(args)
-    except (ConfigError, ValueError) as err:
-        print(f"trainwire: error: {err}", file=sys.stderr)
-        return getattr(args, "error_exit", 2)  # `gates` exits 2 for "blocked": its errors have their own code
+    except (ConfigError, ValueError) as err:  # `gates` exits 2 for "blocked": its errors have their own code
+        return report(args, Failure(str(err), getattr(args, "error_exit", 2)))
     except TransportUnavailableError as err:  # Kafka unreachable, or refusing these credentials or certificates
-        print(f"trainwire: error: {err}", file=sys.stderr)
-        return EXIT_TRANSPORT_UNAVAILABLE
+        return report(args, Failure(str(err), EXIT_TRANSPORT_UNAVAILABLE))
     except FatalTransportError as err:  # e.g. a consumer fenced out of its group: stop, say why
-        print(f"trainwire: error: {err}", file=sys.stderr)
-        return 4
+        return report(args, Failure(str(err), 4))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        return report(args, describe_failure(err, lambda: _settings(args).store_dsn) or unexpected(err))
 
 
 if __name__ == "__main__":
