@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import random
 import statistics
 import sys
@@ -128,6 +129,7 @@ def main() -> None:
     measured_frames = [frames_of(batch) for batch in measured]
     tune_gc_for_ingest()
 
+    load_before = os.getloadavg()
     columnar_us, event_us, mix = [], [], {}
     for batch, frames, where in zip(measured, measured_frames, sources[len(warm):]):
         for kind, _ in batch:
@@ -148,6 +150,7 @@ def main() -> None:
         "observe_us_per_event": {"median": round(statistics.median(event_us), 3),
                                  "min": round(min(event_us), 3), "max": round(max(event_us), 3)},
         "failures": framed.failures,
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     print(result)
     write_result("detector_frames", result)

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from itertools import compress, groupby
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +43,7 @@ HOT_KINDS = ("step", "gpu_sample")  # the kinds whose rules judge in bulk; GPU s
 _LIVENESS_EXEMPT = "gpu_sample"
 _NO_TIME = np.iinfo(np.int64).min  # a run that has not spoken yet
 _STATE, _STREAK = itemgetter(1), itemgetter(2)  # of a run's checks: (rule, state, streak, hysteresis)
+_FIRING = attrgetter("firing")
 
 
 class _Batch:
@@ -285,9 +286,9 @@ class ColumnarObserver:
                 stepped = np.zeros(len(self.batch.run_ids), dtype=bool)
                 stepped[self.batch.run[self.batch.kind == step]] = True
                 quiet &= ~np.array([run.facts.last_step is None and stepped[m] for run, m in zip(runs, members)])
-        for i in np.flatnonzero(quiet).tolist():
-            firing = runs[i].firing
-            if firing and any(rule.rule_id in firing for rule in rules):
+        firing = np.fromiter(map(bool, map(_FIRING, runs)), bool, len(runs))
+        for i in np.flatnonzero(quiet & firing).tolist():
+            if any(rule.rule_id in runs[i].firing for rule in rules):
                 quiet[i] = False
         chosen = np.flatnonzero(quiet).tolist()
         for bulk, of_rule, rule_checks in zip(bulks, states, checks):
