@@ -1,7 +1,10 @@
-"""One kind's rows of several runs as columns, grouped by run: what rules judge in bulk (`Rule.bulk`).
+"""One kind's rows of several runs as columns, grouped by run: what rules judge in bulk (`Rule.bulk`), and the
+helpers that replay their windows' sums over all runs at once.
 
 Numbers come as float64 arrays with NaN where the field is null, next to a mask of the rows that carry the field,
-since rules tell a missing reading (no finding) from a NaN one (often the very thing they look for).
+since rules tell a missing reading (no finding) from a NaN one (often the very thing they look for). A window's
+sum is kept as `Rolling` keeps it, `total += value - dropped` in order, so a replay adds the same differences in
+the same order (np.add.accumulate), never a fresh sum: the state left behind is the per-event one to the bit.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class RunRows:
     def _cut(values: list[Any], counts: np.ndarray) -> list[list[Any]]:
         ends = np.cumsum(counts).tolist()
         return [values[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
 
 def stacked(windows: Iterable[Iterable[float]], runs: int, width: int) -> np.ndarray:
     """Windows of several runs, `width` numbers for each run, as one row per run (oldest first)."""
