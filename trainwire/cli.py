@@ -823,7 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
-        return report(args, describe_failure(err, lambda: _settings(args).store_dsn) or unexpected(err))
+        failure = describe_failure(err, lambda: _settings(args).store_dsn) or unexpected(err)
+        return report(args, Failure(failure.message, getattr(args, "error_exit", failure.exit_code)))
 
 
 if __name__ == "__main__":

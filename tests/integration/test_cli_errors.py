@@ -40,6 +40,11 @@ def test_an_unreachable_store_is_one_line_naming_the_setting(tmp_path):
                           "TRAINWIRE_STORE")
 
 
+def test_gates_says_an_unreachable_store_with_its_not_evaluated_code_never_blocked(tmp_path):
+    assert_one_line_error(trainwire(tmp_path, "gates", "abcd", TRAINWIRE_STORE="http://127.0.0.1:1"), 8,
+                          "cannot reach the store")
+
+
 def test_under_json_an_error_is_one_json_object_on_stdout_with_no_secret(tmp_path):
     result = trainwire(tmp_path, "runs", "--json", TRAINWIRE_STORE="http://reader:hunter2@127.0.0.1:1")
     assert result.returncode == 9 and result.stderr == "", result.stderr[-2000:]
