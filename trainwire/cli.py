@@ -407,25 +407,34 @@ def _evaluate_gates(args: argparse.Namespace) -> int:
     return result["exit_code"]
 
 
+@reports_run_lookup
 def cmd_registry(args: argparse.Namespace) -> int:
+    from trainwire.cli_runs import resolve_run
+
     settings, actor = _settings(args), _actor(args)
+    run_id = None if args.run_id is None else resolve_run(settings, args.run_id)
     if args.action == "status":
-        result = _govern(settings, "registry_status", actor=actor, run_id=args.run_id)
-        if args.run_id is None:
-            human = "\n".join(f"{r['run_id']}  {r['stage']:<10} since {r['since']} by {r['actor']}"
-                              for r in result["runs"]) or "no run has left stage None"
+        result = _govern(settings, "registry_status", actor=actor, run_id=run_id)
+        if run_id is None:
+            human = table(result["runs"], (column("Run id", "run_id"), column("Stage"), column("Since"),
+                                           column("By", "actor")), "no run is in the registry yet")
         else:
-            human = "\n".join([f"run {result['run_id']}: stage {result['stage']} (gates {result['gates']})"] + [
-                f"  {h['at']}  {h['from']:>10} → {h['to']:<10} by {h['actor']}: {h['reason']}"
+            for transition in (*result["history"], *result["unvouched"]):
+                transition["from"] = stage_value(transition["from"])
+            result["stage"] = stage_value(result["stage"])
+            human = "\n".join([f"run {result['run_id']}: stage {result['stage'] or 'none yet'} "
+                               f"(gates {result['gates'] or 'not evaluated'})"] + [
+                f"  {h['at']}  {h['from'] or 'none':>10} → {h['to']:<10} by {h['actor']}: {h['reason']}"
                 for h in result["history"]] + [
-                f"  ignored: entry {u['seq']} ({u['from']} → {u['to']} by {u['actor']}) is {u['problem']}; "
+                f"  ignored: entry {u['seq']} ({u['from'] or 'none'} → {u['to']} by {u['actor']}) is {u['problem']}; "
                 "run `trainwire audit verify`" for u in result["unvouched"]])
         _emit(args, result, human)
         return 0
-    if args.run_id is None:
-        raise ValueError(f"registry {args.action} needs a RUN_ID")
-    result = _govern(settings, f"registry_{args.action}", run_id=args.run_id, actor=actor, reason=args.reason)
-    _emit(args, result, f"run {result['run_id']}: {result['from']} → {result['stage']} by {result['actor']}")
+    if run_id is None:
+        raise ValueError(f"registry {args.action} needs a RUN")
+    result = _govern(settings, f"registry_{args.action}", run_id=run_id, actor=actor, reason=args.reason)
+    result["from"] = stage_value(result["from"])
+    _emit(args, result, f"run {result['run_id']}: {result['from'] or 'none'} → {result['stage']} by {result['actor']}")
     return 0
 
 

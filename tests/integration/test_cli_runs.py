@@ -121,3 +121,12 @@ def test_unknown_run_exits_6_for_every_command_that_names_one(home, capsys):
     assert code == 6 and out == "" and err.count("\n") == 1
     code, out, _ = cli(capsys, "run", "no-such-run", "--json")
     assert code == 6 and json.loads(out)["exit_code"] == 6
+
+
+def test_registry_names_runs_like_every_command_and_lists_them_as_a_table(home, capsys):
+    code, out, _ = cli(capsys, "registry", "status", "diverged", "--json")
+    assert code == 0 and json.loads(out)["run_id"] == DIVERGED and json.loads(out)["stage"] is None
+    code, out, err = cli(capsys, "registry", "status", "twin")
+    assert code == 7 and TWIN_A in err
+    code, out, _ = cli(capsys, "registry", "status")
+    assert code == 0 and "None" not in out
