@@ -215,8 +215,8 @@ class WriterPlan:
         self._reader = self._reader_columns(latest(self.kind).parsed["fields"])
 
     def _reader_columns(self, reader_fields: list[dict]) -> list[tuple[str, str | None, object, bool]]:
-        """Per reader field: (name, the writer field it comes from or None, its default, whether the cast may
-        change the value's type, a promotion)."""
+        """Per reader field: (its name, the writer field it is read from or None, the default it takes when there
+        is none, whether reading it promotes the writer's type, e.g. int to long)."""
         by_name = {f["name"]: f for f in self._fields}
         columns = []
         for field in reader_fields:
@@ -235,6 +235,8 @@ class WriterPlan:
     def faithful(self, table: pa.Table, container: bytes, body_lengths: np.ndarray) -> np.ndarray:
         """Per row of `table` (ClickHouse's parse of `container`, whose bodies have these lengths, in order): whether
         ClickHouse read it exactly as fastavro would (see the module's docstring)."""
+        if not len(table):
+            return np.ones(0, dtype=bool)
         ok = table.column(OK_COLUMN).to_numpy().astype(bool)
         size = np.zeros(len(table), dtype=np.int64)  # of the fields so far: the next field's offset in its body
         union_bytes: list[tuple[np.ndarray, np.ndarray | int]] = []  # (offset, the index byte it must hold)

@@ -403,3 +403,39 @@ def test_a_few_truncated_bodies_in_a_large_poll_cost_a_few_parses_not_the_poll_t
     assert all(why.startswith("CorruptPayloadError: corrupt step v1 body") for _, why in decoded.dead_letters)
     assert len(decoded.frames["step"].positions) == 4_997
     assert len(judged) <= 3 * 256, "only the small refused parts go through the per-record path"
+
+
+def foreign_step_schema(**types) -> dict:
+    """The step record as another producer registered it: fields reordered, the optional metrics left out, some
+    types narrower (Avro promotes them)."""
+    fields = [{"name": n, "type": types.get(n, t)} for n, t in [
+        ("seq", "long"), ("event_id", "string"), ("run_id", "string"), ("experiment", "string"), ("ts_ms", "long"),
+        ("step", "long"), ("loss", ["null", "double"]), ("extra", {"type": "map", "values": "double"})]]
+    return {"type": "record", "name": "Step", "namespace": "dev.trainwire.events", "fields": fields}
+
+
+@pytest.mark.parametrize("types, columnar", [
+    ({}, True),
+    ({"step": "int", "loss": ["null", "float"], "extra": {"type": "map", "values": "float"}}, True),
+    ({"loss": ["null", "double", "string"]}, False),  # a union the columnar path leaves to the per-record one
+])
+def test_a_foreign_writer_is_resolved_against_the_reader_as_today(store, confluent, types, columnar):
+    from confluent_kafka.schema_registry import Schema
+
+    config, parser = store
+    schema = foreign_step_schema(**types)
+    client = confluent._client
+    schema_id = client.register_schema("dev.trainwire.events.Step", Schema(json.dumps(schema), "AVRO"))
+    parsed = fastavro.parse_schema(schema)
+    records = []
+    for i, loss in enumerate([0.5, None, math.nan, 0.25]):
+        out = io.BytesIO(b"\x00" + schema_id.to_bytes(4, "big"))
+        out.seek(0, 2)
+        fastavro.schemaless_writer(out, parsed, {"seq": i, "event_id": f"e{i}", "run_id": "r", "experiment": "x",
+                                                 "ts_ms": now_ms(), "step": i, "loss": loss, "extra": {"a": 1.5}})
+        records.append(Record(config.topic(EVENTS), 0, i, b"", out.getvalue(), 0))
+    decoder = FrameDecoder(confluent, config, parser)
+    decoded = assert_as_per_record(decoder, confluent, config, records)
+    table = decoded.frames["step"].table
+    assert table.column("grad_norm").null_count == 4 and table.column("team").to_pylist() == [""] * 4
+    assert (decoder._plans[confluent.writer_of(records[0].value).group_key] is not None) == columnar
