@@ -305,7 +305,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if gates is None:
         human += ["", f"gates: not evaluated yet (`trainwire gates {run_id[:8]}`)"]
     else:
-        human += ["", f"gates: {gates['overall'].upper()} (evaluated {cell(gates['evaluated_at'])} UTC, {gates['trigger']})",
+        human += ["", f"gates: {gates['overall'].upper()} "
+                      f"(evaluated {cell(gates['evaluated_at'])} UTC, {gates['trigger']})",
                   table(gates["gates"], GATE_COLUMNS, "")]
     _emit(args, {**summary, "open_alerts": open_alerts, "gates": gates}, "\n".join(human))
     return 0
@@ -434,7 +435,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
         raise ValueError(f"registry {args.action} needs a RUN")
     result = _govern(settings, f"registry_{args.action}", run_id=run_id, actor=actor, reason=args.reason)
     result["from"] = stage_value(result["from"])
-    _emit(args, result, f"run {result['run_id']}: {result['from'] or 'none'} → {result['stage']} by {result['actor']}")
+    _emit(args, result, f"run {result['run_id']}: {result['from'] or 'none'} → {result['stage']} "
+                        f"by {result['actor']}")
     return 0
 
 

@@ -107,7 +107,8 @@ def test_run_end_evaluates_gates_and_a_passing_run_becomes_candidate(home, tmp_p
     code, result, _ = cli(capsys, "gates", good.run_id, "--json")
     assert code == 0 and result["overall"] == "passed" and result["trigger"] == "on_demand"
     code, result, _ = cli(capsys, "gates", diverged.run_id)
-    assert code == 2 and "BLOCKED" in result and ["G1", "stability"] in [line.split()[:2] for line in result.split("\n")]
+    assert code == 2 and "BLOCKED" in result
+    assert ["G1", "stability"] in [line.split()[:2] for line in result.split("\n")]
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"eval_loss": 0.2}))  # far better than this run: G4 blocks
     code, _, _ = cli(capsys, "gates", good.run_id, "--baseline", str(baseline), "--json")
