@@ -22,8 +22,6 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 
-from trainwire.schemas import CodecUnavailableError
-
 ROW_COLUMN = "_trainwire_row"
 # ClickHouse errors that say the container's data is bad (a body), not that the engine could not work.
 DATA_ERROR_CODES = frozenset({
@@ -49,8 +47,9 @@ class AvroRefusedError(ValueError):
     """ClickHouse refused the container's data: some body in it is not what the schema says."""
 
 
-class ParserUnavailableError(CodecUnavailableError):
-    """The engine failed for a reason other than the data (memory, disk): retry the batch later."""
+class ParserUnavailableError(RuntimeError):
+    """ClickHouse could not parse for a reason other than the data (memory, disk, a query it cannot run): the
+    decoder falls back to the per-record path, which needs no engine."""
 
 
 _local_engine = None
@@ -105,7 +104,7 @@ class AvroParser:
     def parse(self, container: bytes, select: str) -> pa.Table:
         """`SELECT <select> FROM` the container, as Arrow (strings as strings), in the container's row order.
 
-        Raises AvroRefusedError when ClickHouse refuses the data, ParserUnavailableError when it cannot work."""
+        Raises AvroRefusedError when ClickHouse refuses the data, ParserUnavailableError when it fails otherwise."""
         try:
             fd, path = tempfile.mkstemp(suffix=".avro", prefix="trainwire-", dir=self._dir)
             try:
@@ -125,7 +124,10 @@ class AvroParser:
                 except Exception as err:
                     self._read_leftover()
                     raise self._failure(err) from err
-            table = pa.ipc.open_file(_arrow_buffer(result)).read_all()
+            try:
+                table = pa.ipc.open_file(_arrow_buffer(result)).read_all()
+            except pa.ArrowException as err:
+                raise ParserUnavailableError(f"ClickHouse's answer is not an Arrow file: {err}") from err
         finally:
             os.unlink(path)
         rows = table.column(ROW_COLUMN).to_numpy()

@@ -21,7 +21,7 @@ from trainwire.schemas.codec import Writer, latest
 from trainwire.schemas.ocf import container
 
 from .admission import Admission
-from .avro_parser import AvroParser, AvroRefusedError
+from .avro_parser import AvroParser, AvroRefusedError, ParserUnavailableError
 from .avro_plan import Unsupported, WriterPlan
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ class FrameDecoder:
         self._parser = parser
         self._plans: dict[bytes, WriterPlan | None] = {}  # by writer fingerprint; None: the per-record path
         self._header_lengths: tuple[int, ...] = ()  # of the messages' headers seen: their bytes decide the writer
+        self._failures = 0  # groups ClickHouse could not parse for reasons other than their data
 
     def decode(self, records: list[Record], now_ms: int) -> Decoded:
         dead: list[tuple[int, str]] = []
@@ -233,7 +234,7 @@ class FrameDecoder:
         positions = np.array(group.positions, dtype=np.int64)
         known: dict[int, Decision] = {}  # per-record decisions made while isolating a refused container
         if plan is not None:
-            for parsed in self._parse(plan, group, records, bodies, known, now_ms, dead):
+            for parsed in self._parse_or_refer(plan, group, records, known, now_ms, refer, dead):
                 refer[parsed.indices[~parsed.faithful]] = True
                 indices = parsed.indices[parsed.faithful]
                 passing = self._passing(kind, parsed.table, now_ms)
@@ -252,6 +253,24 @@ class FrameDecoder:
             rows[kind].append(_Rows(np.array([p for p, _ in admitted], dtype=np.int64),
                                     pa.Table.from_pylist([fields for _, fields in admitted], schema=reader_schema(kind)),
                                     [bodies[where[p]] for p, _ in admitted], writer.schema_json))
+
+    def _parse_or_refer(self, plan: WriterPlan, group: _Group, records: list[Record], known: dict[int, Decision],
+                        now_ms: int, refer: np.ndarray, dead: list[tuple[int, str]]) -> list[_Parsed]:
+        """ClickHouse's reading of the group, or, when ClickHouse fails for a reason other than the data (memory,
+        disk, a query it cannot run for this writer schema), none: the per-record path then decodes the whole group,
+        slower but the same, so the failure costs time and never a record."""
+        refused: list[tuple[int, str]] = []  # dead letters the parse found; kept only if it went through
+        try:
+            parsed = self._parse(plan, group, records, group.bodies, known, now_ms, refused)
+        except ParserUnavailableError as err:
+            self._failures += 1
+            if self._failures in (1, 10) or self._failures % 100 == 0:
+                log.warning("ingest: ClickHouse could not parse %d %s messages, decoded one by one instead (%d "
+                            "times so far): %s", len(group.bodies), plan.kind, self._failures, err)
+            refer[:] = True
+            return []
+        dead += refused
+        return parsed
 
     def _passing(self, kind: str, table: pa.Table, now_ms: int) -> np.ndarray:
         """Rows that pass admission's date window and the models' checks, on columns."""
