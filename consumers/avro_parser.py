@@ -9,6 +9,9 @@ Why a connection of its own: after a query fails, chdb hands what that query had
 header) to the next query of the same connection, ahead of its own result. Refusals are part of this parser's job
 (a corrupt body among good ones), so it keeps them away from the store client's queries and reads that leftover
 out before its next parse.
+
+The answer is uncompressed Arrow (ClickHouse compresses it by default, which both sides pay for), read in place:
+the table's buffers point into chdb's result and keep it alive, since chdb frees that memory with the result.
 """
 
 from __future__ import annotations
