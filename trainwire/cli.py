@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from trainwire.cli_errors import (EXIT_INTERRUPTED, TRACEBACK_VARIABLE, Failure, check_arguments, check_home,
+from trainwire.cli_errors import (EXIT_FAILED, EXIT_INTERRUPTED, TRACEBACK_VARIABLE, Failure, check_arguments, check_home,
                                   describe_failure, needs_kafka_check, quiet_libraries, report, terminal_safe,
                                   unexpected)
-from trainwire.cli_output import column, stage_value, table
+from trainwire.cli_output import Column, cell, column, stage_value, table
 from trainwire.cli_runs import RUN_HELP, reports_run_lookup
 from trainwire.infra.config import ConfigError, Settings, load_settings
 
@@ -108,6 +108,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+@reports_run_lookup
 def cmd_alerts(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action in _SILENCE_ACTIONS:
@@ -146,6 +147,13 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0 if settled else 1
 
 
+SINK_COLUMNS = (column("Sink"), column("Pending", right=True), column("Delivered", right=True),
+                column("Failed", right=True), column("Silenced", right=True), column("Suppressed", right=True),
+                column("Oldest pending (s)", "oldest_pending_seconds", right=True), column("Last error"))
+FAILURE_COLUMNS = (column("Sink"), column("Dedup key"), column("State"), column("Attempts", right=True),
+                   column("Error"))
+
+
 def _alerts_status(args: argparse.Namespace, settings: Settings) -> int:
     from trainwire.consumers.alerting.outbox import Outbox
     from trainwire.consumers.alerting.service import outbox_path
@@ -159,14 +167,10 @@ def _alerts_status(args: argparse.Namespace, settings: Settings) -> int:
         result = {"outbox": str(path), "sinks": outbox.summary(), "failures": outbox.failures()}
     finally:
         outbox.close()
-    lines = [f"{r['sink']:<16} pending {r['pending']:>4}  delivered {r['delivered']:>6}  failed {r['failed']:>4}"
-             + (f"  silenced {r['silenced']}" if r["silenced"] else "")
-             + (f"  suppressed {r['suppressed']}" if r["suppressed"] else "")
-             + (f"  oldest pending {r['oldest_pending_seconds']}s" if r["pending"] else "")
-             + (f"  last error: {r['last_error']}" if r["last_error"] else "") for r in result["sinks"]]
-    lines += [f"  FAILED {f['sink']} {f['dedup_key']} ({f['state']}) after {f['attempts']} attempts: {f['error']}"
-              for f in result["failures"]]
-    _emit(args, result, "\n".join(lines))
+    human = table(result["sinks"], SINK_COLUMNS, "no alert delivered yet")
+    if result["failures"]:
+        human += "\n\nfailed pages:\n" + table(result["failures"], FAILURE_COLUMNS, "")
+    _emit(args, result, human)
     return 1 if any(r["failed"] for r in result["sinks"]) else 0
 
 
@@ -222,11 +226,9 @@ def _silence_call(settings: Settings, action: str, **arguments: Any) -> Any:
         client.close()
 
 
-def _silence_line(silence: dict[str, Any]) -> str:
-    ends = (silence["removed_at"] or silence["ends_at"])[:19].replace("T", " ")
-    verb = {"active": "until", "removed": "removed", "expired": "expired"}.get(silence["status"], "until")
-    return (f"{silence['silence_id']}  {silence['status']:<8} {silence['matchers']:<44} {verb} {ends} UTC  "
-            f"by {silence['created_by']}: {silence['reason']}")
+SILENCE_COLUMNS = (column("Id", "silence_id"), column("Status"), column("Matchers"),
+                   Column("Ends", lambda s: s["removed_at"] or s["ends_at"]), column("By", "created_by"),
+                   column("Reason"))
 
 
 def _alerts_silences(args: argparse.Namespace, settings: Settings) -> int:
@@ -244,6 +246,10 @@ def _alerts_silences(args: argparse.Namespace, settings: Settings) -> int:
                 raise ValueError("alerts silence needs --for DURATION (e.g. 2h) or --until TIME, one of them")
             if not (args.reason or "").strip():
                 raise ValueError("alerts silence needs --reason TEXT: why these pages may wait")
+            if matchers["run_id"]:
+                from trainwire.cli_runs import resolve_run
+
+                matchers["run_id"] = resolve_run(settings, matchers["run_id"])
             created = _silence_call(settings, "create_silence", actor=_actor(args), reason=args.reason,
                                     for_seconds=None if args.for_ is None else _duration(args.for_),
                                     until=args.until, **matchers)
@@ -260,11 +266,10 @@ def _alerts_silences(args: argparse.Namespace, settings: Settings) -> int:
                                  f"{removed['removed_by']}")
             return 0
         silences = _silence_call(settings, "list_silences", include_ended=args.all)
-    except RuntimeError as err:  # `up`'s API or the store failed: one line, no traceback
-        print(f"trainwire: error: {err}", file=sys.stderr)
-        return 1
+    except RuntimeError as err:  # `up`'s API or the store failed: one line (JSON under --json), no traceback
+        return report(args, Failure(str(err), EXIT_FAILED))
     empty = "no silences" if args.all else "no active silences (--all lists ended ones too)"
-    _emit(args, silences, "\n".join(map(_silence_line, silences)) or empty)
+    _emit(args, silences, table(silences, SILENCE_COLUMNS, empty))
     return 0
 
 
@@ -286,7 +291,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 @reports_run_lookup
 def cmd_run(args: argparse.Namespace) -> int:
     """One run: its summary, its open (firing) alerts and its latest gate result."""
-    from trainwire.cli_output import cell, key_values
+    from trainwire.cli_output import key_values
     from trainwire.cli_runs import match_run, open_reader, stored_runs
 
     with open_reader(_settings(args)) as reader:
@@ -425,7 +430,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             result["stage"] = stage_value(result["stage"])
             human = "\n".join([f"run {result['run_id']}: stage {result['stage'] or 'none yet'} "
                                f"(gates {result['gates'] or 'not evaluated'})"] + [
-                f"  {h['at']}  {h['from'] or 'none':>10} → {h['to']:<10} by {h['actor']}: {h['reason']}"
+                f"  {cell(h['at'])}  {h['from'] or 'none':>10} → {h['to']:<10} by {h['actor']}: {h['reason']}"
                 for h in result["history"]] + [
                 f"  ignored: entry {u['seq']} ({u['from'] or 'none'} → {u['to']} by {u['actor']}) is {u['problem']}; "
                 "run `trainwire audit verify`" for u in result["unvouched"]])
@@ -518,12 +523,11 @@ def _dead_letter_store(settings: Settings) -> Iterator[tuple[Any, Callable[..., 
         client.close()
 
 
-def _dead_letter_line(letter: dict[str, Any]) -> str:
-    ts = datetime.fromisoformat(letter["ts"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    reason = letter["reason"] if len(letter["reason"]) <= 160 else letter["reason"][:159] + "…"
-    replayed = (f"  (replayed {letter['replayed_at'][:19].replace('T', ' ')} by {letter['replayed_by']})"
-                if letter["replayed_at"] else "")
-    return f"{ts}  {letter['topic']}[{letter['partition']}]@{letter['offset']}  {reason}{replayed}"
+DEAD_LETTER_COLUMNS = (column("Time (UTC)", "ts"), column("Topic"), column("Partition", right=True),
+                       column("Offset", right=True),
+                       Column("Reason", lambda d: d["reason"] if len(d["reason"]) <= 160 else d["reason"][:159] + "…"),
+                       Column("Replayed", lambda d: d["replayed_at"] and f"{cell(d['replayed_at'])} by "
+                                                                         f"{d['replayed_by']}"))
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -543,15 +547,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             letters = to_json(reader.list_dead_letters(**filters))
             return _replay_dead_letters(args, settings, letters, lambda done: record(done, actor))
     except RuntimeError as err:  # the transport, a schema registry or `up`'s API failed: one line, no traceback
-        print(f"trainwire: error: {err}", file=sys.stderr)
-        return 1
+        return report(args, Failure(str(err), EXIT_FAILED))
 
 
 def _list_dead_letters(args: argparse.Namespace, letters: list[dict[str, Any]], limit: int | None) -> int:
     more = limit is not None and len(letters) > limit
     letters = letters[:limit]
-    human = "\n".join([f"{'time (UTC)':<23}  topic[partition]@offset  reason", *map(_dead_letter_line, letters)]
-                      ) if letters else "no dead letters"
+    human = table(letters, DEAD_LETTER_COLUMNS, "no dead letters")
     if more:
         human += f"\n(the newest {limit}; --limit N for more, 0 for all)"
     _emit(args, letters, human)
@@ -690,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test: the test page's severity")
     for name in _SILENCE_MATCHERS:
         alerts.add_argument(f"--{name}", metavar=name.upper(), help=f"silence: pages of this {name} (all given "
-                            "must match)")
+                            "must match)" + ("; " + RUN_HELP if name == "run" else ""))
     alerts.add_argument("--for", dest="for_", metavar="DURATION", help="silence: for this long (30m, 2h, 1d)")
     alerts.add_argument("--until", metavar="TIME", help="silence: until this ISO 8601 time (UTC unless it names a "
                         "zone)")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from trainwire.cli_errors import EXIT_FAILED, Failure, report
+from trainwire.cli_output import cell, column, stage_value, table
+from trainwire.cli_runs import RUN_HELP, reports_run_lookup, resolve_run
 
 TARGETS = ("verify", "log", "export", "verify-bundle", "keygen")
 
@@ -18,19 +22,20 @@ def add_audit_command(command: Callable[[str, str], argparse.ArgumentParser]) ->
     audit = command("audit", "a run's audit record; `audit verify`: check the audit log; `audit log`: show it; "
                     "`audit export RUN_ID --out FILE`: a bundle to verify offline with `audit verify-bundle FILE`; "
                     "`audit keygen`: a signing key pair")
-    audit.add_argument("target", metavar="RUN_ID|" + "|".join(TARGETS))
-    audit.add_argument("subject", nargs="?", metavar="RUN_ID|FILE", help="export: the run; verify-bundle: the file")
+    audit.add_argument("target", metavar="RUN|" + "|".join(TARGETS), help=f"RUN: {RUN_HELP}")
+    audit.add_argument("subject", nargs="?", metavar="RUN|FILE", help="export: the run; verify-bundle: the file")
     audit.add_argument("--export", metavar="FILE", help="RUN_ID: write the audit record to FILE as JSON")
     audit.add_argument("--out", metavar="FILE|DIR", help="export: the bundle file; keygen: the directory for "
                        "audit-key.pem and audit-key.pub.pem (default: TRAINWIRE_HOME)")
     audit.add_argument("--public-key", metavar="PEM", action="append", help="verify-bundle: a public key to trust "
                        "(repeatable; default: the bundle's own keys, which prove it intact but not who made it)")
     audit.add_argument("--head", metavar="HASH", help="verify: a head noted earlier that must still be in the log")
-    audit.add_argument("--run", metavar="RUN_ID", help="log: only this run's entries")
+    audit.add_argument("--run", metavar="RUN", help="log: only this run's entries")
     audit.add_argument("--actor", help=f"who asks ({_ACTOR_DEFAULT})")
     audit.set_defaults(func=cmd_audit)
 
 
+@reports_run_lookup
 def cmd_audit(args: argparse.Namespace) -> int:
     wanted = {"export": "the RUN_ID to export", "verify-bundle": "the bundle FILE"}.get(args.target)
     if wanted and args.subject is None:
@@ -39,9 +44,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise ValueError(f"audit {args.target} takes no {args.subject!r}")
     try:
         return _COMMANDS.get(args.target, _record)(args)
-    except RuntimeError as err:  # `up`'s API or the store failed: one line, no traceback
-        print(f"trainwire: error: {err}", file=sys.stderr)
-        return 1
+    except RuntimeError as err:  # `up`'s API or the store failed: one line (JSON under --json), no traceback
+        return report(args, Failure(str(err), EXIT_FAILED))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -57,13 +61,17 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+LOG_COLUMNS = (column("Seq", right=True), column("Time (UTC)", "ts"), column("Actor"), column("Action"),
+               column("Run id", "run_id"), column("Details"))
+
+
 def _log(args: argparse.Namespace) -> int:
     from trainwire.cli import _actor, _emit, _govern, _settings
 
     settings = _settings(args)
-    entries = _govern(settings, "audit_trail", actor=_actor(args, settings), run_id=args.run)
-    _emit(args, entries, "\n".join(f"{e['seq']:>6} {e['ts']} {e['actor']:<12} {e['action']:<20} "
-                                    f"{e['run_id'] or '-':<36} {e['details']}" for e in entries))
+    run_id = None if args.run is None else resolve_run(settings, args.run)
+    entries = _govern(settings, "audit_trail", actor=_actor(args, settings), run_id=run_id)
+    _emit(args, entries, table(entries, LOG_COLUMNS, "the audit log is empty"))
     return 0
 
 
@@ -74,11 +82,12 @@ def _export(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("audit export RUN_ID needs --out FILE")
     settings = _settings(args)
-    bundle = _govern(settings, "audit_bundle", run_id=args.subject, actor=_actor(args, settings), export=args.out)
+    run_id = resolve_run(settings, args.subject)
+    bundle = _govern(settings, "audit_bundle", run_id=run_id, actor=_actor(args, settings), export=args.out)
     Path(args.out).write_bytes(bundle_bytes(bundle))
-    _emit(args, {"run_id": args.subject, "file": args.out, "entries": len(bundle["entries"]),
+    _emit(args, {"run_id": run_id, "file": args.out, "entries": len(bundle["entries"]),
                  "head": bundle["anchor"]["entry_hash"]},
-          f"audit bundle of {args.subject} → {args.out} ({len(bundle['entries'])} entries up to anchored head "
+          f"audit bundle of {run_id} → {args.out} ({len(bundle['entries'])} entries up to anchored head "
           f"{bundle['anchor']['seq']}); check it with `trainwire audit verify-bundle {args.out} --public-key PEM`")
     return 0
 
@@ -120,13 +129,16 @@ def _record(args: argparse.Namespace) -> int:
     from trainwire.cli import _actor, _emit, _govern, _settings
 
     settings = _settings(args)
-    record = _govern(settings, "audit_record", run_id=args.target, actor=_actor(args, settings), export=args.export)
-    if args.export:
+    run_id = resolve_run(settings, args.target)
+    record = _govern(settings, "audit_record", run_id=run_id, actor=_actor(args, settings), export=args.export)
+    if args.export:  # as the log vouched for it (its sha256 is in the audit.exported entry): written unchanged
         with open(args.export, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2)
-        _emit(args, {"run_id": args.target, "file": args.export}, f"audit record of {args.target} → {args.export}")
+        _emit(args, {"run_id": run_id, "file": args.export}, f"audit record of {run_id} → {args.export}")
     else:
-        _emit(args, record, "\n".join(_flatten(record)))
+        record["registry_stage"] = stage_value(record["registry_stage"])
+        human = _flatten({**record, "registry_stage": record["registry_stage"] or "none yet"})
+        _emit(args, record, "\n".join(human))
     return 0
 
 
@@ -135,7 +147,8 @@ def _flatten(value: Any, prefix: str = "") -> list[str]:
         return [line for key, item in value.items() for line in _flatten(item, f"{prefix}{key}.")]
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return [line for i, item in enumerate(value) for line in _flatten(item, f"{prefix}{i}.")]
-    return [f"{prefix.rstrip('.'):<52} {value}"]
+    exact = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return [f"{prefix.rstrip('.'):<52} {value if exact else cell(value)}"]  # a record's numbers in full
 
 
 _COMMANDS = {"verify": _verify, "log": _log, "export": _export, "verify-bundle": _verify_bundle, "keygen": _keygen}
