@@ -192,33 +192,23 @@ class _Samples:
     def __init__(self, window: int, rows: RunRows, read: np.ndarray, low: np.ndarray):
         self.window = window
         reading = np.flatnonzero(read)
-        hosts, host_names = rows.codes("host")
-        uuids, uuid_names = rows.codes("gpu_uuid")
+        hosts, self.host_names = rows.codes("host")
+        uuids, self.uuid_names = rows.codes("gpu_uuid")
         indexes, _ = rows.column("gpu_index")
-        triples = np.stack([hosts[reading], uuids[reading], indexes[reading].astype(np.int64)], axis=1)
-        distinct, gpu = _distinct_triples(triples)
-        self.keys = [(host_names[host], uuid_names[uuid] or str(index)) for host, uuid, index in distinct.tolist()]
-        self.gpus, self.lows = gpu.tolist(), low[reading].tolist()
+        self.hosts, self.uuids = hosts[reading].tolist(), uuids[reading].tolist()
+        self.indexes, self.lows = indexes[reading].tolist(), low[reading].tolist()
 
     def add(self, gpus: _Gpus, bounds: tuple[int, int]) -> None:
         """`reading` for each of the run's samples, in order."""
-        windows, size, keys, of_sample, lows = gpus.windows, self.window, self.keys, self.gpus, self.lows
+        windows, size, lows = gpus.windows, self.window, self.lows
+        hosts, host_names, uuids, uuid_names, indexes = (self.hosts, self.host_names, self.uuids, self.uuid_names,
+                                                         self.indexes)
         for i in range(*bounds):
-            low, key = lows[i], keys[of_sample[i]]
+            low = lows[i]
+            key = host_names[hosts[i]], uuid_names[uuids[i]] or str(indexes[i])
             window = windows.get(key)
             if window is None:
                 window = windows[key] = Rolling(size)
             elif not low and not window.total and len(window.values) == size:
                 continue  # a full window of clear samples is the same after one more
             window.add(low)
-
-
-def _distinct_triples(triples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the distinct rows of an n×3 matrix of non-negative ints, each row's index among them). Each row is made
-    one number first, for a fast 1-d unique: host and uuid codes are below the batch's row count and GPU
-    indexes below 65,536, so the number stays far below 2**63."""
-    spans = triples.max(axis=0, initial=0) + 1
-    distinct, inverse = np.unique((triples[:, 0] * spans[1] + triples[:, 1]) * spans[2] + triples[:, 2],
-                                  return_inverse=True)
-    return (np.stack([distinct // (spans[1] * spans[2]), distinct // spans[2] % spans[1], distinct % spans[2]],
-                     axis=1), inverse.reshape(-1))
