@@ -125,12 +125,13 @@ class ApprovalEvidence:
 def check_transition(transition: Transition, roles: Roles, approval: ApprovalEvidence | None = None) -> None:
     """Raise `RegistryError` unless the transition is allowed; return None when it is."""
     t = transition
-    prefix = f"run {t.run_id}: {t.from_stage} → {t.to_stage} refused"
+    before = "no stage" if t.from_stage == "None" else t.from_stage  # the registry's "None" is no stage yet
+    prefix = f"run {t.run_id}: {before} → {t.to_stage} refused"
     if t.to_stage not in STAGES:
         raise RegistryError(f"{prefix}: unknown stage (stages: {', '.join(STAGES)})")
     if t.to_stage not in ALLOWED[t.from_stage]:
         allowed = ", ".join(sorted(ALLOWED[t.from_stage])) or "none: Archived is final"
-        raise RegistryError(f"{prefix}: not an allowed transition (from {t.from_stage}: {allowed})")
+        raise RegistryError(f"{prefix}: not an allowed transition (from {before}: {allowed})")
     try:
         actor = normalise_actor(t.actor)
     except ValueError:

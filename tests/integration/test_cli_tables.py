@@ -124,7 +124,7 @@ def test_alerts_silence_names_its_run_by_prefix_or_name_and_silences_is_a_table(
     header, *rows = out.rstrip("\n").split("\n")
     assert code == 0 and header.split() == ["Id", "Status", "Matchers", "Ends", "By", "Reason"] and len(rows) == 2
     for row in rows:
-        assert under(header, row, "Status") == "active" and under(header, row, "Matchers") == f"run_id={DIVERGED}"
+        assert under(header, row, "Status") == "active" and under(header, row, "Matchers") == f"run={DIVERGED}"
         assert TIME.fullmatch(under(header, row, "Ends")) and under(header, row, "Reason") == "noisy"
     assert "None" not in out
 
@@ -164,8 +164,10 @@ def test_audit_record_and_export_take_a_run_by_prefix_or_name_and_a_missing_stag
 
 
 def test_registry_history_times_read_as_the_tables_do(home, capsys):
-    code, out, err = cli(capsys, "registry", "request", TWIN_A[:8])
-    assert code == 0, err
+    code, _, err = cli(capsys, "registry", "request", TWIN_A[:8])  # no stage yet: Staging is not next
+    assert code == 2 and "no stage → Staging refused" in err and "None" not in err
+    code, out, err = cli(capsys, "registry", "archive", TWIN_A[:8], "--reason", "superseded")
+    assert code == 0 and "none → Archived" in out, err
     code, out, _ = cli(capsys, "registry", "status", TWIN_A[:8])
     history = out.rstrip("\n").split("\n")[1:]
     assert code == 0 and history and all(TIME.fullmatch(line.split("  ")[1]) for line in history)
