@@ -806,6 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_audit(args: argparse.Namespace) -> None:
     """The audit log's key, anchor and lock for this process's store (docs/governance.md)."""
+    if args.command == "audit" and args.target == "verify-bundle":  # offline: an auditor's machine has no home
+        return
     try:
         from trainwire.infra.store.audit_config import configure_audit
     except ImportError:  # a producer-only install: no store here

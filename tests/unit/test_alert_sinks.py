@@ -299,4 +299,7 @@ def test_cli_sends_a_test_page_and_shows_delivery_status(tmp_path, monkeypatch, 
     outbox.close()
     assert main(["alerts", "status"]) == 1  # a failed page is worth a non-zero exit
     human = capsys.readouterr().out
-    assert "webhook" in human and "failed    1" in human and "HTTP 400 bad payload" in human
+    header, row = human.split("\n")[:2]
+    assert header.split()[:4] == ["Sink", "Pending", "Delivered", "Failed"] and row.split()[:4] == ["webhook", "0",
+                                                                                                 "0", "1"]
+    assert "HTTP 400 bad payload" in human
