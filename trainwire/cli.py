@@ -246,13 +246,13 @@ def _alerts_silences(args: argparse.Namespace, settings: Settings) -> int:
                 raise ValueError("alerts silence needs --for DURATION (e.g. 2h) or --until TIME, one of them")
             if not (args.reason or "").strip():
                 raise ValueError("alerts silence needs --reason TEXT: why these pages may wait")
+            for_seconds = None if args.for_ is None else _duration(args.for_)  # refused before the store is read
             if matchers["run_id"]:
                 from trainwire.cli_runs import resolve_run
 
                 matchers["run_id"] = resolve_run(settings, matchers["run_id"])
             created = _silence_call(settings, "create_silence", actor=_actor(args), reason=args.reason,
-                                    for_seconds=None if args.for_ is None else _duration(args.for_),
-                                    until=args.until, **matchers)
+                                    for_seconds=for_seconds, until=args.until, **matchers)
             _emit(args, created, f"silenced {created['matchers']} until {created['ends_at']} as "
                                  f"{created['silence_id']} (`trainwire alerts unsilence {created['silence_id']}` "
                                  "ends it sooner)")
