@@ -55,7 +55,8 @@ def _verify(args: argparse.Namespace) -> int:
     result = _govern(settings, "verify", actor=_actor(args, settings), head=args.head)
     anchors = "; ".join(f"anchored head {a['seq']} in {a['where']}" for a in result.get("anchors") or []) or (
         "no anchored head for this store")
-    human = (f"audit log verified: {result['entries']} entries, head {result['head']} ({anchors})" if result["ok"]
+    head = f"head {result['head']}" if result["head"] else "no head yet"
+    human = (f"audit log verified: {result['entries']} entries, {head} ({anchors})" if result["ok"]
              else "AUDIT LOG DOES NOT VERIFY:\n" + "\n".join(f"  {p}" for p in result["problems"]))
     _emit(args, result, human)
     return 0 if result["ok"] else 1

@@ -185,3 +185,11 @@ def test_a_failing_up_api_is_one_line_and_json_under_json(tmp_path, monkeypatch,
     assert code == 1 and err == "" and json.loads(out)["exit_code"] == 1
     code, out, err = cli(capsys, *command)
     assert code == 1 and out == "" and err.startswith("trainwire: error: ") and err.count("\n") == 1
+
+
+def test_an_empty_audit_log_verifies_without_a_none(tmp_path, monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith("TRAINWIRE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TRAINWIRE_HOME", str(tmp_path / "empty"))
+    code, out, _ = cli(capsys, "audit", "verify")
+    assert code == 0 and "0 entries, no head yet" in out and "None" not in out  # (verifying appends an entry)
