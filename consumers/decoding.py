@@ -13,14 +13,12 @@ import time
 from collections.abc import Callable
 
 from trainwire.infra.log import Record
-from trainwire.schemas import Codec, CodecUnavailableError, SchemaError
-from trainwire.schemas.checks import check_record
-from trainwire.schemas.codec import CorruptPayloadError
+from trainwire.schemas import Codec, SchemaError
 
 from .admission import Admission, DeadLetterBudget
 from .batch import Batch
 from .detectors import DetectorEngine, HistoryUnavailableError
-from .frames import FrameDecoder
+from .frames import FrameDecoder, decode_one, reason_of
 from .rows import to_row
 
 log = logging.getLogger("trainwire.consumers.ingest")
@@ -53,32 +51,15 @@ class RecordDecoding:
 
     def add(self, records: list[Record], batch: Batch) -> None:
         now_ms = time.time_ns() // 1_000_000
-        decoded = [self._decode(record, now_ms) for record in records]
+        decoded = [decode_one(self._codec, self._admission, record, now_ms) for record in records]
         self._detectors.prefetch(event for event in decoded if not isinstance(event, SchemaError))
         for record, event in zip(records, decoded):
             self._process(batch, record, event)
 
-    def _decode(self, record: Record, now_ms: int) -> tuple[str, dict] | SchemaError:
-        """The record as a checked event (kind, fields), or why it cannot be one. Whatever a record holds, its
-        failure is its own dead letter, never the process's; only an unreachable schema registry is retried."""
-        try:
-            if record.value is None:
-                raise CorruptPayloadError("null value (a tombstone): trainwire events are never deleted by key")
-            kind, fields = self._codec.decode_record(record.value)
-            self._admission.check(record.topic, kind, fields, now_ms)
-            check_record(kind, fields)
-        except CodecUnavailableError:
-            raise
-        except SchemaError as err:
-            return err
-        except Exception as err:  # a codec or check tripped on something no test foresaw
-            return CorruptPayloadError(f"cannot decode the record: {err!r}")
-        return kind, fields
-
     def _process(self, batch: Batch, record: Record, event: tuple[str, dict] | SchemaError) -> None:
         batch.records.append(record)
         if isinstance(event, SchemaError):
-            self._dead_letter(batch, record, f"{type(event).__name__}: {event}")
+            self._dead_letter(batch, record, reason_of(event))
             return
         kind, fields = event
         try:

@@ -169,6 +169,23 @@ class ThroughputLow(Rule):
         return Bulk(quiet, rows.any(read), updates, Rolling.extend)
 
 
+def _replayed(rows: RunRows, states: list, warm: np.ndarray, replay, extend) -> Bulk:
+    """The bulk verdict of a rule over a window of finite losses: runs with no new loss are quiet, warm runs (their
+    windows full) are replayed by `replay`, the others are judged event by event."""
+    new, valid, counts = rows.finite_matrix("loss")
+    quiet, judged = (counts == 0) | warm, np.zeros(rows.runs, dtype=bool)
+    updates: list[tuple | None] = [None] * rows.runs
+    replayed = np.flatnonzero(warm & (counts > 0))
+    if len(replayed):
+        runs = replayed.tolist()
+        losses = rows.finite("loss")
+        quiet[replayed], judged[replayed], outcomes = replay(
+            [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], [losses[i] for i in runs], rows)
+        for i, outcome in zip(runs, outcomes):
+            updates[i] = outcome
+    return Bulk(quiet, judged, updates, extend)
+
+
 @dataclass
 class _Halves:
     older: Rolling
@@ -234,20 +251,8 @@ class Underfitting(Rule):
     def bulk(self, rows: RunRows, states: list[_Halves]) -> Bulk:
         """Replays the halves' sums as `check` would (same operations, same order) on runs past their first
         window; runs still filling it are judged event by event."""
-        new, valid, counts = rows.finite_matrix("loss")
         warm = np.array([state.initial_total is not None and state.older.full for state in states], dtype=bool)
-        quiet, judged = (counts == 0) | warm, np.zeros(rows.runs, dtype=bool)
-        updates: list[tuple | None] = [None] * rows.runs
-        replayed = np.flatnonzero(warm & (counts > 0))
-        if len(replayed):
-            runs = replayed.tolist()
-            losses = rows.finite("loss")
-            quiet[replayed], judged[replayed], outcomes = self._replay(
-                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], [losses[i] for i in runs],
-                rows)
-            for i, outcome in zip(runs, outcomes):
-                updates[i] = outcome
-        return Bulk(quiet, judged, updates, _Halves.extend)
+        return _replayed(rows, states, warm, self._replay, _Halves.extend)
 
     def _replay(self, states: list[_Halves], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
                 losses: list[list[float]], rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
@@ -333,20 +338,8 @@ class LossUnstable(Rule):
     def bulk(self, rows: RunRows, states: list[_Swings]) -> Bulk:
         """Replays the windows' sums as `check` would (same operations, same order) on runs whose windows are
         full; runs still filling them are judged event by event."""
-        new, valid, counts = rows.finite_matrix("loss")
         warm = np.array([state.flips.full for state in states], dtype=bool)
-        quiet, judged = (counts == 0) | warm, np.zeros(rows.runs, dtype=bool)
-        updates: list[tuple | None] = [None] * rows.runs
-        replayed = np.flatnonzero(warm & (counts > 0))
-        if len(replayed):
-            runs = replayed.tolist()
-            losses = rows.finite("loss")
-            quiet[replayed], judged[replayed], outcomes = self._replay(
-                [states[i] for i in runs], new[replayed], valid[replayed], counts[replayed], [losses[i] for i in runs],
-                rows)
-            for i, outcome in zip(runs, outcomes):
-                updates[i] = outcome
-        return Bulk(quiet, judged, updates, _Swings.extend)
+        return _replayed(rows, states, warm, self._replay, _Swings.extend)
 
     def _replay(self, states: list[_Swings], new: np.ndarray, valid: np.ndarray, counts: np.ndarray,
                 losses: list[list[float]], rows: RunRows) -> tuple[np.ndarray, np.ndarray, list[tuple]]:

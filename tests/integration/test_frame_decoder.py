@@ -30,7 +30,6 @@ from tests.unit.test_codec_properties import STRATEGIES, same
 from trainwire.consumers.admission import Admission
 from trainwire.consumers.avro_parser import AvroParser, AvroRefusedError, ParserUnavailableError
 from trainwire.consumers import frames
-from trainwire.consumers.decoding import RecordDecoding
 from trainwire.consumers.frames import Decoded, FrameDecoder, reader_schema
 from trainwire.infra.config import Settings
 from trainwire.infra.log import Record
@@ -71,8 +70,8 @@ def confluent():
 
 
 def per_record(codec, config: Settings, record: Record, now: int):
-    """Today's path, exactly as ingest runs it with TRAINWIRE_INGEST_PATH=records."""
-    return RecordDecoding(codec, Admission(config), None, None, None, None)._decode(record, now)
+    """The per-record path, as ingest runs it with TRAINWIRE_INGEST_PATH=records."""
+    return frames.decode_one(codec, Admission(config), record, now)
 
 
 def reason(outcome) -> str:
