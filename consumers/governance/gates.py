@@ -142,6 +142,11 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _short(value: float | None) -> str:
+    """A loss in a message: 4 significant digits (the details keep the full value)."""
+    return "none" if value is None else format(value, ".4g")
+
+
 def g1_stability(evidence: RunEvidence) -> GateResult:
     def result(status: Status, message: str, **details: Any) -> GateResult:
         return GateResult("G1", "stability", "block", status, message, details)
@@ -168,7 +173,7 @@ def g2_convergence(evidence: RunEvidence) -> GateResult:
         return result("no_data", "no train loss logged")
     details = {"initial_loss": initial, "final_loss": final}
     if not (_finite(initial) and _finite(final)):
-        return result("failed", f"loss not finite (initial {initial}, final {final})", **details)
+        return result("failed", f"loss not finite (initial {_short(initial)}, final {_short(final)})", **details)
     # the relative change only when it is defined: an initial loss of 0 compares absolutely
     change = f" ({(final - initial) / abs(initial):+.1%})" if initial != 0 else ""
     if final < initial:
@@ -190,7 +195,7 @@ def g3_generalisation(evidence: RunEvidence, policy: GatePolicy) -> GateResult:
     eval_loss = last_eval.eval_loss
     details = {"step": last_eval.step, "eval_loss": eval_loss, "train_loss": train}
     if not (_finite(eval_loss) and _finite(train)):
-        return result("failed", f"loss not finite at step {last_eval.step} (eval {eval_loss}, train {train})",
+        return result("failed", f"loss not finite at step {last_eval.step} (eval {_short(eval_loss)}, train {_short(train)})",
                       **details)
     if train <= 0:  # no ratio to take: any positive eval loss is infinitely worse than a zero train loss
         ratio = math.inf if eval_loss > 0 else 1.0

@@ -213,3 +213,11 @@ def test_placeholders_do_not_pass_for_an_audit_record():
 
 def test_no_audit_record_blocks():
     assert evaluate(run(converging(), audit=None)).gate("G6").status == "failed"
+
+
+def test_messages_about_a_diverged_run_round_its_losses():
+    losses = [3.023711957473435, 2.718281828459045, math.nan]
+    report = evaluate(run(losses, [EvalPoint(3, eval_loss=math.nan)]))
+    assert report.gate("G2").message == "loss not finite (initial 3.024, final nan)"
+    assert report.gate("G3").message == "loss not finite at step 3 (eval nan, train nan)"
+    assert report.gate("G2").details["initial_loss"] == 3.023711957473435  # the record keeps the full value
