@@ -35,7 +35,7 @@ def test_read_commands_work_while_up_owns_the_store(tmp_path):
         assert summary["status"] == "completed" and abs(summary["final_loss"] - 0.1) < 1e-9
 
         missing = cli(home, "run", "no-such-run", check=False)
-        assert missing.returncode == 2 and "no run no-such-run" in missing.stderr
+        assert missing.returncode == 6 and "no run 'no-such-run'" in missing.stderr  # exit 6: RUN names no run
     assert not (home / "up.json").exists()
 
     direct = json.loads(cli(home, "run", run.run_id, "--json").stdout)  # up is gone: the CLI opens the store
