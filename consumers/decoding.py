@@ -37,17 +37,26 @@ class DetectorErrors:
             log.exception("ingest: detectors failed on %s (%d so far)", what, self.count)
 
 
-class RecordDecoding:
-    """Per record: fastavro decodes, the models' checks validate, the detectors observe one event at a time."""
+class _Decoding:
+    """What both ways share: the dead-letter budget told of every record, the detectors, and where dead letters
+    and detector failures go."""
 
-    def __init__(self, codec: Codec, admission: Admission, budget: DeadLetterBudget, detectors: DetectorEngine,
-                 dead_letter: DeadLetter, detector_errors: DetectorErrors):
-        self._codec = codec
-        self._admission = admission
+    def __init__(self, budget: DeadLetterBudget, detectors: DetectorEngine, dead_letter: DeadLetter,
+                 detector_errors: DetectorErrors):
         self._budget = budget
         self._detectors = detectors
         self._dead_letter = dead_letter
         self._errors = detector_errors
+
+
+class RecordDecoding(_Decoding):
+    """Per record: fastavro decodes, the models' checks validate, the detectors observe one event at a time."""
+
+    def __init__(self, codec: Codec, admission: Admission, budget: DeadLetterBudget, detectors: DetectorEngine,
+                 dead_letter: DeadLetter, detector_errors: DetectorErrors):
+        super().__init__(budget, detectors, dead_letter, detector_errors)
+        self._codec = codec
+        self._admission = admission
 
     def add(self, records: list[Record], batch: Batch) -> None:
         now_ms = time.time_ns() // 1_000_000
@@ -83,16 +92,13 @@ class RecordDecoding:
             batch.ended_runs.append(fields["run_id"])
 
 
-class ColumnarDecoding:
+class ColumnarDecoding(_Decoding):
     """Per poll: ClickHouse parses the bodies into columns (FrameDecoder), which the detectors read as arrays."""
 
     def __init__(self, decoder: FrameDecoder, budget: DeadLetterBudget, detectors: DetectorEngine,
                  dead_letter: DeadLetter, detector_errors: DetectorErrors):
+        super().__init__(budget, detectors, dead_letter, detector_errors)
         self._decoder = decoder
-        self._budget = budget
-        self._detectors = detectors
-        self._dead_letter = dead_letter
-        self._errors = detector_errors
 
     def add(self, records: list[Record], batch: Batch) -> None:
         decoded = self._decoder.decode(records, time.time_ns() // 1_000_000)

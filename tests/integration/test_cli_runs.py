@@ -6,47 +6,17 @@ Real local log, real ingest (detectors, run-end gates), real embedded ClickHouse
 """
 
 import json
-import os
 
 import pytest
 
+from tests.cli_home import DIVERGED, TWIN_A, TWIN_B, cli, three_runs_home
 from trainwire.cli import main
-from trainwire.consumers.service import build_ingest
-from trainwire.infra.config import Settings
-from trainwire.producers import init
-from trainwire.producers.session import close_all
-from trainwire.producers.simulate import JobPlan, run_job
-
-DIVERGED = "5e1f0a2b-0000-4000-8000-000000000001"
-TWIN_A = "7c0ffee1-0000-4000-8000-00000000000a"
-TWIN_B = "7c0ffee2-0000-4000-8000-00000000000b"
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """Three ended runs: one diverged to NaN (its loss alert firing, its gates blocked), two named "twin" whose ids
-    share the prefix 7c0f."""
-    settings = Settings(home=tmp_path_factory.mktemp("cli") / "home", batch_max_seconds=0.2)
-    with pytest.MonkeyPatch.context() as env:
-        for key in [k for k in os.environ if k.startswith("TRAINWIRE_")]:
-            env.delenv(key)
-        env.setenv("TRAINWIRE_HOME", str(settings.home))
-        for run_id, name, fault in ((DIVERGED, "diverged", "nan"), (TWIN_A, "twin", None), (TWIN_B, "twin", None)):
-            run = init("cli-sft", name, {"learning_rate": 2e-4}, settings=settings, sample_gpus=False, run_id=run_id,
-                       total_steps=60)
-            run_job(run, JobPlan(steps=60, fault=fault, seed=1))
-            run.finish("completed")
-        close_all()
-        pipeline = build_ingest(settings, on_alert=lambda alert: None)
-        pipeline.drain(idle_seconds=1.0)
-        pipeline.close()
+    with three_runs_home(tmp_path_factory.mktemp("cli"), steps=60) as settings:
         yield settings
-
-
-def cli(capsys, *args):
-    code = main([*args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_runs_is_a_table_with_a_header_and_aligned_columns(home, capsys):

@@ -14,46 +14,28 @@ import re
 
 import pytest
 
-from trainwire.cli import main
+from tests.cli_home import DIVERGED, TWIN_A, TWIN_B, cli, three_runs_home
 from trainwire.consumers.alerting.outbox import Outbox
 from trainwire.consumers.alerting.service import outbox_path
-from trainwire.consumers.service import build_ingest
-from trainwire.infra.config import Settings
 from trainwire.infra.log import open_producer
 from trainwire.infra.log.topics import EVENTS
-from trainwire.producers import init
-from trainwire.producers.session import close_all
-from trainwire.producers.simulate import JobPlan, run_job
 from trainwire.schemas import Alert
 
-DIVERGED = "5e1f0a2b-0000-4000-8000-000000000001"
-TWIN_A = "7c0ffee1-0000-4000-8000-00000000000a"
-TWIN_B = "7c0ffee2-0000-4000-8000-00000000000b"
 TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def send_a_record_ingest_refuses(settings) -> None:
+    producer = open_producer(settings)
+    producer.append(settings.topic(EVENTS), b"some-key", b"\x00\x01 not avro at all")
+    assert producer.flush(30) == 0
+    producer.close()
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """Three ended runs (one diverged to NaN, two named "twin" whose ids share the prefix 7c0f), a record ingest
-    dead-lettered, and an outbox with a delivered page and a failed one."""
-    settings = Settings(home=tmp_path_factory.mktemp("tables") / "home", batch_max_seconds=0.2)
-    with pytest.MonkeyPatch.context() as env:
-        for key in [k for k in os.environ if k.startswith("TRAINWIRE_")]:
-            env.delenv(key)
-        env.setenv("TRAINWIRE_HOME", str(settings.home))
-        for run_id, name, fault in ((DIVERGED, "diverged", "nan"), (TWIN_A, "twin", None), (TWIN_B, "twin", None)):
-            run = init("cli-sft", name, {"learning_rate": 2e-4}, settings=settings, sample_gpus=False, run_id=run_id,
-                       total_steps=40)
-            run_job(run, JobPlan(steps=40, fault=fault, seed=1))
-            run.finish("completed")
-        close_all()
-        producer = open_producer(settings)
-        producer.append(settings.topic(EVENTS), b"some-key", b"\x00\x01 not avro at all")
-        assert producer.flush(30) == 0
-        producer.close()
-        pipeline = build_ingest(settings, on_alert=lambda alert: None)
-        pipeline.drain(idle_seconds=1.0)
-        pipeline.close()
+    """The three runs, a record ingest dead-lettered, and an outbox with a delivered page and a failed one."""
+    with three_runs_home(tmp_path_factory.mktemp("tables"), steps=40,
+                         before_ingest=send_a_record_ingest_refuses) as settings:
         outbox = Outbox(outbox_path(settings))
         outbox.enqueue([("webhook", page("delivered")), ("webhook", page("failed"))])
         outbox.delivered(outbox.claim("webhook"))
@@ -66,12 +48,6 @@ def page(key: str) -> Alert:
     return Alert(run_id=DIVERGED, experiment="cli-sft", team="nlp", ts_ms=1_700_000_000_000, rule="loss_not_finite",
                  severity="block", state="firing", step=5, value=float("nan"), threshold=None,
                  message="train loss is nan at step 5", dedup_key=f"{DIVERGED}/{key}")
-
-
-def cli(capsys, *args):
-    code = main([*args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def under(header: str, row: str, title: str, right: bool = False) -> str:
