@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import embedded_stores
 from tests.broker_lease import BrokerLease
 from trainwire.infra.config import Settings
 
@@ -141,6 +142,8 @@ def stand_in_home(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(autouse=True)
 def release_embedded_store():
-    """chdb serves one data directory per process: collect what a test left so the next can open its own."""
+    """chdb serves one data directory per process: collect what a test left so the next can open its own (only while a
+    connection may be open: a full collection costs a second once torch is imported)."""
     yield
-    gc.collect()
+    if embedded_stores.may_hold_one():
+        gc.collect()

@@ -1,7 +1,8 @@
 """The suite leaves the world of the person running it as it found it: the TRAINWIRE_* settings exported in the shell
 that starts pytest reach no test, no fixture of any scope and no process a test starts (so no test writes into the
 user's home), and the Kafka broker a session started is stopped as the session ends (the last of several, see
-tests/broker_lease.py) while one that was running before stays. Each case runs a pytest session of its own, as a
+tests/broker_lease.py) while one that was running before stays, and an embedded store a test left open is released
+before the next test opens its own (tests/embedded_stores.py). Each case runs a pytest session of its own, as a
 user would, and looks at what it left."""
 
 from __future__ import annotations
@@ -116,3 +117,38 @@ def test_a_session_stops_the_broker_it_started_and_leaves_the_users(tmp_path):
         for left in cache.glob(f"*-{port}*"):  # its configuration, log and lease files
             if left.is_file():
                 left.unlink()
+
+
+STORE_PROBE = """
+from trainwire.infra.store import connect_store
+
+def left_open_in_a_cycle(path):
+    client = connect_store(f"chdb://{path}")
+    client.command("SELECT 1")
+    client.itself = client  # never closed: only the garbage collector frees it
+
+def opens_its_own(path):
+    client = connect_store(f"chdb://{path}")
+    assert client.command("SELECT 1") == 1
+    client.close()
+
+def test_leaves_the_first_store_open(tmp_path):
+    left_open_in_a_cycle(tmp_path / "first")
+
+def test_opens_the_second(tmp_path):
+    opens_its_own(tmp_path / "second")
+
+def test_leaves_the_third_store_open(tmp_path):
+    left_open_in_a_cycle(tmp_path / "third")
+
+def test_opens_the_fourth(tmp_path):
+    opens_its_own(tmp_path / "fourth")
+"""
+
+
+def test_a_store_a_test_left_open_does_not_block_the_next_tests_store(tmp_path):
+    """chdb holds one data directory per process: the suite collects what a test left, the first time it sees chdb
+    and every time after while a connection is open (the second pair runs once the connections are watched)."""
+    (tmp_path / "test_store.py").write_text(STORE_PROBE)
+    session = pytest_session(["-p", "tests.conftest", "test_store.py"], tmp_path)
+    assert session.returncode == 0 and "4 passed" in session.stdout, session.stdout + session.stderr

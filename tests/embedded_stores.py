@@ -1,0 +1,37 @@
+"""Whether this process may still hold an embedded store. chdb serves one data directory (or ':memory:') per process,
+so a client a test left unclosed in a reference cycle keeps the next test from opening its own store until the
+garbage collector frees it. A full collection costs about a second once torch is imported, against a few ms
+before: the suite runs one after a test only when some chdb connection is still open, instead of after every test."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+
+_MODULE = "chdb.state.sqlitelike"  # every chdb connection, clickhouse-connect's included, is its Connection
+_connections: weakref.WeakSet = weakref.WeakSet()
+
+
+def _track(connection_class: type) -> None:
+    opening = connection_class.__init__
+
+    @functools.wraps(opening)
+    def __init__(self, *args, **kwargs):
+        opening(self, *args, **kwargs)
+        _connections.add(self)
+
+    __init__.tracked = True
+    connection_class.__init__ = __init__
+
+
+def may_hold_one() -> bool:
+    """True while a chdb connection made in this process is still open (closed ones set `_conn` to None), and the
+    first time chdb is seen imported, when the connections opened so far were not watched."""
+    module = sys.modules.get(_MODULE)
+    if module is None:
+        return False
+    if not getattr(module.Connection.__init__, "tracked", False):
+        _track(module.Connection)
+        return True
+    return any(getattr(connection, "_conn", True) is not None for connection in list(_connections))
