@@ -81,6 +81,43 @@ METHODS: dict[str, dict[str, type]] = {
 }
 
 
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"expected a list of strings, got {value!r:.80}")
+    return value
+
+
+def _text_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"expected an object of strings, got {value!r:.80}")
+    return value
+
+
+def _time(value: Any) -> datetime:
+    return datetime.fromisoformat(str(value))
+
+
+# The columnar reads (read.py, ColumnarReads) served as Arrow IPC streams on GET /arrow/NAME, each argument a JSON
+# value in the query string (`run_ids=["a","b"]`): names and tags may hold commas.
+ARROW_METHODS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "runs_table": {**{name: _strings for name in ("experiments", "teams", "statuses", "gates", "run_ids")},
+                   "since": _time, "until": _time, "tags": _text_map},
+    "run_candidates": {"text": str},
+    "run_summary_table": {"run_id": str},
+    "steps_table": {"run_ids": _strings, "metrics": _strings, "every": int},
+    "evals_table": {"run_ids": _strings, "metrics": _strings},
+    "curve_table": {"run_id": str, "max_points": int},
+    "gpu_samples_table": {"run_ids": _strings},
+    "gpu_series_table": {"run_id": str, "max_points": int},
+    "alerts_table": {"run_ids": _strings},
+    "open_incidents_table": {"run_id": str},
+    "checkpoints_table": {"run_ids": _strings},
+    "latest_gate_table": {"run_id": str},
+    "registry_stages_table": {},
+}
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
 def _query_value(value: Any) -> str:
     """A keyword argument as METHODS parses it back: lists comma-joined, datetimes ISO 8601."""
     if isinstance(value, (list, tuple)):
@@ -184,6 +221,22 @@ class ReadApiServer:
         with self._lock:
             return to_json(getattr(self._reader, method)(**kwargs))
 
+    def call_arrow(self, method: str, arguments: dict[str, str]) -> bytes:
+        """A columnar read as an Arrow IPC stream; an argument that is not its JSON value is a ValueError."""
+        import pyarrow as pa
+
+        spec = ARROW_METHODS[method]
+        try:
+            kwargs = {name: spec[name](json.loads(value)) for name, value in arguments.items() if name in spec}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"bad argument for {method}: {err}") from None
+        with self._lock:
+            table = getattr(self._reader, method)(**kwargs)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
     def act(self, action: str, arguments: dict[str, Any]) -> Any:
         with self._lock:
             return to_json(self.actions[action](**arguments))
@@ -237,6 +290,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self._refused():
             return
         url = urllib.parse.urlsplit(self.path)
+        if url.path.startswith("/arrow/"):
+            self._arrow(url)
+            return
         method = url.path.removeprefix("/api/")
         if method not in METHODS:
             self._reply(404, {"error": f"unknown read method {method!r}"})
@@ -247,6 +303,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(500, {"error": redact_text(f"{type(err).__name__}: {err}")})
             return
         self._reply(200, result)
+
+    def _arrow(self, url: urllib.parse.SplitResult) -> None:
+        method = url.path.removeprefix("/arrow/")
+        if method not in ARROW_METHODS:
+            self._reply(404, {"error": f"unknown columnar read {method!r}"})
+            return
+        try:
+            data = self.api.call_arrow(method, dict(urllib.parse.parse_qsl(url.query)))
+        except ValueError as err:  # the caller's: a bad argument, a metric the runs never logged
+            self._reply(400, {"error": redact_text(str(err))})
+            return
+        except Exception as err:
+            self._reply(500, {"error": redact_text(f"{type(err).__name__}: {err}")})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", ARROW_STREAM)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self) -> None:  # noqa: N802
         if self._refused() or (body := self._body()) is None:
@@ -320,6 +396,22 @@ class RemoteReader:
                 raise RuntimeError(_refusal(err)) from None
 
         return call
+
+    def arrow(self, method: str, **kwargs: Any):
+        """A columnar read (ARROW_METHODS) as a `pyarrow.Table`; the server's refusal of an argument (400) comes
+        back as a ValueError with its message."""
+        import pyarrow as pa
+
+        if method not in ARROW_METHODS:
+            raise AttributeError(method)
+        query = urllib.parse.urlencode({name: json.dumps(value.isoformat() if isinstance(value, datetime) else value)
+                                        for name, value in kwargs.items() if value is not None})
+        request = urllib.request.Request(f"{self.url}/arrow/{method}?{query}", headers=self._headers)
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return pa.ipc.open_stream(response.read()).read_all()
+        except urllib.error.HTTPError as err:
+            raise (ValueError if err.code == 400 else RuntimeError)(_refusal(err)) from None
 
     def act(self, action: str, **arguments: Any) -> Any:
         """A write action of the `up` process; its refusal (400) comes back as a ValueError with its message."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from string import Template
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
 from .governance import GovernanceReads
-from .views import ViewReads
+from .views import _INCIDENTS, ViewReads, _utc
 
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
@@ -62,7 +63,183 @@ LEFT JOIN (SELECT * FROM heartbeats FINAL WHERE run_id = rid ORDER BY ts DESC LI
 """
 
 
-class StoreReader(GovernanceReads, ViewReads):
+# --- Columnar reads: Arrow tables straight from ClickHouse (`query_arrow`), no Python per row. The public read API
+# (trainwire/read.py) calls them in-process, or through `trainwire up`'s GET /arrow/NAME (api.py, ARROW_METHODS).
+STEP_METRICS = ("epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s", "batch_time_s",
+                "tokens")
+EVAL_METRICS = ("epoch", "eval_loss", "eval_accuracy", "perplexity", "runtime_s")
+GPU_COLUMNS = ("host", "rank", "gpu_index", "gpu_name", "gpu_uuid", "utilization_pct", "memory_used_mb",
+               "memory_total_mb", "temperature_c", "power_w", "sm_clock_mhz", "mem_clock_mhz")
+
+# The CLI's run listing (`trainwire runs`) with what a search filters on: the latest start's user, tags and
+# hyperparameters, and the latest gate evaluation's outcome (migration 004).
+_RUNS_SEARCH = """
+SELECT r.run_id AS run_id, r.experiment AS experiment, r.run_name AS run_name, r.team AS team, r.host AS host,
+       r.started_at AS started_at, r.status AS status, r.ended_at AS ended_at, r.total_steps AS total_steps,
+       r.last_step AS last_step, r.steps_logged AS steps_logged, r.last_event_at AS last_event_at,
+       r.final_loss AS final_loss, r.firing_alerts AS firing_alerts, s.user AS user, s.tags AS tags, s.hyperparameters_json AS hyperparameters_json,
+       nullIf(g.gate, '') AS gate
+FROM (""" + _RUNS + """) AS r
+LEFT JOIN (SELECT run_id, argMax(user, (ts, seq)) AS user, argMax(tags, (ts, seq)) AS tags,
+                  argMax(hyperparameters_json, (ts, seq)) AS hyperparameters_json
+           FROM run_started FINAL $run_filter GROUP BY run_id) AS s ON s.run_id = r.run_id
+LEFT JOIN (SELECT run_id, argMax(overall, evaluated_at) AS gate FROM gate_results FINAL $run_filter
+           GROUP BY run_id) AS g ON g.run_id = r.run_id
+WHERE (empty({experiments:Array(String)}) OR has({experiments:Array(String)}, r.experiment))
+  AND (empty({teams:Array(String)}) OR has({teams:Array(String)}, r.team))
+  AND (empty({statuses:Array(String)}) OR has({statuses:Array(String)}, r.status))
+  AND (empty({gates:Array(String)}) OR has({gates:Array(String)}, gate))
+  AND r.started_at >= {since:DateTime64(3, 'UTC')} AND r.started_at <= {until:DateTime64(3, 'UTC')} $more
+ORDER BY r.started_at DESC, r.run_id
+"""
+
+# Every stored run a RUN text could name (its id, an id prefix in any case, its name), as `match_run` judges them.
+_RUN_CANDIDATES = """
+SELECT run_id, run_name, started AS started_at
+FROM (SELECT run_id, max(run_name) AS run_name, max(started_at) AS started FROM runs
+      WHERE run_id IN (SELECT run_id FROM runs WHERE run_id = {text:String} OR run_name = {text:String}
+                       OR startsWith(lower(run_id), lower({text:String})))
+      GROUP BY run_id HAVING started > toDateTime64(0, 3, 'UTC'))
+ORDER BY started_at DESC
+"""
+
+
+class ColumnarReads:
+    """Reads answered as `pyarrow.Table`s: full resolution unless asked for the dashboard's buckets, times as
+    timestamp[ms, UTC], NaN kept NaN (and apart from NULL: a value never logged)."""
+
+    _client: Client  # provided by StoreReader
+
+    def _arrow(self, sql: str, **parameters: Any):
+        return self._client.query_arrow(sql, parameters=parameters)
+
+    def runs_table(self, experiments: list[str] | None = None, teams: list[str] | None = None,
+                   statuses: list[str] | None = None, gates: list[str] | None = None,
+                   since: datetime | None = None, until: datetime | None = None,
+                   tags: dict[str, str] | None = None, run_ids: list[str] | None = None):
+        """`runs()`'s rows and `user`, `tags`, `hyperparameters_json`, `gate`, newest first; an empty or None
+        filter keeps every value, `tags` keeps runs carrying every key with its value, [since, until] bounds the
+        start."""
+        params: dict[str, Any] = {"experiments": experiments or [], "teams": teams or [], "statuses": statuses or [],
+                                  "gates": gates or [], "since": _utc(since) if since else _EPOCH,
+                                  "until": _utc(until) if until else _FAR}
+        more, run_filter = "", ""
+        for i, (key, value) in enumerate((tags or {}).items()):
+            more += f" AND s.tags[{{tag_key_{i}:String}}] = {{tag_value_{i}:String}}"
+            params |= {f"tag_key_{i}": str(key), f"tag_value_{i}": str(value)}
+        if run_ids is not None:
+            run_filter = "WHERE run_id IN {run_ids:Array(String)}"
+            more += " AND r.run_id IN {run_ids:Array(String)}"
+            params["run_ids"] = list(run_ids)
+        return self._arrow(Template(_RUNS_SEARCH).substitute(run_filter=run_filter, more=more), **params)
+
+    def run_candidates(self, text: str):
+        return self._arrow(_RUN_CANDIDATES, text=text.strip())
+
+    def run_summary_table(self, run_id: str):
+        """`run_summary`'s one row (none for an unknown run)."""
+        return self._arrow(_RUN_SUMMARY, run_id=run_id)
+
+    def steps_table(self, run_ids: list[str], metrics: list[str] | None = None, every: int | None = None):
+        """Every step of the runs (run_id, step, ts, then the metrics: the step columns and the custom metrics
+        `extra` holds; all when None), by run and step. `every`: only the steps that are a multiple of it."""
+        where = "" if every is None else " AND step % {every:UInt64} = 0"
+        return self._with_map_columns("steps", "extra", STEP_METRICS, run_ids, metrics, where,
+                                      {} if every is None else {"every": _positive("every", every)})
+
+    def evals_table(self, run_ids: list[str], metrics: list[str] | None = None):
+        """Every evaluation (run_id, step, ts, the eval columns and the task metrics `metrics` holds)."""
+        return self._with_map_columns("evals", "metrics", EVAL_METRICS, run_ids, metrics, "", {})
+
+    def _with_map_columns(self, table: str, map_column: str, fixed: tuple[str, ...], run_ids: list[str],
+                          metrics: list[str] | None, where: str, params: dict[str, Any]):
+        known = self._arrow(f"SELECT arraySort(groupUniqArrayArray(mapKeys({map_column}))) AS names FROM {table} "
+                            "WHERE run_id IN {run_ids:Array(String)}", run_ids=list(run_ids))
+        logged = [name for name in known.column("names")[0].as_py() if name not in (*fixed, "run_id", "step", "ts")]
+        if metrics is None:
+            columns, keys = list(fixed), logged
+        else:
+            unknown = [m for m in metrics if m not in fixed and m not in logged]
+            if unknown:
+                raise ValueError(f"no metric {unknown[0]!r} in {table} of these runs: known are "
+                                 f"{', '.join([*fixed, *logged])}")
+            columns, keys = [m for m in metrics if m in fixed], [m for m in metrics if m not in fixed]
+        selected = "".join(f", {name}" for name in columns)  # names from `fixed`: never a caller's text
+        selected += "".join(f", if(mapContains({map_column}, {{key_{i}:String}}), {map_column}[{{key_{i}:String}}], "
+                            f"NULL) AS key_{i}" for i in range(len(keys)))
+        result = self._arrow(f"SELECT run_id, step, ts{selected} FROM {table} FINAL "
+                             f"WHERE run_id IN {{run_ids:Array(String)}}{where} ORDER BY run_id, step, seq",
+                             run_ids=list(run_ids), **params, **{f"key_{i}": key for i, key in enumerate(keys)})
+        return result.rename_columns(["run_id", "step", "ts", *columns, *keys])
+
+    def curve_table(self, run_id: str, max_points: int):
+        """The dashboard's buckets of a run's steps (`curve`), run id first."""
+        import pyarrow as pa
+
+        real = pa.float64()
+        schema = pa.schema([("run_id", pa.string()), ("step", pa.uint64()), ("ts", pa.timestamp("ms", "UTC")),
+                            ("steps", pa.uint64()), ("loss", real), ("loss_min", real), ("loss_max", real),
+                            ("loss_not_finite", pa.uint64()), ("learning_rate", real), ("grad_norm", real),
+                            ("grad_norm_max", real), ("tokens_per_s", real)])
+        rows = [{"run_id": run_id, **row} for row in self.curve(run_id, max_points=max_points)]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def gpu_samples_table(self, run_ids: list[str]):
+        return self._arrow(f"SELECT run_id, ts, {', '.join(GPU_COLUMNS)} FROM gpu_samples FINAL "
+                           "WHERE run_id IN {run_ids:Array(String)} ORDER BY run_id, ts, host, rank, gpu_index",
+                           run_ids=list(run_ids))
+
+    def gpu_series_table(self, run_id: str, max_points: int):
+        """The dashboard's GPU buckets (`gpu_series`) of one run, run id first."""
+        import pyarrow as pa
+
+        real = pa.float64()
+        schema = pa.schema([("run_id", pa.string()), ("host", pa.string()), ("gpu_index", pa.uint16()),
+                            ("ts", pa.timestamp("ms", "UTC")), ("utilization_pct", real), ("memory_used_mb", real),
+                            ("memory_total_mb", real), ("temperature_c", real), ("power_w", real),
+                            ("samples", pa.uint64())])
+        rows = [{"run_id": run_id, "ts": row.pop("t"), **row}
+                for row in self.gpu_series(run_id=run_id, max_points=max_points)]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def alerts_table(self, run_ids: list[str]):
+        """Every alert transition (firing, resolved) of the runs, oldest first."""
+        return self._arrow("SELECT run_id, ts, rule, severity, state, step, value, threshold, message, dedup_key "
+                           "FROM alerts FINAL WHERE run_id IN {run_ids:Array(String)} ORDER BY ts, run_id",
+                           run_ids=list(run_ids))
+
+    def open_incidents_table(self, run_id: str):
+        """A run's firing incidents, as `trainwire run` lists them (`alert_incidents` with states firing)."""
+        return self._arrow(Template(_INCIDENTS).substitute(time=""), run_ids=[run_id], rules=[], severities=[],
+                           teams=[], states=["firing"], limit=1000)
+
+    def checkpoints_table(self, run_ids: list[str]):
+        return self._arrow("SELECT run_id, step, ts, path, files, eval_loss, is_best, deleted FROM checkpoints FINAL "
+                           "WHERE run_id IN {run_ids:Array(String)} ORDER BY run_id, step, seq",
+                           run_ids=list(run_ids))
+
+    def latest_gate_table(self, run_id: str):
+        """The run's latest gate evaluation, its verdicts as stored (JSON)."""
+        return self._arrow("SELECT evaluated_at, trigger, baseline, overall, gates_json FROM gate_results FINAL "
+                           "WHERE run_id = {run_id:String} ORDER BY evaluated_at DESC LIMIT 1", run_id=run_id)
+
+    def registry_stages_table(self):
+        """`registry_stages` (the stages the audit log vouches for) as a table."""
+        import pyarrow as pa
+
+        schema = pa.schema([("run_id", pa.string()), ("stage", pa.string()), ("since", pa.timestamp("ms", "UTC")),
+                            ("actor", pa.string())])
+        return pa.Table.from_pylist(self.registry_stages(), schema=schema)
+
+
+def _positive(name: str, value: int) -> int:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+    return int(value)
+
+
+
+class StoreReader(GovernanceReads, ViewReads, ColumnarReads):
     def __init__(self, client: Client):
         self._client = client
 
