@@ -20,6 +20,7 @@ from typing import Any
 from trainwire.cli_errors import (EXIT_FAILED, EXIT_INTERRUPTED, TRACEBACK_VARIABLE, Failure, check_arguments, check_home,
                                   describe_failure, needs_kafka_check, quiet_libraries, report, terminal_safe,
                                   unexpected)
+from trainwire.cli_export import add_export_command
 from trainwire.cli_output import Column, cell, column, stage_value, table
 from trainwire.cli_runs import RUN_HELP, reports_run_lookup
 from trainwire.infra.config import ConfigError, Settings, load_settings
@@ -706,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "one run's summary")
     run.add_argument("run_id")
     run.set_defaults(func=cmd_run)
+    add_export_command(command, _settings)
 
     up = command("up", "ingest, read API and dashboard (one process on the embedded defaults)")
     up.add_argument("--port", type=int, default=8501, help="dashboard port")
