@@ -3,8 +3,9 @@
 Layout: DIR/<run id>/<series>.<format> for each series (steps, evals, gpu_samples, alerts, checkpoints), every
 file written even when its series is empty (its columns still say what it would hold), and DIR/<run id>/run.json,
 the run as `trainwire run RUN --json` prints it. Read through the public read API (trainwire/read.py), so what is
-written is what `store.steps(RUN, as_arrow=True)` answers, at full resolution. In CSV, times are ISO 8601 UTC and
-a column of lists or maps (a checkpoint's files) is its JSON text.
+written is what `store.steps(RUN, as_arrow=True)` answers, at full resolution. In CSV, times are ISO 8601 UTC, a
+NaN is `nan` and a value never logged an empty field (pyarrow reads them apart with `null_values=[""]`), and a
+column of lists or maps (a checkpoint's files) is its JSON text.
 """
 
 from __future__ import annotations
