@@ -153,24 +153,32 @@ class ColumnarReads:
 
     def _with_map_columns(self, table: str, map_column: str, fixed: tuple[str, ...], run_ids: list[str],
                           metrics: list[str] | None, where: str, params: dict[str, Any]):
-        known = self._arrow(f"SELECT arraySort(groupUniqArrayArray(mapKeys({map_column}))) AS names FROM {table} "
-                            "WHERE run_id IN {run_ids:Array(String)}", run_ids=list(run_ids))
-        logged = [name for name in known.column("names")[0].as_py() if name not in (*fixed, "run_id", "step", "ts")]
-        if metrics is None:
-            columns, keys = list(fixed), logged
-        else:
-            unknown = [m for m in metrics if m not in fixed and m not in logged]
-            if unknown:
-                raise ValueError(f"no metric {unknown[0]!r} in {table} of these runs: known are "
-                                 f"{', '.join([*fixed, *logged])}")
-            columns, keys = [m for m in metrics if m in fixed], [m for m in metrics if m not in fixed]
-        selected = "".join(f", {name}" for name in columns)  # names from `fixed`: never a caller's text
-        selected += "".join(f", if(mapContains({map_column}, {{key_{i}:String}}), {map_column}[{{key_{i}:String}}], "
-                            f"NULL) AS key_{i}" for i in range(len(keys)))
-        result = self._arrow(f"SELECT run_id, step, ts{selected} FROM {table} FINAL "
-                             f"WHERE run_id IN {{run_ids:Array(String)}}{where} ORDER BY run_id, step, seq",
-                             run_ids=list(run_ids), **params, **{f"key_{i}": key for i, key in enumerate(keys)})
-        return result.rename_columns(["run_id", "step", "ts", *columns, *keys])
+        """run_id, step, ts, then the `fixed` columns and the keys of `map_column` that are named (all when
+        `metrics` is None), each key a column of its own, NULL where a row lacks it. One query: the map is read
+        with the rows and split here, in Arrow."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        columns = list(fixed) if metrics is None else [m for m in metrics if m in fixed]
+        read_map = metrics is None or len(columns) < len(metrics)
+        selected = ", ".join(["run_id", "step", "ts", *columns, *([map_column] if read_map else [])])
+        result = _in_step_order(self._arrow(  # names from `fixed` and the schema: never a caller's text
+            f"SELECT {selected} FROM {table} FINAL WHERE run_id IN {{run_ids:Array(String)}}{where} "
+            "ORDER BY run_id, seq", run_ids=list(run_ids), **params))
+        if not read_map:
+            return result
+        maps = result.column(map_column)
+        reserved = {*fixed, "run_id", "step", "ts"}
+        logged = sorted(set(pc.unique(maps.combine_chunks().keys).to_pylist()) - reserved)
+        keys = logged if metrics is None else [m for m in metrics if m not in fixed]
+        unknown = [key for key in keys if key not in logged]
+        if unknown:
+            raise ValueError(f"no metric {unknown[0]!r} in {table} of these runs: known are "
+                             f"{', '.join([*fixed, *logged])}")
+        result = result.drop_columns([map_column])
+        for key in keys:
+            result = result.append_column(key, pc.map_lookup(maps, pa.scalar(key), "first"))
+        return result if metrics is None else result.select(["run_id", "step", "ts", *metrics])
 
     def curve_table(self, run_id: str, max_points: int):
         """The dashboard's buckets of a run's steps (`curve`), run id first."""
@@ -230,6 +238,20 @@ class ColumnarReads:
         schema = pa.schema([("run_id", pa.string()), ("stage", pa.string()), ("since", pa.timestamp("ms", "UTC")),
                             ("actor", pa.string())])
         return pa.Table.from_pylist(self.registry_stages(), schema=schema)
+
+
+def _in_step_order(table):
+    """Rows come in storage order (run, then seq: the order they were logged), which ClickHouse reads without a
+    sort; a run that went back to an earlier step (restarted from a checkpoint) is sorted by step here, stably,
+    so a step logged twice keeps its two rows in logging order."""
+    import pyarrow.compute as pc
+
+    if table.num_rows < 2:
+        return table
+    run, step = table.column("run_id").combine_chunks(), table.column("step").combine_chunks()
+    if pc.all(pc.or_(pc.not_equal(run[1:], run[:-1]), pc.greater_equal(step[1:], step[:-1]))).as_py():
+        return table
+    return table.sort_by([("run_id", "ascending"), ("step", "ascending")])
 
 
 def _positive(name: str, value: int) -> int:

@@ -27,14 +27,17 @@ from trainwire.producers.simulate import JobPlan, run_job, simulated_artifacts, 
 
 GOOD = "600dbeef-0000-4000-8000-000000000004"
 CUSTOM = "c0570000-0000-4000-8000-000000000005"
+ROLLED_BACK = "0b0b0000-0000-4000-8000-000000000006"
+ROLLED_BACK_STEPS = [1, 2, 3, 4, 5, 3, 4]  # restarted from the checkpoint at step 2
 CUSTOM_STEPS = 40
 CLI_RUN_COLUMNS = ["run_id", "experiment", "run_name", "team", "host", "started_at", "status", "ended_at",
                    "total_steps", "last_step", "steps_logged", "last_event_at", "final_loss", "firing_alerts"]
 
 
 def more_runs(settings):
-    """A run with the lineage its gates want (it passes and becomes a registry Candidate), and one with tags,
-    nested hyperparameters, a custom step metric, a task metric, GPU samples and checkpoints."""
+    """A run with the lineage its gates want (it passes and becomes a registry Candidate); one with tags, nested
+    hyperparameters, a custom step metric, a task metric, GPU samples and checkpoints; one that went back to an
+    earlier step."""
     good = init("tw-read", "good", {"learning_rate": 1e-4}, settings=settings, sample_gpus=False, run_id=GOOD,
                 total_steps=120, **simulated_lineage(4))
     run_job(good, JobPlan(steps=120, seed=3))
@@ -52,6 +55,11 @@ def more_runs(settings):
         if step % 10 == 0:
             custom.log_gpu(gpu_index=0, gpu_uuid="GPU-0", gpu_name="A100", utilization_pct=90.0 + step / 10)
     custom.finish("completed")
+
+    rolled_back = init("rollback", "rolled-back", settings=settings, sample_gpus=False, run_id=ROLLED_BACK)
+    for logged, step in enumerate(ROLLED_BACK_STEPS):
+        rolled_back.log_step(step, loss=float(logged))
+    rolled_back.finish("completed")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,7 @@ def test_runs_answer_what_trainwire_runs_json_answers(home, store, capsys):
     listed = store.runs(as_arrow=True)
     assert code == 0 and store.via == "embedded"
     assert plain(listed.select(CLI_RUN_COLUMNS).to_pylist()) == json.loads(out)
-    assert listed.num_rows == 5 and listed.column("run_id")[0].as_py() == CUSTOM  # newest first
+    assert listed.num_rows == 6 and listed.column("run_id")[0].as_py() == ROLLED_BACK  # newest first
 
 
 @pytest.mark.parametrize("name", [DIVERGED, DIVERGED[:4].lower(), "good", CUSTOM[:8]])
@@ -115,12 +123,12 @@ def ids(frame):
 def test_runs_filter_by_experiment_status_team_and_time(store):
     assert ids(store.runs(experiment="cli-sft")) == {DIVERGED, TWIN_A, TWIN_B}
     assert ids(store.runs(experiment=["tw-read", "nope"])) == {GOOD, CUSTOM}
-    assert ids(store.runs(status="completed")) == {DIVERGED, TWIN_A, TWIN_B, GOOD, CUSTOM}
+    assert ids(store.runs(status="completed")) == {DIVERGED, TWIN_A, TWIN_B, GOOD, CUSTOM, ROLLED_BACK}
     assert ids(store.runs(status=["running", "failed"])) == set()
     assert ids(store.runs(team="nobody")) == set()
     everything = store.runs()
     good_start = everything.set_index("run_id").loc[GOOD, "started_at"]
-    assert ids(store.runs(since=good_start)) == {GOOD, CUSTOM}
+    assert ids(store.runs(since=good_start)) == {GOOD, CUSTOM, ROLLED_BACK}
     assert ids(store.runs(until=good_start.isoformat(), since=good_start.to_pydatetime())) == {GOOD}
 
 
@@ -193,6 +201,15 @@ def test_arrow_keeps_nan_apart_from_a_value_never_logged(store):
     nan = store.steps("diverged", ["loss"], as_arrow=True).column("loss")
     assert nan.null_count == 0 and any(math.isnan(v) for v in nan.to_pylist())
     assert store.steps("custom", ["loss"]).equals(store.steps("custom", ["loss"], as_arrow=True).to_pandas())
+
+
+def test_steps_come_in_step_order_a_step_logged_twice_in_logging_order(store):
+    steps = store.steps("rolled-back")
+    assert steps["step"].tolist() == sorted(ROLLED_BACK_STEPS)
+    assert steps["loss"].tolist() == [0.0, 1.0, 2.0, 5.0, 3.0, 6.0, 4.0]  # step 3 as first logged, then again
+    history = store.history(["custom", "rolled-back"], ["loss"])
+    assert history["run_id"].tolist() == [ROLLED_BACK] * len(ROLLED_BACK_STEPS) + [CUSTOM] * CUSTOM_STEPS
+    assert history["step"].tolist() == [*sorted(ROLLED_BACK_STEPS), *range(1, CUSTOM_STEPS + 1)]  # by run, step
 
 
 def test_every_and_max_points_downsample_on_request(store):
