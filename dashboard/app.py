@@ -43,7 +43,7 @@ def pick_run(store: StoreReader) -> None:
             return None
         if run_id in ids:
             return run_id
-        urgent = most_urgent(store.fleet())
+        urgent = most_urgent(store)
         return urgent if urgent in ids else ids[0]
 
     kept("run", None, valid=chosen_or_most_urgent)

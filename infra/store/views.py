@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from string import Template
 from typing import Any
 
@@ -46,9 +46,16 @@ FROM steps_100 WHERE run_id = {run_id:String} $time
 GROUP BY b ORDER BY b SETTINGS prefer_column_name_to_alias = 1
 """
 
+# Which runs need a person first (`urgency`, lowest first): a firing block or critical alert (something is wrong
+# now), then a run that failed, was stopped or was blocked by its gates (it ended badly and waits for a decision),
+# then one with other firing alerts, then the running ones, then the rest.
+URGENT_ALERT, ENDED_BADLY, WARNED, RUNNING, SETTLED = range(5)
+FLEET_PAGE = 50
+
 # Each run's latest state from the `runs` table (migration 003), its firing incidents (how many are block or
-# critical, the most severe) and the overall outcome of its latest gate evaluation (migration 004).
-_FLEET = """
+# critical, the most severe), the overall outcome of its latest gate evaluation (migration 004) and its urgency;
+# most urgent first, then the most recently heard from (the run id breaks ties, so pages never overlap).
+_FLEET = f"""
 WITH latest AS (SELECT run_id, rule, any(severity) AS severity, argMax(state, ts) AS state FROM alerts FINAL
                 $alert_filter GROUP BY run_id, rule, dedup_key),
      firing AS (SELECT run_id, count() AS firing_alerts, groupUniqArray(rule) AS firing_rules,
@@ -63,18 +70,32 @@ SELECT r.run_id AS run_id, r.exp AS experiment, r.name AS run_name, r.tm AS team
        if(r.n = 0, NULL, r.last) AS last_step, r.n AS steps_logged, r.seen AS last_event_at,
        r.last_loss AS last_loss, ifNull(f.firing_alerts, 0) AS firing_alerts, f.firing_rules AS firing_rules,
        ifNull(f.urgent_alerts, 0) AS urgent_alerts, if(f.firing_alerts > 0, f.worst_severity, NULL) AS worst_severity,
-       if(g.gates = '', NULL, g.gates) AS gates
+       if(g.gates = '', NULL, g.gates) AS gates,
+       multiIf(urgent_alerts > 0, {URGENT_ALERT}, r.st IN ('failed', 'stopped') OR g.gates = 'blocked', {ENDED_BADLY},
+               firing_alerts > 0, {WARNED}, r.st = 'running', {RUNNING}, {SETTLED}) AS urgency
 FROM (SELECT run_id, max(experiment) AS exp, max(run_name) AS name, max(team) AS tm, max(host) AS hst,
              max(user) AS usr, max(started_at) AS started, argMaxMerge(status) AS st,
              nullIf(max(ended_at), toDateTime64(0, 3, 'UTC')) AS ended, nullIf(max(total_steps), 0) AS total,
              max(last_step) AS last, sum(steps_logged) AS n, max(last_event_at) AS seen,
              argMaxMerge(last_loss) AS last_loss
       FROM runs $run_filter GROUP BY run_id
-      HAVING started > toDateTime64(0, 3, 'UTC') $since_filter) AS r
+      HAVING started > toDateTime64(0, 3, 'UTC') $since_filter $search_filter) AS r
 LEFT JOIN firing AS f ON f.run_id = r.run_id
 LEFT JOIN gates AS g ON g.run_id = r.run_id
-ORDER BY r.st = 'running' DESC, r.seen DESC
+ORDER BY urgency, last_event_at DESC, run_id
 """
+# Every search term is found, ignoring case, in one of a run's id, name, experiment, team, host, user or status.
+_FLEET_SEARCH = ("AND arrayAll(term -> positionCaseInsensitiveUTF8(concatWithSeparator('\\n', run_id, name, exp, tm, "
+                 "hst, usr, st), term) > 0, {terms:Array(String)})")
+# What a page of the fleet adds up to over every run it was cut from.
+_FLEET_SUMMARY = """
+SELECT count() AS runs, countIf(status = 'running') AS running,
+       countIf(status = 'running' AND last_event_at < {quiet_before:DateTime64(3, 'UTC')}) AS quiet,
+       countIf(urgency = %d) AS urgent, sum(firing_alerts) AS firing_alerts,
+       countIf(arrayExists(m -> (m.1 = '' OR m.1 = run_id) AND (m.2 = '' OR m.2 = experiment) AND
+                                (m.3 = '' OR m.3 = host), {silenced_by:Array(Tuple(String, String, String))})) AS silenced
+FROM ($fleet)
+""" % URGENT_ALERT
 
 _GPU_RAW = """
 SELECT host, gpu_index, toDateTime(intDiv(toUnixTimestamp(ts), {width:UInt32}) * {width:UInt32}, 'UTC') AS t,
@@ -206,16 +227,40 @@ class ViewReads:
     # --- Fleet -------------------------------------------------------------------------------------------------
 
     def fleet(self, since: datetime | None = None) -> list[Row]:
-        """Runs still running or heard from since `since` (all runs when None), running first, then the most
-        recently heard from: identity, status, last step and event, firing incidents and their rules (how many
-        are block or critical, the most severe firing severity), and the latest gate evaluation's outcome
-        (`gates`: passed, warnings or blocked; None before any)."""
-        return self._fleet(since=since)
+        """Runs still running or heard from since `since` (all runs when None), most urgent first (`urgency`:
+        URGENT_ALERT … SETTLED), then the most recently heard from: identity, status, last step and event, firing
+        incidents and their rules (how many are block or critical, the most severe firing severity), and the latest
+        gate evaluation's outcome (`gates`: passed, warnings or blocked; None before any)."""
+        sql, params = self._fleet_sql(since=since)
+        return self._rows(sql, **params)
 
-    def _fleet(self, since: datetime | None = None, run_id: str | None = None,
-               run_ids: list[str] | None = None) -> list[Row]:
+    def fleet_page(self, since: datetime | None = None, search: str = "", offset: int = 0, limit: int = FLEET_PAGE,
+                   quiet_seconds: float = 60.0, silenced_by: list[tuple[str, str, str]] | None = None) -> Row:
+        """One page of `fleet` (`runs`: at most `limit` rows from `offset`, in its order, each saying whether it is
+        `quiet`: running but silent for `quiet_seconds`) and what every run it was cut from adds up to (`summary`:
+        runs, running, quiet, urgent — a firing block or critical alert —, firing alerts, and silenced, matched by
+        one of the `silenced_by` (run id, experiment, host) matchers, '' matching any). With `search`, only the runs
+        where every whitespace-separated term is found, ignoring case, in the id, name, experiment, team, host, user
+        or status. A fleet of 10,000 runs costs a page's rows, not the fleet's."""
+        sql, params = self._fleet_sql(since=since, terms=search.split())
+        params["quiet_before"] = _utc(datetime.now(timezone.utc) - timedelta(seconds=quiet_seconds))
+        summary = self._rows(Template(_FLEET_SUMMARY).substitute(fleet=sql), silenced_by=list(silenced_by or []),
+                             **params)[0]
+        runs = self._rows(
+            f"SELECT *, status = 'running' AND last_event_at < {{quiet_before:DateTime64(3, 'UTC')}} AS quiet "
+            f"FROM ({sql}) ORDER BY urgency, last_event_at DESC, run_id "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}", limit=limit, offset=offset, **params)
+        return {"runs": runs, "summary": summary}
+
+    def _fleet(self, run_id: str | None = None, run_ids: list[str] | None = None) -> list[Row]:
+        sql, params = self._fleet_sql(run_id=run_id, run_ids=run_ids)
+        return self._rows(sql, **params)
+
+    @staticmethod
+    def _fleet_sql(since: datetime | None = None, run_id: str | None = None, run_ids: list[str] | None = None,
+                   terms: list[str] | None = None) -> tuple[str, dict[str, Any]]:
         params: dict[str, Any] = {}
-        run_filter = alert_filter = since_filter = ""
+        run_filter = alert_filter = since_filter = search_filter = ""
         if run_id is not None:
             run_filter = alert_filter = "WHERE run_id = {run_id:String}"
             params["run_id"] = run_id
@@ -225,8 +270,11 @@ class ViewReads:
         if since is not None:
             since_filter = "AND (st = 'running' OR seen >= {since:DateTime64(3, 'UTC')})"
             params["since"] = _utc(since)
-        return self._rows(Template(_FLEET).substitute(run_filter=run_filter, alert_filter=alert_filter,
-                                        since_filter=since_filter), **params)
+        if terms:
+            search_filter = _FLEET_SEARCH
+            params["terms"] = terms
+        return Template(_FLEET).substitute(run_filter=run_filter, alert_filter=alert_filter, since_filter=since_filter,
+                                           search_filter=search_filter), params
 
     def runs_digest(self) -> Row:
         """How many runs there are, how many run, the newest start: changes whenever the run listing does."""
