@@ -89,6 +89,13 @@ def kafka_bootstrap() -> Iterator[str]:
             BROKER_NOTES.append(note)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection imported (torch, transformers, chdb: ~570k objects) lives until the session ends: frozen, the
+    garbage collector no longer walks it, and the full collections below cost ms instead of ~0.45 s of CPU each."""
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     for note in BROKER_NOTES:
         terminalreporter.write_line(f"tests/conftest.py: {note}")
@@ -143,7 +150,7 @@ def stand_in_home(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(autouse=True)
 def release_embedded_store():
     """chdb serves one data directory per process: collect what a test left so the next can open its own (only while a
-    connection may be open: a full collection costs a second once torch is imported)."""
+    connection may be open: the objects the tests themselves imported or made are not frozen)."""
     yield
     if embedded_stores.may_hold_one():
         gc.collect()
