@@ -186,13 +186,14 @@ class Store:
         resolution unless `every=N` (the steps that are multiples of N, values as logged) or `max_points=N` (the
         dashboard's buckets: per bucket its last step and time, the finite losses' mean/min/max, how many were
         NaN/±Inf, mean grad norm and tokens/s)."""
-        table = self._history([self.resolve(run)], metrics, every, max_points)
-        return _form(table.drop_columns(["run_id"]), as_arrow)
+        return _form(self._history([self.resolve(run)], metrics, every, max_points).drop_columns(["run_id"]),
+                     as_arrow)
 
     def history(self, runs: Iterable[str] | str, metrics: Iterable[str] | None = None, *, every: int | None = None,
                 max_points: int | None = None, as_arrow: bool = False) -> Any:
         """Several runs' steps in long format (run_id, step, ts, metric columns), by run then step: one frame to
-        compare runs (`df.pivot(index="step", columns="run_id", values="loss")`). Arguments as `steps`."""
+        compare runs (`df.pivot(index="step", columns="run_id", values="loss")`). Arguments as `steps`; run_id is
+        dictionary-encoded (a pandas category): a run's id is not repeated in memory once per step."""
         run_ids = [self.resolve(run) for run in ([runs] if isinstance(runs, str) else runs)]
         return _form(self._history(run_ids, metrics, every, max_points), as_arrow)
 
@@ -212,7 +213,7 @@ class Store:
                                       or any(name == m or name.startswith(f"{m}_") for m in wanted)])
         else:
             table = self._table("steps_table", run_ids=run_ids, metrics=wanted, every=every) if run_ids else None
-        return pa.table({"run_id": pa.array([], pa.string())}) if table is None else table
+        return pa.table({"run_id": pa.array([], pa.string())}) if table is None else _labelled(table, run_ids)
 
     def evals(self, run: str, metrics: Iterable[str] | None = None, *, as_arrow: bool = False) -> Any:
         """A run's evaluations: step, ts, epoch, eval_loss, eval_accuracy, perplexity, runtime_s and each task
@@ -240,11 +241,25 @@ class Store:
 
     def _series(self, method: str, run: str, as_arrow: bool, **kwargs: Any) -> Any:
         table = self._table(method, run_ids=[self.resolve(run)], **kwargs)
-        return _form(table.drop_columns(["run_id"]), as_arrow)
+        return _form(table.drop_columns([name for name in ("run_id",) if name in table.column_names]), as_arrow)
 
 
 def _form(table: Any, as_arrow: bool) -> Any:
     return table if as_arrow else table.to_pandas()
+
+
+def _labelled(table: Any, run_ids: list[str]) -> Any:
+    """`history`'s run_id column, dictionary-encoded however the rows came (one run's come without it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "run_id" not in table.column_names:
+        ids = pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), table.num_rows),
+                                             pa.array(run_ids[:1], pa.string()))
+        return table.add_column(0, "run_id", ids)
+    if not pa.types.is_dictionary(table.schema.field("run_id").type):
+        return table.set_column(0, "run_id", pc.dictionary_encode(table.column("run_id")))
+    return table
 
 
 def _listed(value: str | Iterable[str] | None) -> list[str] | None:

@@ -9,7 +9,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from .governance import GovernanceReads
-from .views import _INCIDENTS, ViewReads, _utc
+from .views import ViewReads, _utc
 
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
@@ -153,18 +153,26 @@ class ColumnarReads:
 
     def _with_map_columns(self, table: str, map_column: str, fixed: tuple[str, ...], run_ids: list[str],
                           metrics: list[str] | None, where: str, params: dict[str, Any]):
-        """run_id, step, ts, then the `fixed` columns and the keys of `map_column` that are named (all when
-        `metrics` is None), each key a column of its own, NULL where a row lacks it. One query: the map is read
-        with the rows and split here, in Arrow."""
+        """step, ts, then the `fixed` columns and the keys of `map_column` that are named (all when `metrics` is
+        None), each key a column of its own, NULL where a row lacks it; first a run_id column (dictionary-encoded:
+        a run's id is not sent once per row) when more than one run is asked for. One query: the map is read with
+        the rows and split here, in Arrow."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         columns = list(fixed) if metrics is None else [m for m in metrics if m in fixed]
         read_map = metrics is None or len(columns) < len(metrics)
-        selected = ", ".join(["run_id", "step", "ts", *columns, *([map_column] if read_map else [])])
-        result = _in_step_order(self._arrow(  # names from `fixed` and the schema: never a caller's text
+        labelled = len(run_ids) > 1
+        selected = ", ".join([*(["toLowCardinality(run_id) AS run_label"] if labelled else []), "step", "ts",
+                              *columns, *([map_column] if read_map else [])])
+        result = self._arrow(  # names from `fixed` and the schema: never a caller's text
             f"SELECT {selected} FROM {table} FINAL WHERE run_id IN {{run_ids:Array(String)}}{where} "
-            "ORDER BY run_id, seq", run_ids=list(run_ids), **params))
+            "ORDER BY run_id, seq SETTINGS output_format_arrow_low_cardinality_as_dictionary = 1",
+            run_ids=list(run_ids), **params)
+        if labelled:
+            result = result.rename_columns(["run_id", *result.column_names[1:]]).unify_dictionaries()
+        result = _in_step_order(result)
+        leading = ["run_id", "step", "ts"] if labelled else ["step", "ts"]
         if not read_map:
             return result
         maps = result.column(map_column)
@@ -178,7 +186,7 @@ class ColumnarReads:
         result = result.drop_columns([map_column])
         for key in keys:
             result = result.append_column(key, pc.map_lookup(maps, pa.scalar(key), "first"))
-        return result if metrics is None else result.select(["run_id", "step", "ts", *metrics])
+        return result if metrics is None else result.select([*leading, *metrics])
 
     def curve_table(self, run_id: str, max_points: int):
         """The dashboard's buckets of a run's steps (`curve`), run id first."""
@@ -217,9 +225,13 @@ class ColumnarReads:
                            run_ids=list(run_ids))
 
     def open_incidents_table(self, run_id: str):
-        """A run's firing incidents, as `trainwire run` lists them (`alert_incidents` with states firing)."""
-        return self._arrow(Template(_INCIDENTS).substitute(time=""), run_ids=[run_id], rules=[], severities=[],
-                           teams=[], states=["firing"], limit=1000)
+        """A run's firing incidents with what `trainwire run` shows of them (`alert_incidents`, states firing)."""
+        import pyarrow as pa
+
+        schema = pa.schema([("rule", pa.string()), ("severity", pa.string()), ("step", pa.uint64()),
+                            ("fired_at", pa.timestamp("ms", "UTC")), ("message", pa.string())])
+        rows = self.alert_incidents(run_ids=[run_id], states=["firing"])
+        return pa.Table.from_pylist([{name: row[name] for name in schema.names} for row in rows], schema=schema)
 
     def checkpoints_table(self, run_ids: list[str]):
         return self._arrow("SELECT run_id, step, ts, path, files, eval_loss, is_best, deleted FROM checkpoints FINAL "
@@ -243,15 +255,24 @@ class ColumnarReads:
 def _in_step_order(table):
     """Rows come in storage order (run, then seq: the order they were logged), which ClickHouse reads without a
     sort; a run that went back to an earlier step (restarted from a checkpoint) is sorted by step here, stably,
-    so a step logged twice keeps its two rows in logging order."""
+    so a step logged twice keeps its two rows in logging order, and the runs keep their order."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     if table.num_rows < 2:
         return table
-    run, step = table.column("run_id").combine_chunks(), table.column("step").combine_chunks()
-    if pc.all(pc.or_(pc.not_equal(run[1:], run[:-1]), pc.greater_equal(step[1:], step[:-1]))).as_py():
+    step = table.column("step").combine_chunks()
+    rising = pc.greater_equal(step[1:], step[:-1])
+    if "run_id" in table.column_names:  # dictionary-encoded, its dictionaries unified: equal index, equal run
+        run = table.column("run_id").combine_chunks().indices
+        rising = pc.or_(pc.not_equal(run[1:], run[:-1]), rising)
+    if pc.all(rising).as_py():
         return table
-    return table.sort_by([("run_id", "ascending"), ("step", "ascending")])
+    if "run_id" not in table.column_names:
+        return table.sort_by([("step", "ascending")])
+    # Arrow sorts no dictionary column: by the ids as text, on this rare path
+    table = table.append_column("_run", pc.cast(table.column("run_id"), pa.string()))
+    return table.sort_by([("_run", "ascending"), ("step", "ascending")]).drop_columns(["_run"])
 
 
 def _positive(name: str, value: int) -> int:

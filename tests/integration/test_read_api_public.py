@@ -269,11 +269,12 @@ def api(home, tmp_path):
 
 
 def test_the_arrow_route_needs_the_token_and_answers_an_arrow_stream(api):
-    url = f"{api.url}/arrow/steps_table?run_ids=" + urllib.request.quote(json.dumps([DIVERGED]))
+    url = f"{api.url}/arrow/steps_table?run_ids=" + urllib.request.quote(json.dumps([DIVERGED, CUSTOM]))
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url, timeout=10)
     assert refused.value.code == 401
-    wrong_host = urllib.request.Request(url, headers={"Authorization": f"Bearer {api.token}", "Host": "evil.example"})
+    wrong_host = urllib.request.Request(url, headers={"Authorization": f"Bearer {api.token}",
+                                                      "Host": "evil.example"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(wrong_host, timeout=10)
     assert refused.value.code == 403
@@ -281,7 +282,8 @@ def test_the_arrow_route_needs_the_token_and_answers_an_arrow_stream(api):
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.headers["Content-Type"] == ARROW_STREAM
         table = pa.ipc.open_stream(response.read()).read_all()
-    assert table.num_rows == 60 and table.column("run_id").unique().to_pylist() == [DIVERGED]
+    assert table.num_rows == 60 + CUSTOM_STEPS and pa.types.is_dictionary(table.schema.field("run_id").type)
+    assert table.column("run_id").to_pylist() == [DIVERGED] * 60 + [CUSTOM] * CUSTOM_STEPS
 
 
 def test_the_arrow_route_answers_the_same_frames_as_in_process(home, store, api, tmp_path):
