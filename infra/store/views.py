@@ -143,7 +143,6 @@ WHERE (empty({run_ids:Array(String)}) OR has({run_ids:Array(String)}, run_id))
   AND (empty({teams:Array(String)}) OR has({teams:Array(String)}, team))
 GROUP BY run_id, rule, dedup_key
 HAVING (empty({states:Array(String)}) OR has({states:Array(String)}, argMax(state, ts))) $time
-ORDER BY fired_at DESC LIMIT {limit:UInt32} SETTINGS prefer_column_name_to_alias = 1
 """
 
 
@@ -163,6 +162,15 @@ def _between(since: datetime | None, until: datetime | None, first: str, last: s
         sql += f" AND {first} <= {{until:DateTime64(3, 'UTC')}}"
         params["until"] = _utc(until)
     return sql, params
+
+
+def _incidents_sql(run_ids: list[str] | None, rules: list[str] | None, severities: list[str] | None,
+                   teams: list[str] | None, states: list[str] | None, since: datetime | None,
+                   until: datetime | None) -> tuple[str, dict[str, Any]]:
+    time_sql, time_params = _between(since, until, "fired_at", "updated_at")
+    return Template(_INCIDENTS).substitute(time=time_sql), {
+        "run_ids": run_ids or [], "rules": rules or [], "severities": severities or [], "teams": teams or [],
+        "states": states or [], **time_params}
 
 
 def _seconds(value: datetime) -> float:
@@ -381,13 +389,22 @@ class ViewReads:
     def alert_incidents(self, run_ids: list[str] | None = None, rules: list[str] | None = None,
                         severities: list[str] | None = None, teams: list[str] | None = None,
                         states: list[str] | None = None, since: datetime | None = None,
-                        until: datetime | None = None, limit: int = 1000) -> list[Row]:
+                        until: datetime | None = None, limit: int = 1000, offset: int = 0) -> list[Row]:
         """Alert incidents (one per run, rule and dedup key) active at some time in [since, until], newest first,
-        each with its latest state; an empty or None filter keeps every value."""
-        time_sql, time_params = _between(since, until, "fired_at", "updated_at")
-        return self._rows(Template(_INCIDENTS).substitute(time=time_sql), run_ids=run_ids or [], rules=rules or [],
-                          severities=severities or [], teams=teams or [], states=states or [], limit=limit,
-                          **time_params)
+        each with its latest state, at most `limit` from `offset`; an empty or None filter keeps every value."""
+        sql, params = _incidents_sql(run_ids, rules, severities, teams, states, since, until)
+        return self._rows(f"{sql} ORDER BY fired_at DESC, run_id, rule LIMIT {{limit:UInt32}} OFFSET {{offset:UInt32}} "
+                          "SETTINGS prefer_column_name_to_alias = 1", limit=limit, offset=offset, **params)
+
+    def alert_incident_counts(self, run_ids: list[str] | None = None, rules: list[str] | None = None,
+                              severities: list[str] | None = None, teams: list[str] | None = None,
+                              states: list[str] | None = None, since: datetime | None = None,
+                              until: datetime | None = None) -> Row:
+        """How many incidents `alert_incidents` holds with the same filters, however many its pages show, and how
+        many of them are firing."""
+        sql, params = _incidents_sql(run_ids, rules, severities, teams, states, since, until)
+        return self._rows(f"SELECT count() AS incidents, countIf(state = 'firing') AS firing FROM ({sql}) "
+                          "SETTINGS prefer_column_name_to_alias = 1", **params)[0]
 
     def alert_facets(self) -> Row:
         """The values the alert filters offer: rules, severities and teams that have fired, and runs with alerts."""

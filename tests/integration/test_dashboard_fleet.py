@@ -19,6 +19,7 @@ BLOCKED = (0, 1)  # the two oldest runs: a block alert firing
 FAILED = 5
 WARNED = 2  # a warning firing
 RUNNING = (127, 128, 129)  # not ended; 129 logged a step just now, the others went quiet 10 minutes ago
+RESOLVED = range(10, RUNS)  # an incident that fired and resolved
 SILENCED_EXPERIMENT = "exp-3"  # a silence holds every page of the runs of exp-3 (r % 4 == 3)
 _ID = "concat('00000000-0000-4000-8000-', leftPad(toString(r), 12, '0'))"
 # Run r logs 10 steps a minute after run r - 1 did; the newest run logs up to now.
@@ -68,6 +69,14 @@ def fleet_store(tmp_path_factory: pytest.TempPathFactory) -> str:
                    {_TS.replace('(s)', '(5)')}, if(r = {WARNED}, 'throughput_low', 'loss_not_finite'),
                    if(r = {WARNED}, 'warning', 'block'), 'firing', 5, 'test', concat({_ID}, '-rule')
             FROM (SELECT arrayJoin([{', '.join(map(str, (*BLOCKED, WARNED)))}]) AS r)""")
+        client.command(f"""
+            INSERT INTO alerts (event_id, run_id, experiment, team, ts, rule, severity, state, step, message,
+                                dedup_key)
+            SELECT concat('slow-', toString(r), state), {_ID}, concat('exp-', toString(r % 4)),
+                   concat('team-', toString(r % 3)), {_TS.replace('(s)', "(if(state = 'firing', 3, 4))")},
+                   'throughput_low', 'warning', state, 3, 'test', concat({_ID}, '-slow')
+            FROM (SELECT number + {RESOLVED[0]} AS r, arrayJoin(['firing', 'resolved']) AS state
+                  FROM numbers({len(RESOLVED)}))""")
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         client.insert("silences", [["s1", "", SILENCED_EXPERIMENT, "", "", now - timedelta(hours=1),
                                     now + timedelta(hours=1), "maintenance", "alice", now, "", None, False, now]],
@@ -185,3 +194,20 @@ def test_a_hosts_gpus_come_from_the_rollup_ordered_by_host_and_agree_with_the_ra
     assert width % 60 == 0 and {p["host"] for p in series} == {"node-1"}
     assert {p["gpu_index"] for p in series} == {0, 1}, "GPU 1 of node-0's runs is on node-1 too"
     assert "gpu_1m_by_host" in plan, plan
+
+
+def test_alerts_show_a_page_of_incidents_at_a_time_and_count_them_all(app_test, fleet_store):
+    at = view(app_test(fleet_store), "alerts")
+    incidents = len(RESOLVED) + 3
+    assert {m.label: m.value for m in at.metric} == {"incidents": str(incidents), "firing": "3",
+                                                     "resolved": str(len(RESOLVED))}
+    assert len(at.dataframe[0].value) == 100
+    at.number_input(key="alerts-page").set_value(2).run()
+    second = at.dataframe[0].value
+    assert len(second) == incidents - 100 and not at.exception
+    assert any(f"showing 101–{incidents}" in caption.value for caption in at.caption)
+
+    at.multiselect(key="alerts-states").select("firing").run()
+    firing = at.dataframe[0].value
+    assert sorted(firing["run"].map(lambda label: label.split(" · ")[0])) == ["run-0", "run-1", "run-2"], \
+        "back on page 1, the firing ones"
