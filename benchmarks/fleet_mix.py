@@ -1,7 +1,7 @@
 """A fleet's telemetry as the broker would hold it, for the ingest benchmark: messages made with the real event
 models and `encode`, keyed by run id and put on the topic the SDK puts them on, in time order.
 
-The fleet is caught mid-training: every job is somewhere in its first 500 steps when the window opens and logs
+Every job is watched from its first step, as the store would hold it (a test runs the detectors over it), and logs
 steps at `steps_per_s`, an eval every `eval_every_steps` steps, one GPU sample per GPU every `gpu_sample_every_s`
 and a heartbeat every `heartbeat_every_s`, so the kinds' proportions follow from the time simulated, as they would
 on a real fleet. Curves are healthy (decaying loss with 1 % noise, a constant learning rate, GPUs busy and cool), so
@@ -23,7 +23,6 @@ from trainwire.infra.log.topics import topic_for
 from trainwire.schemas import Eval, GpuSample, Heartbeat, Step, encode
 
 CORRUPT = "corrupt"  # the kind noted for a truncated body: no event kind, a dead letter
-FIRST_STEP_MAX = 500  # where in its training a job is when the window opens
 RUNS_PER_TASK = 25  # runs a generating process makes per task
 
 
@@ -65,7 +64,7 @@ class FleetMix:
     def describe(self) -> dict:
         return {**asdict(self), "events_per_job_s": round(self.events_per_job_s(), 3),
                 "fleet_events_per_s": round(self.runs * self.events_per_job_s()),
-                "curves": f"jobs {FIRST_STEP_MAX} steps or fewer into training, loss decaying with 1 % noise, GPUs "
+                "curves": "jobs watched from their first step, loss decaying with 1 % noise, GPUs "
                           "busy and cool: healthy but for the NaN losses (one step each, on distinct runs) and the "
                           "corrupt messages (real bodies cut in half)"}
 
@@ -107,16 +106,17 @@ def _run_messages(mix: FleetMix, run: int, end_ms: int, nan_fraction: float | No
     run_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     envelope = {"run_id": run_id, "experiment": f"fleet-{run % 20}", "host": f"node-{run // 8:04d}"}
     start_ms = end_ms - mix.seconds * 1000
-    first_step = rng.randrange(FIRST_STEP_MAX)
-    start_loss, floor, tau = rng.uniform(2.2, 3.2), rng.uniform(0.3, 0.7), rng.uniform(1_000, 2_500)
+    # Watched from its first step, as the store holds a run: a job that appeared mid-training, its early losses
+    # unseen, would look underfitting to the detectors (no progress from what they saw as its start).
+    start_loss, floor, tau = rng.uniform(2.2, 3.2), rng.uniform(0.3, 0.7), rng.uniform(150, 600)
     gpu_uuids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(mix.gpus_per_job)]
 
     steps = math.floor(mix.seconds * mix.steps_per_s)
     step_phase = rng.uniform(0, 1 / mix.steps_per_s)
-    nan_step = None if nan_fraction is None else first_step + int(nan_fraction * steps)
+    nan_step = None if nan_fraction is None else int(nan_fraction * steps)
     timeline: list[tuple[float, type, dict]] = []
     for i in range(steps):
-        t, step = step_phase + i / mix.steps_per_s, first_step + i
+        t, step = step_phase + i / mix.steps_per_s, i
         loss = (floor + (start_loss - floor) * math.exp(-step / tau)) * (1 + rng.gauss(0, 0.01))
         timeline.append((t, Step, {"step": step, "loss": math.nan if step == nan_step else loss,
                                    "learning_rate": 2e-4, "grad_norm": max(0.1, 0.8 + rng.gauss(0, 0.1)),
@@ -135,7 +135,7 @@ def _run_messages(mix: FleetMix, run: int, end_ms: int, nan_fraction: float | No
     beat_phase = rng.uniform(0, mix.heartbeat_every_s)
     for j in range(math.floor(mix.seconds / mix.heartbeat_every_s)):
         t = beat_phase + j * mix.heartbeat_every_s
-        timeline.append((t, Heartbeat, {"step": first_step + int(t * mix.steps_per_s), "events_dropped": 0,
+        timeline.append((t, Heartbeat, {"step": int(t * mix.steps_per_s), "events_dropped": 0,
                                         "events_invalid": 0, "events_spooled": 0, "spool_bytes": 0}))
     timeline.sort(key=lambda entry: entry[0])
 
