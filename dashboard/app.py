@@ -31,10 +31,18 @@ ONE_RUN_VIEWS = {"Training", "Resources", "Audit"}  # the views that show the si
 WATCH_SECONDS = 2.0
 
 
-def pick_run(store: StoreReader) -> None:
+def read_listing(store: StoreReader, digest: tuple) -> list:
+    """The runs the sidebar offers, read again only when `digest` (runs_digest) says the listing changed: at 10,000
+    runs a read costs a tenth of a second or more, and every rerun of every page needs the listing."""
+    if st.session_state.get("runs_listing_digest") != digest:
+        st.session_state["runs_listing"] = store.runs() if digest else []
+        st.session_state["runs_listing_digest"] = digest
+    return st.session_state["runs_listing"]
+
+
+def pick_run(store: StoreReader, digest: tuple) -> None:
     """The sidebar's run: the URL's, else the one chosen before, else the most urgent (dashboard/triage.py)."""
-    runs = store.runs() if store.migrated() else []
-    st.session_state["runs_listing"] = runs
+    runs = read_listing(store, digest)
     ids = [run["run_id"] for run in runs]
     from_url("run")
 
@@ -110,12 +118,13 @@ def main() -> None:
     page = st.navigation(views_for(access))
     st.sidebar.markdown("## trainwire")
     show_viewer(access)
-    pick_run(store)
+    digest = tuple(store.runs_digest().values()) if store.migrated() else ()
+    pick_run(store, digest)
     pick_time_range()
     to_url(run=st.session_state.get("run"), range=st.session_state.get("range"))
     with st.sidebar:
-        watch_runs(store, tuple(store.runs_digest().values()) if store.migrated() else ())
-    if store.migrated():  # an empty store has shown nothing to log
+        watch_runs(store, digest)
+    if digest:  # an empty store has shown nothing to log
         log_view(client(), page.title, st.session_state.get("run") if page.title in ONE_RUN_VIEWS else None)
     page.run()
 
