@@ -73,6 +73,7 @@ def _flat_for_csv(data: Any) -> Any:
 
     for index, field in enumerate(data.schema):
         if pa.types.is_nested(field.type):
-            text = [None if value is None else json.dumps(value, default=str) for value in data.column(index).to_pylist()]
+            values = data.column(index).to_pylist()  # few rows: checkpoints' file lists
+            text = [None if value is None else json.dumps(value, default=str) for value in values]
             data = data.set_column(index, field.name, pa.array(text, pa.string()))
     return data

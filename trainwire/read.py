@@ -181,8 +181,8 @@ class Store:
 
     def steps(self, run: str, metrics: Iterable[str] | None = None, *, every: int | None = None,
               max_points: int | None = None, as_arrow: bool = False) -> Any:
-        """A run's steps, oldest first: step, ts and the metrics (loss, learning_rate, grad_norm, tokens_per_s,
-        epoch, samples_per_s, batch_time_s, tokens and every custom metric logged; or those named). Full
+        """A run's steps, oldest first: step, ts and the metrics it logged (of loss, learning_rate, grad_norm,
+        tokens_per_s, epoch, samples_per_s, batch_time_s, tokens, and each custom metric), or those named. Full
         resolution unless `every=N` (the steps that are multiples of N, values as logged) or `max_points=N` (the
         dashboard's buckets: per bucket its last step and time, the finite losses' mean/min/max, how many were
         NaN/±Inf, mean grad norm and tokens/s)."""
@@ -216,8 +216,8 @@ class Store:
         return pa.table({"run_id": pa.array([], pa.string())}) if table is None else _labelled(table, run_ids)
 
     def evals(self, run: str, metrics: Iterable[str] | None = None, *, as_arrow: bool = False) -> Any:
-        """A run's evaluations: step, ts, epoch, eval_loss, eval_accuracy, perplexity, runtime_s and each task
-        metric logged (or the metrics named)."""
+        """A run's evaluations: step, ts and what they logged (of epoch, eval_loss, eval_accuracy, perplexity,
+        runtime_s, and each task metric), or the metrics named."""
         wanted = None if metrics is None else [str(m) for m in metrics]
         return self._series("evals_table", run, as_arrow, metrics=wanted)
 

@@ -77,8 +77,8 @@ _RUNS_SEARCH = """
 SELECT r.run_id AS run_id, r.experiment AS experiment, r.run_name AS run_name, r.team AS team, r.host AS host,
        r.started_at AS started_at, r.status AS status, r.ended_at AS ended_at, r.total_steps AS total_steps,
        r.last_step AS last_step, r.steps_logged AS steps_logged, r.last_event_at AS last_event_at,
-       r.final_loss AS final_loss, r.firing_alerts AS firing_alerts, s.user AS user, s.tags AS tags, s.hyperparameters_json AS hyperparameters_json,
-       nullIf(g.gate, '') AS gate
+       r.final_loss AS final_loss, r.firing_alerts AS firing_alerts, s.user AS user, s.tags AS tags,
+       s.hyperparameters_json AS hyperparameters_json, nullIf(g.gate, '') AS gate
 FROM (""" + _RUNS + """) AS r
 LEFT JOIN (SELECT run_id, argMax(user, (ts, seq)) AS user, argMax(tags, (ts, seq)) AS tags,
                   argMax(hyperparameters_json, (ts, seq)) AS hyperparameters_json
@@ -141,22 +141,23 @@ class ColumnarReads:
         return self._arrow(_RUN_SUMMARY, run_id=run_id)
 
     def steps_table(self, run_ids: list[str], metrics: list[str] | None = None, every: int | None = None):
-        """Every step of the runs (run_id, step, ts, then the metrics: the step columns and the custom metrics
-        `extra` holds; all when None), by run and step. `every`: only the steps that are a multiple of it."""
+        """Every step of the runs (step, ts, then the metrics: the step columns and the custom metrics `extra`
+        holds; all those logged when None), by run and step, run_id first when several runs are asked for.
+        `every`: only the steps that are a multiple of it."""
         where = "" if every is None else " AND step % {every:UInt64} = 0"
         return self._with_map_columns("steps", "extra", STEP_METRICS, run_ids, metrics, where,
                                       {} if every is None else {"every": _positive("every", every)})
 
     def evals_table(self, run_ids: list[str], metrics: list[str] | None = None):
-        """Every evaluation (run_id, step, ts, the eval columns and the task metrics `metrics` holds)."""
+        """Every evaluation (step, ts, the eval columns and the task metrics `metrics` holds), as `steps_table`."""
         return self._with_map_columns("evals", "metrics", EVAL_METRICS, run_ids, metrics, "", {})
 
     def _with_map_columns(self, table: str, map_column: str, fixed: tuple[str, ...], run_ids: list[str],
                           metrics: list[str] | None, where: str, params: dict[str, Any]):
-        """step, ts, then the `fixed` columns and the keys of `map_column` that are named (all when `metrics` is
-        None), each key a column of its own, NULL where a row lacks it; first a run_id column (dictionary-encoded:
-        a run's id is not sent once per row) when more than one run is asked for. One query: the map is read with
-        the rows and split here, in Arrow."""
+        """step, ts, then the `fixed` columns and the keys of `map_column` that are named (when `metrics` is None:
+        those the runs logged, every fixed one if there are no rows), each key a column of its own, NULL where a
+        row lacks it; first a run_id column (dictionary-encoded: a run's id is not sent once per row) when more
+        than one run is asked for. One query: the map is read with the rows and split here, in Arrow."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -171,6 +172,8 @@ class ColumnarReads:
             run_ids=list(run_ids), **params)
         if labelled:
             result = result.rename_columns(["run_id", *result.column_names[1:]]).unify_dictionaries()
+        if metrics is None and result.num_rows:  # what the runs logged: a column never logged is not sent
+            result = result.drop_columns([name for name in fixed if result.column(name).null_count == result.num_rows])
         result = _in_step_order(result)
         leading = ["run_id", "step", "ts"] if labelled else ["step", "ts"]
         if not read_map:
@@ -279,7 +282,6 @@ def _positive(name: str, value: int) -> int:
     if int(value) < 1:
         raise ValueError(f"{name} must be at least 1, not {value}")
     return int(value)
-
 
 
 class StoreReader(GovernanceReads, ViewReads, ColumnarReads):

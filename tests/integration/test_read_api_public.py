@@ -190,6 +190,8 @@ def test_steps_are_every_step_at_full_resolution_with_nan_kept(home, store):
     assert steps["loss"].isna().sum() == nan_losses and steps["step"].tolist() == list(range(1, 61))
     assert str(steps["ts"].dtype) == "datetime64[ms, UTC]"
     assert list(steps.columns[:4]) == ["step", "ts", "epoch", "loss"]
+    assert "samples_per_s" not in steps.columns  # never logged: asked for by name, it is there, every row NULL
+    assert store.steps("diverged", ["samples_per_s"], as_arrow=True).column("samples_per_s").null_count == 60
 
 
 def test_arrow_keeps_nan_apart_from_a_value_never_logged(store):
@@ -256,7 +258,8 @@ def series(store):
             "buckets": store.steps("diverged", max_points=7, as_arrow=True),
             "history": store.history([DIVERGED, CUSTOM], ["loss", "mfu"], as_arrow=True),
             "evals": store.evals("custom", as_arrow=True), "gpu": store.gpu_samples("custom", as_arrow=True),
-            "alerts": store.alerts("diverged", as_arrow=True), "checkpoints": store.checkpoints("custom", as_arrow=True)}
+            "alerts": store.alerts("diverged", as_arrow=True),
+            "checkpoints": store.checkpoints("custom", as_arrow=True)}
 
 
 @pytest.fixture
