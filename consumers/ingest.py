@@ -237,7 +237,7 @@ class IngestPipeline:
 
     def _tick(self) -> None:
         self._ticked = time.monotonic()
-        alerts = self._detectors.tick(time.time_ns() // 1_000_000)
+        alerts = self._detectors.tick(time.time_ns() // 1_000_000, self._consumer.behind())
         if alerts:
             self._batch.add_alerts(alerts)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,14 +156,16 @@ class DetectorEngine:
             return []
         return ColumnarObserver(self, frames, sources).observe()
 
-    def tick(self, now_ms: int) -> list[Alert]:
-        """Judge silence: a run that has sent nothing for `factor` × its expected interval is stalled."""
+    def tick(self, now_ms: int, behind: Collection[Any] = ()) -> list[Alert]:
+        """Judge silence: a run that has sent nothing for `factor` × its expected interval is stalled. `behind`:
+        the sources (partitions) holding records not read yet; a run with one is silent only to this consumer,
+        so its silence counts from when they are read."""
         alerts = []
         for run_id, run in self._runs.items():
             stall = run.rules.stall
             if stall is None or run.ended:
                 continue
-            if run.spoke:
+            if run.spoke or (behind and not run.sources.isdisjoint(behind)):
                 run.spoke, run.quiet_since = False, now_ms
                 continue
             if STALLED in run.firing:

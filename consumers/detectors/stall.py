@@ -1,9 +1,9 @@
 """`run_stalled`: a run that stops sending events. Judged on the engine's clock (`DetectorEngine.tick`), not
 on an event, since the whole point is that no event comes.
 
-Silence is counted from the first tick after the run's latest event, on the consumer's clock: a consumer
-catching up on a backlog receives each run's old events as it goes and so never mistakes its own lag for a
-stall, and producer clock skew does not matter. The expected interval is learned from the run's own events (the
+Silence is counted from the first tick after the run's latest event, on the consumer's clock, and only while the
+consumer has read all that the run's partitions hold: catching up on a backlog it reads some partitions well
+before others, and the runs on those waiting are silent only to it. Producer clock skew does not matter. The expected interval is learned from the run's own events (the
 largest of the last `window` gaps between their timestamps, at least `min_interval_s`; heartbeats every few
 seconds keep it small while the process lives). GPU samples do not count: they travel on their own topic,
 possibly to another consumer than the run's other events.

@@ -242,12 +242,12 @@ class KafkaLogConsumer(LogConsumer):
         except KafkaException as err:
             raise TransportError(f"kafka rewind to the committed offsets failed: {reason(err)}") from err
 
-    def lag(self, fresh: bool = True) -> int | None:
+    def pending(self, fresh: bool = True) -> dict[tuple[str, int], int] | None:
         # A fresh answer costs a broker round trip per partition, each queued behind the pending fetch (up to
         # fetch.wait.max.ms): over many partitions, long enough to hold up the loop that asks.
         if not self.assigned():
             return None  # not "nothing pending": nothing known yet
-        total = 0
+        pending: dict[tuple[str, int], int] = {}
         try:
             assignment = self._consumer.assignment()
             positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(assignment)}
@@ -259,11 +259,11 @@ class KafkaLogConsumer(LogConsumer):
                 at = position if position >= 0 else self._start(tp, low, fresh)
                 if at is None:
                     return None
-                total += max(0, high - at)
+                pending[(tp.topic, tp.partition)] = max(0, high - at)
         except KafkaException as err:  # e.g. a leader moving: lag is a metric, unknown for a moment
             log.debug("lag unknown: %s", reason(err))
             return None
-        return total
+        return pending
 
     def _start(self, tp: TopicPartition, low: int, fresh: bool) -> int | None:
         """Where a partition not read from since it was assigned starts: its committed offset, else its first."""

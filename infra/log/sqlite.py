@@ -144,14 +144,10 @@ class SqliteLogConsumer(LogConsumer):
     def assigned(self) -> bool:
         return True  # every member of a group reads every topic's one partition from the moment it subscribes
 
-    def lag(self, fresh: bool = True) -> int:
-        total = 0
-        for topic in self._topics:
-            (count,) = self._conn.execute(
-                "SELECT count(*) FROM records WHERE topic = ? AND offset >= ?", (topic, self._position[topic])
-            ).fetchone()
-            total += count
-        return total
+    def pending(self, fresh: bool = True) -> dict[tuple[str, int], int]:
+        return {(topic, 0): self._conn.execute("SELECT count(*) FROM records WHERE topic = ? AND offset >= ?",
+                                               (topic, self._position[topic])).fetchone()[0]
+                for topic in self._topics}
 
     def close(self) -> None:
         self._conn.close()

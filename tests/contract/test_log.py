@@ -118,6 +118,29 @@ def test_lag_is_unknown_until_partitions_are_assigned(any_settings):
         assert cached_lag(resumed) == 30 - len(read)
 
 
+def eventually(read, timeout: float = 15.0):
+    """`read()` once it answers something truthy (the transport's cached view catches up), else its last answer."""
+    deadline = time.monotonic() + timeout
+    while not (answer := read()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return answer
+
+
+def test_behind_names_the_partitions_holding_records_not_polled_yet(any_settings):
+    """What the stall detector asks each second: a run on such a partition is silent only to this consumer."""
+    topic, group = any_settings.topic("behind"), any_settings.topic("g")
+    ensure_topics(any_settings, [topic], partitions=4)
+    produce(any_settings, topic, [(f"run-{i % 8}".encode(), str(i).encode()) for i in range(40)])
+    with closing(open_consumer(any_settings, group, [topic])) as consumer:
+        assert len(poll_all(consumer, 40)) == 40
+        assert eventually(lambda: consumer.behind() == set())
+        produce(any_settings, topic, [(b"run-3", str(i).encode()) for i in range(5)])
+        waiting = eventually(consumer.behind)
+        new = poll_all(consumer, 5)
+        assert waiting == {(r.topic, r.partition) for r in new} and len(waiting) == 1
+        assert eventually(lambda: consumer.behind() == set())
+
+
 def test_local_log_takes_several_writing_processes(local_settings):
     topic = local_settings.topic("multi")
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, local_settings.model_dump_json(), str(w)])

@@ -238,6 +238,20 @@ def test_run_stalled_after_three_expected_intervals_of_silence_and_resolved_by_t
         ("run_stalled", "resolved", stalled[0].dedup_key)]
 
 
+def test_a_run_is_not_stalled_while_its_partition_has_records_the_consumer_has_not_read():
+    """Catching up on a backlog, a consumer reads some partitions well before others: the runs on those waiting
+    are silent only to it. Their silence counts from when it has read all their partition holds."""
+    engine = engine_with()
+    partition, other = ("trainwire.events", 3), ("trainwire.events", 4)
+    for seq in range(5):
+        engine.observe("heartbeat", {"run_id": "run-a", "experiment": "exp", "team": "", "host": "node-1",
+                                     "seq": seq, "ts_ms": seq * 5000, "step": None}, partition)
+    assert engine.tick(100_000) == []
+    assert engine.tick(160_000, behind={partition}) == []  # a minute of silence, but its records wait unread
+    assert engine.tick(175_000, behind={other}) == []  # read up since 160 s: 15 s is not yet more than 3 × 5 s
+    assert [a.rule for a in engine.tick(176_000, behind={other})] == ["run_stalled"]
+
+
 def test_the_expected_interval_is_learned_from_the_run():
     feed = Feed()
     heartbeats(feed, 5, every_ms=60_000)  # a run that reports once a minute
