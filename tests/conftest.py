@@ -6,6 +6,7 @@ import gc
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -94,6 +95,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     garbage collector no longer walks it, and the full collections below cost ms instead of ~0.45 s of CPU each."""
     gc.collect()
     gc.freeze()
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if deployments := sys.modules.get("tests.integration.kafka_fixtures"):
+        deployments.stop_those_no_later_test_needs(item.session, nextitem)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

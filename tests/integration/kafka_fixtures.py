@@ -36,7 +36,7 @@ class _Deployment:
         self._up = subprocess.Popen([str(UP), *up_args], env=script_env(port), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
         self._printed: str | None = None
-        self._stopped = False
+        self.stopped = False
 
     def printed(self) -> str:
         if self._printed is None:
@@ -51,9 +51,9 @@ class _Deployment:
         return self._printed
 
     def stop(self) -> None:
-        if self._stopped:
+        if self.stopped:
             return
-        self._stopped = True
+        self.stopped = True
         if self._up.poll() is None:
             self._up.communicate(timeout=600)
         subprocess.run([str(DOWN), *self._down_args, "--wipe"], env=script_env(self.port), capture_output=True,
@@ -75,6 +75,18 @@ def _deployment(request: pytest.FixtureRequest, name: str) -> _Deployment:
             # stopped even if its own fixture never runs (the session ended first)
             request.addfinalizer(_deployments[other].stop)
     return _deployments[name]
+
+
+def stop_those_no_later_test_needs(session: pytest.Session, next_item: pytest.Item | None) -> None:
+    """Idle, the four JVMs of the secured broker and the cluster still take about a sixth of a core: each deployment
+    is stopped once no test left to run uses it, not at the end of the session (the unit tests ran beside them)."""
+    running = {name: deployment for name, deployment in _deployments.items() if not deployment.stopped}
+    if not running:
+        return
+    later = session.items[session.items.index(next_item):] if next_item is not None else []
+    needed = {name for item in later for name in item.fixturenames if name in running}
+    for name in running.keys() - needed:
+        running[name].stop()
 
 
 @dataclass(frozen=True)
