@@ -88,20 +88,23 @@ class LogConsumer(ABC):
         return True
 
     @abstractmethod
-    def pending(self, fresh: bool = True) -> dict[TopicPartition, int] | None:
-        """Per assigned partition, the records not yet polled; None if unknown, as it is while not `assigned()`.
-        `fresh=False` may answer from what the transport last heard (no round trip: a metric read in the hot loop
-        must not stall it)."""
+    def pending(self, fresh: bool = True) -> dict[TopicPartition, int | None] | None:
+        """Per assigned partition, the records not yet polled (None: not known yet); None while not `assigned()`
+        or when the transport cannot tell. `fresh=False` may answer from what the transport last heard (no round
+        trip: a metric read in the hot loop must not stall it)."""
 
     def lag(self, fresh: bool = True) -> int | None:
         """Records not yet polled on the assigned partitions; None if unknown."""
         pending = self.pending(fresh)
-        return None if pending is None else sum(pending.values())
+        if pending is None or None in pending.values():
+            return None
+        return sum(pending.values())
 
     def behind(self) -> set[TopicPartition]:
-        """The partitions with records not yet polled, as last heard (no round trip); none when unknown."""
+        """The assigned partitions that may hold records not yet polled (those not heard from yet included), as
+        last heard: no round trip."""
         pending = self.pending(fresh=False)
-        return set() if pending is None else {partition for partition, count in pending.items() if count}
+        return set() if pending is None else {partition for partition, count in pending.items() if count != 0}
 
     def close(self) -> None:
         pass

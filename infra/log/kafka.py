@@ -242,24 +242,21 @@ class KafkaLogConsumer(LogConsumer):
         except KafkaException as err:
             raise TransportError(f"kafka rewind to the committed offsets failed: {reason(err)}") from err
 
-    def pending(self, fresh: bool = True) -> dict[tuple[str, int], int] | None:
+    def pending(self, fresh: bool = True) -> dict[tuple[str, int], int | None] | None:
         # A fresh answer costs a broker round trip per partition, each queued behind the pending fetch (up to
         # fetch.wait.max.ms): over many partitions, long enough to hold up the loop that asks.
         if not self.assigned():
             return None  # not "nothing pending": nothing known yet
-        pending: dict[tuple[str, int], int] = {}
+        pending: dict[tuple[str, int], int | None] = {}
         try:
             assignment = self._consumer.assignment()
             positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(assignment)}
             for tp in assignment:
+                key = (tp.topic, tp.partition)
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=not fresh)
-                if high < 0:  # cached, and nothing heard from this partition yet
-                    return None
-                position = positions[(tp.topic, tp.partition)]
-                at = position if position >= 0 else self._start(tp, low, fresh)
-                if at is None:
-                    return None
-                pending[(tp.topic, tp.partition)] = max(0, high - at)
+                at = positions[key] if positions[key] >= 0 else self._start(tp, low, fresh)
+                # high < 0: cached, and nothing heard from this partition yet
+                pending[key] = None if high < 0 or at is None else max(0, high - at)
         except KafkaException as err:  # e.g. a leader moving: lag is a metric, unknown for a moment
             log.debug("lag unknown: %s", reason(err))
             return None
