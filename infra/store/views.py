@@ -87,15 +87,20 @@ ORDER BY urgency, last_event_at DESC, run_id
 # Every search term is found, ignoring case, in one of a run's id, name, experiment, team, host, user or status.
 _FLEET_SEARCH = ("AND arrayAll(term -> positionCaseInsensitiveUTF8(concatWithSeparator('\\n', run_id, name, exp, tm, "
                  "hst, usr, st), term) > 0, {terms:Array(String)})")
-# What a page of the fleet adds up to over every run it was cut from.
-_FLEET_SUMMARY = """
-SELECT count() AS runs, countIf(status = 'running') AS running,
-       countIf(status = 'running' AND last_event_at < {quiet_before:DateTime64(3, 'UTC')}) AS quiet,
-       countIf(urgency = %d) AS urgent, sum(firing_alerts) AS firing_alerts,
-       countIf(arrayExists(m -> (m.1 = '' OR m.1 = run_id) AND (m.2 = '' OR m.2 = experiment) AND
-                                (m.3 = '' OR m.3 = host), {silenced_by:Array(Tuple(String, String, String))})) AS silenced
-FROM ($fleet)
-""" % URGENT_ALERT
+# What a page of the fleet adds up to over every run it was cut from, each as an aggregate of the fleet's rows.
+_QUIET = "status = 'running' AND last_event_at < {quiet_before:DateTime64(3, 'UTC')}"
+_FLEET_TOTALS = {
+    "runs": "count()", "running": "countIf(status = 'running')", "quiet": f"countIf({_QUIET})",
+    "urgent": f"countIf(urgency = {URGENT_ALERT})", "firing_alerts": "sum(firing_alerts)",
+    "silenced": "countIf(arrayExists(m -> (m.1 = '' OR m.1 = run_id) AND (m.2 = '' OR m.2 = experiment) AND "
+                "(m.3 = '' OR m.3 = host), {silenced_by:Array(Tuple(String, String, String))}))",
+}
+# A page with the totals beside each row (window aggregates over the whole fleet): one pass over the fleet.
+_FLEET_PAGE = (f"SELECT *, {_QUIET} AS quiet, "
+               + ", ".join(f"{total} OVER () AS total_{name}" for name, total in _FLEET_TOTALS.items())
+               + " FROM ($fleet) ORDER BY urgency, last_event_at DESC, run_id "
+                 "LIMIT {limit:UInt64} OFFSET {offset:UInt64}")
+_FLEET_SUMMARY = "SELECT " + ", ".join(f"{total} AS {name}" for name, total in _FLEET_TOTALS.items()) + " FROM ($fleet)"
 
 _GPU_RAW = """
 SELECT host, gpu_index, toDateTime(intDiv(toUnixTimestamp(ts), {width:UInt32}) * {width:UInt32}, 'UTC') AS t,
@@ -251,13 +256,15 @@ class ViewReads:
         where every whitespace-separated term is found, ignoring case, in the id, name, experiment, team, host, user
         or status. A fleet of 10,000 runs costs a page's rows, not the fleet's."""
         sql, params = self._fleet_sql(since=since, terms=search.split())
-        params["quiet_before"] = _utc(datetime.now(timezone.utc) - timedelta(seconds=quiet_seconds))
-        summary = self._rows(Template(_FLEET_SUMMARY).substitute(fleet=sql), silenced_by=list(silenced_by or []),
-                             **params)[0]
-        runs = self._rows(
-            f"SELECT *, status = 'running' AND last_event_at < {{quiet_before:DateTime64(3, 'UTC')}} AS quiet "
-            f"FROM ({sql}) ORDER BY urgency, last_event_at DESC, run_id "
-            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}", limit=limit, offset=offset, **params)
+        params |= {"quiet_before": _utc(datetime.now(timezone.utc) - timedelta(seconds=quiet_seconds)),
+                   "silenced_by": list(silenced_by or [])}
+        runs = self._rows(Template(_FLEET_PAGE).substitute(fleet=sql), limit=limit, offset=offset, **params)
+        if not runs:  # past the last page: the totals alone
+            return {"runs": [], "summary": self._rows(Template(_FLEET_SUMMARY).substitute(fleet=sql), **params)[0]}
+        summary = {name: runs[0][f"total_{name}"] for name in _FLEET_TOTALS}
+        for run in runs:
+            for name in _FLEET_TOTALS:
+                del run[f"total_{name}"]
         return {"runs": runs, "summary": summary}
 
     def _fleet(self, run_id: str | None = None, run_ids: list[str] | None = None) -> list[Row]:
