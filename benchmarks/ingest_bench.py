@@ -80,7 +80,7 @@ class ConsumeProcess:
         self.done_at: float | None = None
         self.exited = False
         self.peak_kb = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
-        self.progress: list[tuple[float, float]] = []  # (when, records stored and committed), at each change
+        self.progress: list[tuple[float, float, float]] = []  # (when, records stored and committed, CPU s), at each change
 
     def watch(self) -> bool:
         """One look; False once it has exited."""
@@ -90,7 +90,7 @@ class ConsumeProcess:
             self.peak_kb[key] = max(self.peak_kb[key], kb)
         done = _metric(self.port, "trainwire_ingest_consumed_total")
         if done and (not self.progress or done > self.progress[-1][1]):
-            self.progress.append((time.perf_counter(), done))
+            self.progress.append((time.perf_counter(), done, _cpu_seconds(self.child.pid)))
         if self.child.poll() is not None:
             self.exited = True
             if self.done_at is None:
@@ -110,9 +110,13 @@ class ConsumeProcess:
         stats = json.loads(self.child.stdout.read())
         seconds = self.done_at - self.started
         first_at, first, last_at, last = self.span()
+        cpu = self.progress[-1][2] - self.progress[0][2] if len(self.progress) > 1 else None
         return {"seconds": round(seconds, 2), "consumed": stats["consumed"],
                 "events_per_s": round(stats["consumed"] / seconds),
                 "sustained_events_per_s": round((last - first) / (last_at - first_at)) if last_at > first_at else None,
+                # the process's CPU (all threads, chdb's included) per event over the same span: what a shared
+                # machine's load does not inflate, and with the cores the ceiling of the rate (cores / CPU per event)
+                "sustained_cpu_us_per_event": round(cpu / (last - first) * 1e6, 1) if cpu and last > first else None,
                 "first_batch_stored_after_s": round(first_at - self.started, 2) if self.progress else None,
                 "batches": stats["batches"], "peak_rss_mb": round(self.peak_kb["VmHWM"] / 1024),
                 # file-backed: mostly chdb's library code, shared and reclaimable; anonymous: the process's own data
@@ -124,7 +128,7 @@ class ConsumeProcess:
         them leaves start-up (imports, chdb, migrations, joining the group) and the idle wait out."""
         if not self.progress:
             return 0.0, 0.0, 0.0, 0.0
-        (first_at, first), (last_at, last) = self.progress[0], self.progress[-1]
+        (first_at, first, _), (last_at, last, _) = self.progress[0], self.progress[-1]
         return first_at, first, last_at, last
 
 
@@ -267,6 +271,15 @@ def consume(settings: Settings, ingest_path: str, homes: list[Path], batch: dict
                 p.child.wait()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU of the process (all its threads) so far; 0 once it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _memory(pid: int) -> dict[str, int]:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -331,6 +344,7 @@ def summarise_path(drains: list[dict]) -> dict:
     ran = [d for d in drains if "error" not in d]
     return {"median_events_per_s": _median(d["events_per_s"] for d in ran),
             "median_sustained_events_per_s": _median(d["sustained_events_per_s"] for d in ran),
+            "median_sustained_cpu_us_per_event": _median(d["sustained_cpu_us_per_event"] for d in ran),
             "median_first_batch_stored_after_s": _median(d["first_batch_stored_after_s"] for d in ran),
             "max_peak_rss_mb": max((d["peak_rss_mb"] for d in ran), default=None),
             "all_counts_ok": all(d["counts_ok"] for d in drains), "drains": drains}
@@ -375,7 +389,7 @@ def main() -> None:
     batch = {"TRAINWIRE_BATCH_MAX_ROWS": str(args.batch_max_rows),
              "TRAINWIRE_BATCH_MAX_SECONDS": str(args.batch_max_seconds)}
 
-    began = time.perf_counter()
+    began, load_before = time.perf_counter(), round(os.getloadavg()[0], 2)
 
     def say(line: str) -> None:
         print(f"{time.perf_counter() - began:6.0f}s  {line}", file=sys.stderr, flush=True)
@@ -424,6 +438,7 @@ def main() -> None:
             "all_counts_ok": all(p["counts_ok"] for p in pairs), "runs": pairs},
         "targets": verdict(summaries["columnar"]),
         "bench_seconds": round(time.perf_counter() - began),
+        "load_average_1min": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
     }
     path = write_result(name, result)
     print(path.read_text())
