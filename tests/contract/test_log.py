@@ -88,12 +88,17 @@ def poll_until_assigned(consumer, timeout: float = 30.0) -> list:
     return records
 
 
+def eventually(read, done=bool, timeout: float = 15.0):
+    """`read()` once `done` with its answer (the transport's cached view catches up), else its last answer."""
+    deadline = time.monotonic() + timeout
+    while not done(answer := read()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return answer
+
+
 def cached_lag(consumer, timeout: float = 10.0) -> int | None:
     """lag(fresh=False) once the transport has heard from every partition (it is unknown until then)."""
-    deadline = time.monotonic() + timeout
-    while (lag := consumer.lag(fresh=False)) is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return lag
+    return eventually(lambda: consumer.lag(fresh=False), lambda lag: lag is not None, timeout)
 
 
 def test_lag_is_unknown_until_partitions_are_assigned(any_settings):
@@ -116,14 +121,6 @@ def test_lag_is_unknown_until_partitions_are_assigned(any_settings):
         read = poll_until_assigned(resumed)
         assert resumed.lag() == 30 - len(read)
         assert cached_lag(resumed) == 30 - len(read)
-
-
-def eventually(read, timeout: float = 15.0):
-    """`read()` once it answers something truthy (the transport's cached view catches up), else its last answer."""
-    deadline = time.monotonic() + timeout
-    while not (answer := read()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return answer
 
 
 def test_behind_names_the_partitions_holding_records_not_polled_yet(any_settings):
