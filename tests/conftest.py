@@ -97,6 +97,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    gc.unfreeze()  # for the interpreter's last collection: frozen, torch's bindings report their objects leaked
+
+
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     if deployments := sys.modules.get("tests.integration.kafka_fixtures"):
         deployments.stop_those_no_later_test_needs(item.session, nextitem)
