@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import weakref
 
 _MODULE = "chdb.state.sqlitelike"  # every chdb connection, clickhouse-connect's included, is its Connection
 _connections: weakref.WeakSet = weakref.WeakSet()
+_lock = threading.Lock()  # a thread a test left running may open one while the set is read
 
 
 def _track(connection_class: type) -> None:
@@ -19,7 +21,8 @@ def _track(connection_class: type) -> None:
     @functools.wraps(opening)
     def __init__(self, *args, **kwargs):
         opening(self, *args, **kwargs)
-        _connections.add(self)
+        with _lock:
+            _connections.add(self)
 
     __init__.tracked = True
     connection_class.__init__ = __init__
@@ -34,4 +37,6 @@ def may_hold_one() -> bool:
     if not getattr(module.Connection.__init__, "tracked", False):
         _track(module.Connection)
         return True
-    return any(getattr(connection, "_conn", True) is not None for connection in list(_connections))
+    with _lock:
+        connections = list(_connections)
+    return any(getattr(connection, "_conn", True) is not None for connection in connections)
