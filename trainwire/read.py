@@ -83,6 +83,7 @@ class Store:
     def __init__(self, backend: Any, via: str):
         self._backend = backend
         self.via = via  # "embedded", "server" or "up": how this store is read
+        self._stored_ids: set[str] = set()  # full ids already found: an exact id always names its run
 
     def __enter__(self) -> Store:
         return self
@@ -108,13 +109,19 @@ class Store:
 
     def resolve(self, run: str) -> str:
         """The full id of the run `run` names; UnknownRunError or AmbiguousRunError (with `candidates`) if none or
-        several, worded as the CLI words them."""
-        candidates = self._table("run_candidates", text=str(run)).to_pylist() if self._migrated() else []
+        several, worded as the CLI words them. A full id found once is not looked up again: a notebook that reads
+        a run's series call after call pays one lookup (~10 ms), not one per call."""
+        if (text := str(run).strip()) in self._stored_ids:
+            return text
+        candidates = self._table("run_candidates", text=text).to_pylist() if self._migrated() else []
         try:
-            return match_run(candidates, str(run))
+            run_id = match_run(candidates, text)
         except RunLookupError as err:
             error = UnknownRunError if err.exit_code == EXIT_NO_SUCH_RUN else AmbiguousRunError
             raise error(str(err), err.exit_code, err.candidates) from None
+        if run_id == text:
+            self._stored_ids.add(run_id)
+        return run_id
 
     def runs(self, experiment: str | Iterable[str] | None = None, team: str | Iterable[str] | None = None,
              status: str | Iterable[str] | None = None, tags: Mapping[str, str] | None = None,
