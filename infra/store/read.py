@@ -9,7 +9,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from .governance import GovernanceReads
-from .views import ViewReads, _utc
+from .views import ViewReads, bind_utc
 
 EVENT_TABLES = ("run_started", "steps", "evals", "gpu_samples", "heartbeats", "checkpoints", "run_ended")
 Row = dict[str, Any]
@@ -121,8 +121,8 @@ class ColumnarReads:
         filter keeps every value, `tags` keeps runs carrying every key with its value, [since, until] bounds the
         start."""
         params: dict[str, Any] = {"experiments": experiments or [], "teams": teams or [], "statuses": statuses or [],
-                                  "gates": gates or [], "since": _utc(since) if since else _EPOCH,
-                                  "until": _utc(until) if until else _FAR}
+                                  "gates": gates or [], "since": bind_utc(since) if since else _EPOCH,
+                                  "until": bind_utc(until) if until else _FAR}
         more, run_filter = "", ""
         for i, (key, value) in enumerate((tags or {}).items()):
             more += f" AND s.tags[{{tag_key_{i}:String}}] = {{tag_value_{i}:String}}"

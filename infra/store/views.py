@@ -151,7 +151,7 @@ HAVING (empty({states:Array(String)}) OR has({states:Array(String)}, argMax(stat
 """
 
 
-def _utc(value: datetime) -> datetime:
+def bind_utc(value: datetime) -> datetime:
     """A naive UTC datetime, as ClickHouse binds a DateTime64(3, 'UTC') parameter."""
     return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
@@ -162,10 +162,10 @@ def _between(since: datetime | None, until: datetime | None, first: str, last: s
     sql, params = "", {}
     if since is not None:
         sql += f" AND {last or first} >= {{since:DateTime64(3, 'UTC')}}"
-        params["since"] = _utc(since)
+        params["since"] = bind_utc(since)
     if until is not None:
         sql += f" AND {first} <= {{until:DateTime64(3, 'UTC')}}"
-        params["until"] = _utc(until)
+        params["until"] = bind_utc(until)
     return sql, params
 
 
@@ -256,7 +256,7 @@ class ViewReads:
         where every whitespace-separated term is found, ignoring case, in the id, name, experiment, team, host, user
         or status. A fleet of 10,000 runs costs a page's rows, not the fleet's."""
         sql, params = self._fleet_sql(since=since, terms=search.split())
-        params |= {"quiet_before": _utc(datetime.now(timezone.utc) - timedelta(seconds=quiet_seconds)),
+        params |= {"quiet_before": bind_utc(datetime.now(timezone.utc) - timedelta(seconds=quiet_seconds)),
                    "silenced_by": list(silenced_by or [])}
         runs = self._rows(Template(_FLEET_PAGE).substitute(fleet=sql), limit=limit, offset=offset, **params)
         if not runs:  # past the last page: the totals alone
@@ -284,7 +284,7 @@ class ViewReads:
             params["run_ids"] = list(run_ids)
         if since is not None:
             since_filter = "AND (st = 'running' OR seen >= {since:DateTime64(3, 'UTC')})"
-            params["since"] = _utc(since)
+            params["since"] = bind_utc(since)
         if terms:
             search_filter = _FLEET_SEARCH
             params["terms"] = terms
