@@ -62,8 +62,10 @@ def kept(key: str, default: Any, valid: Callable[[Any], Any] | None = None) -> s
     shadow = f"kept.{key}"
     value = st.session_state[key] if key in st.session_state else st.session_state.get(shadow, default)
     value = valid(value) if valid else value
-    if key not in st.session_state or st.session_state[key] != value:
-        st.session_state[key] = value
+    # Written even when unchanged: a value set this run is sent to the browser with the widget. Otherwise a page
+    # switch that interrupts the first run can leave the browser showing the widget's default (another run in
+    # the picker) while the page acts on the kept one, and the next click sends the default back.
+    st.session_state[key] = value
     st.session_state[shadow] = value
     return key
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
-from test_dashboard import APP, browser, chromium, serving, text  # noqa: F401 (fixtures)
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from test_dashboard import APP, browser, chromium, serving, sidebar_run, text  # noqa: F401 (fixtures)
 from test_governance import ingest, simulated_run
 
 from trainwire.consumers.governance import Governance, RegistryError, Roles
@@ -112,6 +113,19 @@ def test_exposure_warns_only_without_authentication_and_proxy_mode_needs_a_trust
 
 # --- Authentication and roles in a browser ---------------------------------------------------------------------------
 
+def page_text(page) -> str:
+    main = page.inner_text('[data-testid="stMain"]')
+    return f"sidebar run: {sidebar_run(page)!r}; page: {main!r}"
+
+
+def shown(page, locator, timeout_ms: int = 30_000) -> None:
+    """Wait for `locator`; on a timeout, fail with what the page showed instead."""
+    try:
+        locator.wait_for(timeout=timeout_ms)
+    except PlaywrightTimeout:
+        raise AssertionError(f"not shown in {timeout_ms / 1000:.0f} s: {locator}; {page_text(page)}") from None
+
+
 def page_as(browser, url: str, run_id: str, **headers: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, extra_http_headers=headers)
     page.goto(f"{url}?run={run_id}")
@@ -142,10 +156,14 @@ def test_proxy_auth_refuses_strangers_and_lets_an_approver_approve_but_not_a_vie
 
         approver = page_as(browser, url, run_id, **{user: "carol", SECRET_HEADER: SECRET})
         approver.locator('[data-testid="stSidebarNav"]').get_by_role("link", name="Audit").click()
-        approver.get_by_role("heading", name="Registry actions").wait_for(timeout=30_000)
+        shown(approver, approver.get_by_role("heading", name="Registry actions"))
+        shown(approver, approver.get_by_text(f"job-0 · {run_id} · started"))
+        # what the approver sees picked is what the button acts on (the page switch must not lose the URL's run)
+        assert run_id[:8] in sidebar_run(approver), page_text(approver)
         approver.get_by_role("button", name="Approve for Production").click()
-        approver.get_by_text(f"run {run_id}: Staging → Production by carol").wait_for(timeout=30_000)
-        approver.get_by_text("Production since").wait_for(timeout=30_000)
+        shown(approver, approver.get_by_text(f"run {run_id}: Staging → Production by carol"))
+        shown(approver, approver.get_by_text("Production since"))
+        assert run_id[:8] in sidebar_run(approver), page_text(approver)
         approver.close()
 
     history, log = store_state(home, run_id)
