@@ -15,13 +15,22 @@ _MIGRATION = re.compile(r"^(?P<version>\d{3})_[a-z0-9_]+\.sql$")
 _migrate_lock = threading.Lock()
 
 
+# Arrow results of the embedded engine never cross a network: compressing them (lz4, ClickHouse's default) only
+# costs CPU on both sides, and the native writer encodes faster. One run's 100,000 steps: 46 -> 33 ms.
+_IN_PROCESS_ARROW = {"output_format_arrow_compression_method": "none", "output_format_arrow_use_native_writer": "1"}
+
+
 def connect_store(dsn: str) -> Client:
     """One client per caller; chdb allows one process per data directory but many clients inside it."""
-    if dsn.startswith("chdb://"):
-        from pathlib import Path
+    if not dsn.startswith("chdb://"):
+        return clickhouse_connect.get_client(dsn=dsn)
+    from pathlib import Path
 
-        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-    return clickhouse_connect.get_client(dsn=dsn)
+    Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    client = clickhouse_connect.get_client(dsn=dsn)
+    for name, value in _IN_PROCESS_ARROW.items():
+        client.set_client_setting(name, value)
+    return client
 
 
 def _statements(sql: str) -> list[str]:
