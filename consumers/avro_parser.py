@@ -42,8 +42,8 @@ _CODE = re.compile(r"Code: (\d+)")
 _NOISE = re.compile(r"\s*\(in file/uri [^)]*\)|\s*While executing [A-Za-z]+")
 _DANGLING = re.compile(r"(\s*[:.])+\s*(?=[.(]|$)")  # what the removed parts leave: " : : ." before "(CODE)"
 _SETTINGS = (
-    "output_format_arrow_string_as_string = 1, output_format_arrow_compression_method = 'none', output_format_arrow_use_native_writer = 1, "
-    "schema_inference_use_cache_for_file = 0")
+    "output_format_arrow_string_as_string = 1, output_format_arrow_compression_method = 'none', "
+    "output_format_arrow_use_native_writer = 1, schema_inference_use_cache_for_file = 0")
 
 
 class AvroRefusedError(ValueError):
