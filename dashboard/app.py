@@ -44,7 +44,6 @@ def pick_run(store: StoreReader, digest: tuple) -> None:
     """The sidebar's run: the URL's, else the one chosen before, else the most urgent (dashboard/triage.py)."""
     runs = read_listing(store, digest)
     ids = [run["run_id"] for run in runs]
-    from_url("run")
 
     def chosen_or_most_urgent(run_id: str | None) -> str | None:
         if not ids:
@@ -54,14 +53,13 @@ def pick_run(store: StoreReader, digest: tuple) -> None:
         urgent = most_urgent(store)
         return urgent if urgent in ids else ids[0]
 
-    kept("run", None, valid=chosen_or_most_urgent)
+    kept("run", None, valid=chosen_or_most_urgent, resend=True)
     names = labels()
     st.sidebar.selectbox("Run", ids, format_func=names.__getitem__, key="run", placeholder="no runs yet")
 
 
 def pick_time_range() -> None:
-    from_url("range")
-    kept("range", DEFAULT_RANGE, valid=lambda label: label if label in RANGES else DEFAULT_RANGE)
+    kept("range", DEFAULT_RANGE, valid=lambda label: label if label in RANGES else DEFAULT_RANGE, resend=True)
     st.sidebar.segmented_control("Time range", list(RANGES), format_func=RANGE_LABELS.__getitem__, key="range",
                                  help="the last 15 min … 7 d follow live data; a custom range is history")
     if st.session_state["range"] == "custom":
@@ -105,6 +103,10 @@ def show_viewer(access: Access) -> None:
 
 
 def main() -> None:
+    # A link's run and range are taken before anything else: a click in the page that interrupts this first run
+    # (a page switch drops the URL's parameters) must not lose them.
+    from_url("run")
+    from_url("range")
     st.set_page_config(page_title="trainwire", layout="wide")
     try:
         store = reader()

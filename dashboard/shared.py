@@ -55,17 +55,21 @@ def reader() -> StoreReader:
 
 # --- State kept across reruns and pages ------------------------------------------------------------------------
 
-def kept(key: str, default: Any, valid: Callable[[Any], Any] | None = None) -> str:
+def kept(key: str, default: Any, valid: Callable[[Any], Any] | None = None, *, resend: bool = False) -> str:
     """`key` for a widget whose value outlives pages that do not show it: Streamlit drops a widget's state when
     a page without it runs, so the value is shadowed in plain session state and restored from there. `valid`
-    maps a kept value to one the widget still offers (a run no longer listed, a filter value gone)."""
+    maps a kept value to one the widget still offers (a run no longer listed, a filter value gone).
+
+    `resend`: write the value even when unchanged, so that every run sends it to the browser with the widget. For
+    the selections every view acts on (the run, the time range): a page switch that interrupts the first run can
+    otherwise leave the browser showing the widget's default (another run in the picker) while the page acts on
+    the kept value, and the next click sends the default back. Not for text boxes: a rerun while someone types
+    would put the old text back."""
     shadow = f"kept.{key}"
     value = st.session_state[key] if key in st.session_state else st.session_state.get(shadow, default)
     value = valid(value) if valid else value
-    # Written even when unchanged: a value set this run is sent to the browser with the widget. Otherwise a page
-    # switch that interrupts the first run can leave the browser showing the widget's default (another run in
-    # the picker) while the page acts on the kept one, and the next click sends the default back.
-    st.session_state[key] = value
+    if resend or key not in st.session_state or st.session_state[key] != value:
+        st.session_state[key] = value
     st.session_state[shadow] = value
     return key
 
