@@ -57,19 +57,36 @@ def write_result(name: str, result: dict) -> Path:
 def start_up(home: Path, kafka: str, prefix: str, settings: dict[str, str]) -> subprocess.Popen:
     """`trainwire up` (no dashboard) on Kafka in `home`/consumer with these TRAINWIRE_* `settings`, once its API
     answers."""
+    return start_up_in(home / "consumer", {"TRAINWIRE_KAFKA": kafka, "TRAINWIRE_TOPIC_PREFIX": prefix, **settings})
+
+
+def start_up_in(home: Path, settings: dict[str, str]) -> subprocess.Popen:
+    """`trainwire up --no-dashboard` with TRAINWIRE_HOME `home` and these TRAINWIRE_* `settings` (none of the
+    caller's), once its API answers."""
     from trainwire.infra.store.api import running_api
 
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")},
-           "TRAINWIRE_HOME": str(home / "consumer"), "TRAINWIRE_KAFKA": kafka, "TRAINWIRE_TOPIC_PREFIX": prefix,
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")}, "TRAINWIRE_HOME": str(home),
            **settings}
     process = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not running_api(home / "consumer"):
+    while not running_api(home):
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("trainwire up did not start")
         time.sleep(0.2)
     return process
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds the process `pid` (all its threads) has used, from /proc; 0 for none or once it
+    has exited."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve_webhook(on_post: Callable[[str, object], None]) -> str:

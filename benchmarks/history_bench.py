@@ -22,15 +22,13 @@ import argparse
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import source, write_result
+from common import cpu_seconds, source, start_up_in, write_result
 
 import trainwire.read as tw
 from trainwire.infra.store import connect_store, migrate
@@ -79,23 +77,15 @@ def timed(call: Callable[[], object], repeat: int, server_pid: int | None = None
     work the CPU time says what a call costs better than the wall clock, which also counts waiting for a core."""
     rows = len(call())  # warm: first touch of parts and marks
     wall = []
-    started_cpu, started_server = time.process_time(), server_cpu_s(server_pid)
+    started_cpu, started_server = time.process_time(), cpu_seconds(server_pid)
     for _ in range(repeat):
         started = time.perf_counter()
         call()
         wall.append((time.perf_counter() - started) * 1000)
-    cpu = time.process_time() - started_cpu + server_cpu_s(server_pid) - started_server
+    cpu = time.process_time() - started_cpu + cpu_seconds(server_pid) - started_server
     wall.sort()
     return {"rows": rows, "n": repeat, "median_ms": round(statistics.median(wall), 1), "min_ms": round(wall[0], 1),
             "max_ms": round(wall[-1], 1), "cpu_per_call_ms": round(cpu * 1000 / repeat, 1)}
-
-
-def server_cpu_s(pid: int | None) -> float:
-    """User and system CPU seconds the process `pid` has used (0 for none), from /proc."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def repeats(size: int) -> int:
@@ -119,18 +109,6 @@ def measure(store: tw.Store, sizes: list[int], server_pid: int | None = None) ->
     return results
 
 
-def start_up(home: Path) -> subprocess.Popen:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRAINWIRE_")}, "TRAINWIRE_HOME": str(home)}
-    process = subprocess.Popen([sys.executable, "-m", "trainwire", "up", "--no-dashboard"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not running_api(home):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("trainwire up did not start")
-        time.sleep(0.2)
-    return process
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -148,7 +126,7 @@ def main() -> None:
         client = connect_store(dsn)
         rows_in_process = timed(lambda: StoreReader(client).steps(run_id(baseline_size)), repeats(baseline_size))
         client.close()
-        up = start_up(home)
+        up = start_up_in(home, {})
         try:
             with tw.connect(home=home) as store:
                 assert store.via == "up", store.via

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import source, write_result  # noqa: E402
+from common import cpu_seconds, source, write_result  # noqa: E402
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 from fleet_mix import CORRUPT, FleetMix, Message, generate, kinds_of  # noqa: E402
@@ -90,7 +90,7 @@ class ConsumeProcess:
             self.peak_kb[key] = max(self.peak_kb[key], kb)
         done = _metric(self.port, "trainwire_ingest_consumed_total")
         if done and (not self.progress or done > self.progress[-1][1]):
-            self.progress.append((time.perf_counter(), done, _cpu_seconds(self.child.pid)))
+            self.progress.append((time.perf_counter(), done, cpu_seconds(self.child.pid)))
         if self.child.poll() is not None:
             self.exited = True
             if self.done_at is None:
@@ -269,15 +269,6 @@ def consume(settings: Settings, ingest_path: str, homes: list[Path], batch: dict
             if p.child.poll() is None:
                 p.child.kill()
                 p.child.wait()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU of the process (all its threads) so far; 0 once it has exited."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _memory(pid: int) -> dict[str, int]:
